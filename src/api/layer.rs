@@ -1,0 +1,166 @@
+//! One tower layer around every gRPC call: counts requests by RPC and status code, times
+//! them, and answers an oversize request with RESOURCE_EXHAUSTED as the gRPC spec asks
+//! (tonic itself answers OUT_OF_RANGE).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use tonic::codegen::http::{self, HeaderValue};
+use tonic::Code;
+
+use crate::metrics::Metrics;
+
+/// The RPCs of `nudge.v1.NudgeService`, the metric label for each.
+const RPCS: &[&str] = &["Track", "Score", "GetProfile", "ListModels"];
+
+#[derive(Clone)]
+pub struct MetricsLayer {
+    metrics: Arc<Metrics>,
+    max_message_bytes: usize,
+}
+
+impl MetricsLayer {
+    pub fn new(metrics: Arc<Metrics>, max_message_bytes: usize) -> MetricsLayer {
+        MetricsLayer {
+            metrics,
+            max_message_bytes,
+        }
+    }
+}
+
+impl<S> tower::Layer<S> for MetricsLayer {
+    type Service = MetricsService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        MetricsService {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct MetricsService<S> {
+    inner: S,
+    layer: MetricsLayer,
+}
+
+/// The bounded metric label for a request path.
+fn rpc_label(path: &str) -> &'static str {
+    if let Some(method) = path.strip_prefix("/nudge.v1.NudgeService/") {
+        return RPCS.iter().find(|r| **r == method).copied().unwrap_or("unknown");
+    }
+    if path.starts_with("/grpc.health.v1.Health/") {
+        return "health";
+    }
+    if path.starts_with("/grpc.reflection.") {
+        return "reflection";
+    }
+    "unknown"
+}
+
+/// The canonical name of a gRPC status code, as the `code` label.
+pub fn code_label(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for MetricsService<S>
+where
+    S: tower::Service<http::Request<ReqBody>, Response = http::Response<ResBody>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    ReqBody: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+        // The service that was polled ready handles this call; a fresh clone takes its place.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let layer = self.layer.clone();
+        let rpc = rpc_label(request.uri().path());
+        let started = Instant::now();
+        Box::pin(async move {
+            let mut response = inner.call(request).await?;
+            // Errors of unary calls come back as trailers-only responses, with the status in
+            // the headers; a response without one is OK so far.
+            let headers = response.headers_mut();
+            let mut code = headers
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<i32>().ok())
+                .map_or(Code::Ok, Code::from_i32);
+            let oversize = code == Code::OutOfRange
+                && headers
+                    .get("grpc-message")
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|m| m.contains("message%20length%20too%20large"));
+            if oversize {
+                code = Code::ResourceExhausted;
+                let message = format!(
+                    "the request message is larger than server.max_message_bytes ({} bytes)",
+                    layer.max_message_bytes
+                );
+                headers.insert("grpc-status", HeaderValue::from(code as i32));
+                headers.insert(
+                    "grpc-message",
+                    HeaderValue::from_str(&message.replace(' ', "%20"))
+                        .expect("ASCII without control characters"),
+                );
+            }
+            layer
+                .metrics
+                .grpc_requests
+                .with_label_values(&[rpc, code_label(code)])
+                .inc();
+            layer
+                .metrics
+                .grpc_duration
+                .with_label_values(&[rpc])
+                .observe(started.elapsed().as_secs_f64());
+            Ok(response)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_are_a_closed_set() {
+        assert_eq!(rpc_label("/nudge.v1.NudgeService/Track"), "Track");
+        assert_eq!(rpc_label("/nudge.v1.NudgeService/Nope"), "unknown");
+        assert_eq!(rpc_label("/grpc.health.v1.Health/Check"), "health");
+        assert_eq!(rpc_label("/some/user-controlled/path"), "unknown");
+    }
+}

@@ -1,0 +1,394 @@
+//! The gRPC edge: the `NudgeService` implementation. Requests are converted to domain types
+//! here ([`convert`]), errors to statuses in one table ([`error`]), and per-RPC metrics come
+//! from one tower layer ([`layer`]). No protocol type goes past this module.
+
+pub mod convert;
+pub mod error;
+pub mod layer;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tonic::{Request, Response, Status};
+
+use crate::engine::{Engine, Scores};
+use crate::event::{FieldError, Reason};
+use crate::features::{self, FeatureRow, FeatureSpec};
+use crate::metrics::Metrics;
+use crate::model::{Model, ModelRegistry};
+use crate::pb;
+use crate::time::Clock;
+pub use error::ApiError;
+
+/// Request limits the API enforces.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_batch_events: usize,
+    pub max_score_rows: usize,
+}
+
+/// The `nudge.v1.NudgeService` implementation.
+pub struct NudgeApi {
+    pub engine: Arc<Engine>,
+    pub models: Arc<ModelRegistry>,
+    pub clock: Arc<dyn Clock>,
+    pub metrics: Arc<Metrics>,
+    pub limits: Limits,
+}
+
+impl NudgeApi {
+    /// Counts a refused input and turns it into the error to answer with.
+    fn refuse(&self, rpc: &str, e: FieldError) -> ApiError {
+        self.metrics
+            .invalid_input
+            .with_label_values(&[rpc, e.reason.as_str()])
+            .inc();
+        ApiError::Invalid(e)
+    }
+
+    fn check_count(&self, rpc: &str, field: &str, count: usize, max: usize) -> Result<(), ApiError> {
+        if count == 0 {
+            return Err(self.refuse(
+                rpc,
+                FieldError::new(field, Reason::Missing, "at least one is required"),
+            ));
+        }
+        if count > max {
+            return Err(self.refuse(
+                rpc,
+                FieldError::new(
+                    field,
+                    Reason::TooMany,
+                    format!("has {count} entries; at most {max} are allowed per request"),
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The models a request names (all when none), or INVALID_ARGUMENT for an unknown name.
+    fn select_models(&self, rpc: &str, names: &[String]) -> Result<Vec<Arc<Model>>, ApiError> {
+        let set = self.models.current();
+        if set.is_empty() {
+            return Err(ApiError::NoModels);
+        }
+        set.select(names).map_err(|unknown| {
+            let at = names.iter().position(|n| n == unknown).unwrap_or(0);
+            let served: Vec<&str> = set.iter().map(|m| m.name()).collect();
+            self.refuse(
+                rpc,
+                FieldError::new(
+                    format!("models[{at}]"),
+                    Reason::UnknownModel,
+                    format!("{unknown:?} is not served; served models: {served:?}"),
+                ),
+            )
+        })
+    }
+
+    /// Turns caller-computed rows into FeatureSpec rows; absent features are missing.
+    fn feature_rows(&self, rows: Vec<pb::FeatureRow>) -> Result<Vec<FeatureRow>, ApiError> {
+        let spec = FeatureSpec::current();
+        rows.into_iter()
+            .enumerate()
+            .map(|(i, pb::FeatureRow { values })| {
+                let mut row = FeatureRow::missing();
+                for (name, value) in values {
+                    let field = || format!("feature_rows.rows[{i}].values[{name:?}]");
+                    let Some(at) = spec.index_of(&name) else {
+                        return Err(self.refuse(
+                            "Score",
+                            FieldError::new(
+                                field(),
+                                Reason::UnknownFeature,
+                                format!(
+                                    "is not a feature of FeatureSpec version {}; ListModels lists the features",
+                                    spec.version
+                                ),
+                            ),
+                        ));
+                    };
+                    if !value.is_finite() {
+                        return Err(self.refuse(
+                            "Score",
+                            FieldError::new(
+                                field(),
+                                Reason::NotFinite,
+                                format!("is {value}; leave a feature out to mark it missing"),
+                            ),
+                        ));
+                    }
+                    row.0[at] = value;
+                }
+                Ok(row)
+            })
+            .collect()
+    }
+}
+
+fn model_scores(scores: Scores) -> Result<Vec<pb::ModelScore>, ApiError> {
+    scores
+        .into_iter()
+        .map(|s| match s {
+            Ok(s) => Ok(pb::ModelScore {
+                model: s.model.manifest.name.clone(),
+                version: s.model.manifest.version.clone(),
+                probability: s.probability,
+            }),
+            Err((model, error)) => Err(ApiError::Model {
+                model: model.manifest.name.clone(),
+                error,
+            }),
+        })
+        .collect()
+}
+
+#[tonic::async_trait]
+impl pb::nudge_service_server::NudgeService for NudgeApi {
+    async fn track(
+        &self,
+        request: Request<pb::TrackRequest>,
+    ) -> Result<Response<pb::TrackResponse>, Status> {
+        let now = self.clock.now();
+        let pb::TrackRequest { events } = request.into_inner();
+        self.check_count("Track", "events", events.len(), self.limits.max_batch_events)?;
+
+        let mut results = Vec::with_capacity(events.len());
+        let mut valid = Vec::with_capacity(events.len());
+        for (i, event) in events.into_iter().enumerate() {
+            let event_id = event.event_id.clone();
+            let type_label = convert::event_kind(event.r#type).map_or("unknown", |k| k.as_str());
+            match convert::event(event, now) {
+                Ok(event) => valid.push((i, event)),
+                Err(e) => {
+                    let e = e.under(&format!("events[{i}]"));
+                    self.metrics
+                        .events
+                        .with_label_values(&[type_label, "rejected"])
+                        .inc();
+                    self.metrics
+                        .invalid_input
+                        .with_label_values(&["Track", e.reason.as_str()])
+                        .inc();
+                    results.push(pb::EventResult {
+                        event_id,
+                        status: pb::EventStatus::Rejected.into(),
+                        error: Some(convert::field_error(&e)),
+                        scores: Vec::new(),
+                    });
+                    continue;
+                }
+            }
+            results.push(pb::EventResult {
+                event_id,
+                status: pb::EventStatus::Accepted.into(),
+                error: None,
+                scores: Vec::new(),
+            });
+        }
+
+        let kinds: Vec<(usize, &'static str)> =
+            valid.iter().map(|(i, e)| (*i, e.kind.as_str())).collect();
+        let tracked = self
+            .engine
+            .track(valid, now)
+            .await
+            .map_err(ApiError::from)?;
+        for (_, kind) in &kinds {
+            self.metrics
+                .events
+                .with_label_values(&[kind, "accepted"])
+                .inc();
+        }
+        for (i, scores) in tracked {
+            // The event is applied; a model that failed is logged and counted, and the
+            // event still answers with the scores that succeeded.
+            results[i].scores = scores
+                .into_iter()
+                .filter_map(|s| match s {
+                    Ok(s) => Some(pb::ModelScore {
+                        model: s.model.manifest.name.clone(),
+                        version: s.model.manifest.version.clone(),
+                        probability: s.probability,
+                    }),
+                    Err((model, error)) => {
+                        tracing::error!(model = %model.manifest.name, %error, "scoring after an event failed");
+                        None
+                    }
+                })
+                .collect();
+        }
+        Ok(Response::new(pb::TrackResponse { results }))
+    }
+
+    async fn score(
+        &self,
+        request: Request<pb::ScoreRequest>,
+    ) -> Result<Response<pb::ScoreResponse>, Status> {
+        let now = self.clock.now();
+        let pb::ScoreRequest { subject, models } = request.into_inner();
+        let subject = subject.ok_or_else(|| {
+            self.refuse(
+                "Score",
+                FieldError::new(
+                    "subject",
+                    Reason::Missing,
+                    "set either person or feature_rows",
+                ),
+            )
+        })?;
+        let models = self.select_models("Score", &models)?;
+        let rows = match subject {
+            pb::score_request::Subject::Person(person) => {
+                let person = convert::person(Some(person), "person")
+                    .map_err(|e| self.refuse("Score", e))?;
+                let scores = self
+                    .engine
+                    .score(person, models, now)
+                    .await
+                    .map_err(ApiError::from)?
+                    .ok_or_else(|| ApiError::NotFound("person: no events for this person".into()))?;
+                vec![pb::RowScores {
+                    scores: model_scores(scores)?,
+                }]
+            }
+            pb::score_request::Subject::FeatureRows(pb::FeatureRows { rows }) => {
+                self.check_count(
+                    "Score",
+                    "feature_rows.rows",
+                    rows.len(),
+                    self.limits.max_score_rows,
+                )?;
+                let rows = self.feature_rows(rows)?;
+                let metrics = self.metrics.clone();
+                // A batch of rows is CPU work; keep it off the async workers.
+                tokio::task::spawn_blocking(move || score_batch(&metrics, &models, &rows))
+                    .await
+                    .map_err(|e| Status::internal(format!("scoring task failed: {e}")))??
+            }
+        };
+        Ok(Response::new(pb::ScoreResponse {
+            rows,
+            feature_spec_version: FeatureSpec::current().version.to_owned(),
+        }))
+    }
+
+    async fn get_profile(
+        &self,
+        request: Request<pb::GetProfileRequest>,
+    ) -> Result<Response<pb::GetProfileResponse>, Status> {
+        let now = self.clock.now();
+        let pb::GetProfileRequest { person } = request.into_inner();
+        let person = convert::person(person, "person").map_err(|e| self.refuse("GetProfile", e))?;
+        let profile = self
+            .engine
+            .profile(person)
+            .await
+            .map_err(ApiError::from)?
+            .ok_or_else(|| ApiError::NotFound("person: no events for this person".into()))?;
+
+        let spec = FeatureSpec::current();
+        let row = features::extract(&profile, now);
+        let features = spec
+            .features
+            .iter()
+            .zip(row.values())
+            .map(|(def, &value)| pb::FeatureValue {
+                name: def.name.to_owned(),
+                value,
+                description: def.description.to_owned(),
+            })
+            .collect();
+        let session = profile.open_session(now).map(|s| pb::SessionState {
+            active: true,
+            started_at: Some(convert::timestamp(s.start)),
+            last_event_at: Some(convert::timestamp(s.last)),
+            page_views: s.page_views,
+            product_views: s.product_views,
+            distinct_products: s.products.len() as u32,
+        });
+        let cart = profile.cart();
+        let cart = pb::CartState {
+            lines: cart
+                .lines
+                .iter()
+                .map(|l| pb::CartLine {
+                    product_id: l.product_id.clone(),
+                    quantity: l.quantity,
+                    price: l.price,
+                })
+                .collect(),
+            items: cart.items(),
+            value: cart.value(),
+            last_add_at: cart.last_add.map(convert::timestamp),
+            checkout_started: cart.checkout_started,
+        };
+        Ok(Response::new(pb::GetProfileResponse {
+            features,
+            session,
+            cart: Some(cart),
+            first_seen: profile.first_seen().map(convert::timestamp),
+            last_seen: profile.last_seen().map(convert::timestamp),
+            feature_spec_version: spec.version.to_owned(),
+            top_category: profile
+                .top_category(now)
+                .map(|(name, _)| name.to_owned())
+                .unwrap_or_default(),
+        }))
+    }
+
+    async fn list_models(
+        &self,
+        _request: Request<pb::ListModelsRequest>,
+    ) -> Result<Response<pb::ListModelsResponse>, Status> {
+        let spec = FeatureSpec::current();
+        let models = self
+            .models
+            .current()
+            .iter()
+            .map(|m| {
+                let pb_manifest = &m.manifest;
+                pb::ModelInfo {
+                    name: pb_manifest.name.clone(),
+                    version: pb_manifest.version.clone(),
+                    format: pb_manifest.format.as_str().to_owned(),
+                    predicts: pb_manifest.predicts.clone(),
+                    features: pb_manifest.features.clone(),
+                    sha256: pb_manifest.sha256.clone(),
+                    loaded_at: Some(convert::timestamp(m.loaded_at)),
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::ListModelsResponse {
+            models,
+            feature_spec_version: spec.version.to_owned(),
+            feature_spec_hash: spec.hash.clone(),
+        }))
+    }
+}
+
+/// Scores every row with every model, one backend call per model.
+fn score_batch(
+    metrics: &Metrics,
+    models: &[Arc<Model>],
+    rows: &[FeatureRow],
+) -> Result<Vec<pb::RowScores>, ApiError> {
+    let mut out: Vec<pb::RowScores> = (0..rows.len()).map(|_| pb::RowScores::default()).collect();
+    for model in models {
+        let started = Instant::now();
+        let result = model.score(rows);
+        metrics.observe_model(model.name(), started.elapsed(), result.is_ok());
+        let probabilities = result.map_err(|error| ApiError::Model {
+            model: model.manifest.name.clone(),
+            error,
+        })?;
+        for (row, probability) in out.iter_mut().zip(probabilities) {
+            row.scores.push(pb::ModelScore {
+                model: model.manifest.name.clone(),
+                version: model.manifest.version.clone(),
+                probability,
+            });
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,186 @@
+//! Builds every part from the config, serves gRPC and metrics, and drains on shutdown.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::ServingStatus;
+
+use crate::api::{layer::MetricsLayer, Limits, NudgeApi};
+use crate::config::Config;
+use crate::engine::{Engine, EngineOptions};
+use crate::metrics::Metrics;
+use crate::model::{LoadOptions, ModelRegistry, ModelSet};
+use crate::pb;
+use crate::pb::nudge_service_server::NudgeServiceServer;
+use crate::time::Clock;
+
+/// A server with its listeners bound and its models loaded, ready to run.
+pub struct Server {
+    config: Config,
+    clock: Arc<dyn Clock>,
+    metrics: Arc<Metrics>,
+    models: Arc<ModelRegistry>,
+    grpc: TcpListener,
+    metrics_listener: TcpListener,
+}
+
+impl Server {
+    /// Binds both listeners and loads the models. A model that fails its checks is logged
+    /// and counted; the others serve.
+    pub async fn bind(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Server> {
+        let metrics = Arc::new(Metrics::new());
+        let options = LoadOptions {
+            max_file_bytes: config.models.max_file_bytes,
+            onnxruntime_library: config.onnxruntime_library(),
+        };
+        let (set, failures) = ModelSet::load_dir(&config.models.dir, &options, clock.now())
+            .with_context(|| format!("loading models from {}", config.models.dir.display()))?;
+        for failure in &failures {
+            tracing::error!(
+                manifest = %failure.manifest.display(),
+                reason = failure.error.reason(),
+                error = %failure.error,
+                "model refused"
+            );
+        }
+        for model in set.iter() {
+            let m = &model.manifest;
+            tracing::info!(name = %m.name, version = %m.version, format = m.format.as_str(), features = m.features.len(), "model loaded");
+        }
+        if set.is_empty() {
+            tracing::warn!(dir = %config.models.dir.display(), "no model loaded; Score answers UNAVAILABLE");
+        }
+        metrics.record_models(&set, &failures);
+
+        let grpc = TcpListener::bind(config.server.grpc_addr)
+            .await
+            .with_context(|| format!("binding gRPC to {}", config.server.grpc_addr))?;
+        let metrics_listener = TcpListener::bind(config.server.metrics_addr)
+            .await
+            .with_context(|| format!("binding metrics to {}", config.server.metrics_addr))?;
+        Ok(Server {
+            config,
+            clock,
+            metrics,
+            models: Arc::new(ModelRegistry::new(set)),
+            grpc,
+            metrics_listener,
+        })
+    }
+
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc.local_addr().expect("a bound listener has an address")
+    }
+
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// Serves until `shutdown` resolves, then reports NOT_SERVING, stops accepting, lets
+    /// in-flight calls finish within the grace period, and stops the engine.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+        let Server {
+            config,
+            clock,
+            metrics,
+            models,
+            grpc,
+            metrics_listener,
+        } = self;
+        let engine = Arc::new(Engine::start(
+            &EngineOptions {
+                shards: config.shards(),
+                queue_capacity: config.engine.queue_capacity,
+            },
+            models.clone(),
+            metrics.clone(),
+        ));
+        let api = NudgeApi {
+            engine: engine.clone(),
+            models,
+            clock,
+            metrics: metrics.clone(),
+            limits: Limits {
+                max_batch_events: config.server.max_batch_events,
+                max_score_rows: config.server.max_score_rows,
+            },
+        };
+
+        let (health, health_service) = tonic_health::server::health_reporter();
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .context("building the reflection service")?;
+        let reflection_alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()
+            .context("building the reflection service")?;
+        let max = config.server.max_message_bytes;
+        let nudge = NudgeServiceServer::new(api)
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(usize::MAX);
+        set_health(&health, ServingStatus::Serving).await;
+
+        // Shutdown fans out: the gRPC server, the metrics server and the grace timer.
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let grace = Duration::from_secs(config.server.shutdown_grace_seconds);
+        let grpc_addr = grpc.local_addr()?;
+        let metrics_addr = metrics_listener.local_addr()?;
+        tracing::info!(%grpc_addr, %metrics_addr, "serving");
+
+        let metrics_task = tokio::spawn(crate::metrics::serve(
+            metrics_listener,
+            metrics.clone(),
+            wait_for_stop(stop_rx.clone()),
+        ));
+        let grpc_stop = wait_for_stop(stop_rx.clone());
+        let grpc_task = tokio::spawn(
+            tonic::transport::Server::builder()
+                .layer(MetricsLayer::new(metrics.clone(), max))
+                .add_service(health_service)
+                .add_service(reflection)
+                .add_service(reflection_alpha)
+                .add_service(nudge)
+                .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), grpc_stop),
+        );
+
+        shutdown.await;
+        tracing::info!("shutting down: NOT_SERVING, draining in-flight calls");
+        set_health(&health, ServingStatus::NotServing).await;
+        let _ = stop_tx.send(true);
+        match tokio::time::timeout(grace, grpc_task).await {
+            Ok(joined) => joined.context("gRPC server task")?.context("gRPC server")?,
+            Err(_) => tracing::warn!(?grace, "in-flight calls did not finish within the grace period"),
+        }
+        if let Ok(joined) = tokio::time::timeout(grace, metrics_task).await {
+            joined.context("metrics server task")?.context("metrics server")?;
+        }
+        // Every API handle is gone with the gRPC server; the shards finish their queues.
+        match Arc::try_unwrap(engine) {
+            Ok(engine) => tokio::task::spawn_blocking(move || engine.shutdown()).await?,
+            Err(_) => tracing::warn!("engine still referenced at shutdown; not joining shards"),
+        }
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+async fn set_health(health: &tonic_health::server::HealthReporter, status: ServingStatus) {
+    health.set_service_status("", status).await;
+    health
+        .set_service_status("nudge.v1.NudgeService", status)
+        .await;
+}
+
+async fn wait_for_stop(mut stop: tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stopped| *stopped).await;
+}

@@ -1,0 +1,307 @@
+//! Configuration: typed, defaulted, read from a TOML file and then overridden by
+//! `NUDGE__<SECTION>__<KEY>` environment variables. Validation reports every problem at once.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The prefix of environment overrides: `NUDGE__SERVER__GRPC_ADDR=0.0.0.0:50051`.
+pub const ENV_PREFIX: &str = "NUDGE__";
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub engine: EngineConfig,
+    pub models: ModelsConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Where the gRPC API listens.
+    pub grpc_addr: SocketAddr,
+    /// Where `/metrics` listens.
+    pub metrics_addr: SocketAddr,
+    /// The largest request message accepted, in bytes; larger ones get RESOURCE_EXHAUSTED.
+    pub max_message_bytes: usize,
+    /// The most events in one Track request.
+    pub max_batch_events: usize,
+    /// The most feature rows in one Score request.
+    pub max_score_rows: usize,
+    /// How long shutdown waits for in-flight requests, in seconds.
+    pub shutdown_grace_seconds: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineConfig {
+    /// Shard threads that own the profiles; 0 means one per CPU.
+    pub shards: usize,
+    /// Requests waiting per shard before new ones are refused with RESOURCE_EXHAUSTED.
+    pub queue_capacity: usize,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelsConfig {
+    /// The directory of model files and their `*.manifest.toml` manifests.
+    pub dir: PathBuf,
+    /// The largest model file accepted, in bytes.
+    pub max_file_bytes: u64,
+    /// The ONNX Runtime shared library; when empty, `ORT_DYLIB_PATH`, then
+    /// `libonnxruntime.so` on the library path. Only read once an ONNX model loads.
+    pub onnxruntime_library: String,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A tracing filter, such as `info` or `nudge=debug,info`; `RUST_LOG` wins if set.
+    pub level: String,
+    /// `text` or `json`.
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            server: ServerConfig::default(),
+            engine: EngineConfig::default(),
+            models: ModelsConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            grpc_addr: "0.0.0.0:50051".parse().expect("valid address"),
+            metrics_addr: "0.0.0.0:9464".parse().expect("valid address"),
+            max_message_bytes: 4 * 1024 * 1024,
+            max_batch_events: 1000,
+            max_score_rows: 1000,
+            shutdown_grace_seconds: 20,
+        }
+    }
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            shards: 0,
+            queue_capacity: 1024,
+        }
+    }
+}
+
+impl Default for ModelsConfig {
+    fn default() -> Self {
+        ModelsConfig {
+            dir: PathBuf::from("models"),
+            max_file_bytes: 256 * 1024 * 1024,
+            onnxruntime_library: String::new(),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".to_owned(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// Everything wrong with a configuration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid configuration:\n  - {}", .problems.join("\n  - "))]
+pub struct ConfigError {
+    pub problems: Vec<String>,
+}
+
+impl Config {
+    /// Reads `path` (or only defaults when `None`), applies `NUDGE__` overrides from `env`,
+    /// and validates.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut table = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+                    problems: vec![format!("cannot read {}: {e}", path.display())],
+                })?;
+                text.parse::<toml::Table>().map_err(|e| ConfigError {
+                    problems: vec![format!("{}: {e}", path.display())],
+                })?
+            }
+            None => toml::Table::new(),
+        };
+        let mut problems = Vec::new();
+        for (key, value) in env {
+            if let Some(path) = key.strip_prefix(ENV_PREFIX) {
+                if let Err(problem) = apply_override(&mut table, path, &value) {
+                    problems.push(format!("{key}: {problem}"));
+                }
+            }
+        }
+        if !problems.is_empty() {
+            return Err(ConfigError { problems });
+        }
+        let config: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError {
+                problems: vec![e.message().to_owned()],
+            })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values that parse but make no sense, all of them at once.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        let s = &self.server;
+        if s.grpc_addr == s.metrics_addr && s.grpc_addr.port() != 0 {
+            problems.push(format!(
+                "server.grpc_addr and server.metrics_addr are both {}",
+                s.grpc_addr
+            ));
+        }
+        if s.max_message_bytes < 1024 {
+            problems.push("server.max_message_bytes must be at least 1024".to_owned());
+        }
+        if s.max_batch_events == 0 {
+            problems.push("server.max_batch_events must be at least 1".to_owned());
+        }
+        if s.max_score_rows == 0 {
+            problems.push("server.max_score_rows must be at least 1".to_owned());
+        }
+        if self.engine.queue_capacity == 0 {
+            problems.push("engine.queue_capacity must be at least 1".to_owned());
+        }
+        if self.engine.shards > 1024 {
+            problems.push("engine.shards must be at most 1024".to_owned());
+        }
+        if self.models.dir.as_os_str().is_empty() {
+            problems.push("models.dir must not be empty".to_owned());
+        }
+        if self.models.max_file_bytes == 0 {
+            problems.push("models.max_file_bytes must be at least 1".to_owned());
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            problems.push(format!("log.level {:?}: {e}", self.log.level));
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError { problems })
+        }
+    }
+
+    /// The shard count to run with.
+    pub fn shards(&self) -> usize {
+        match self.engine.shards {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
+
+    /// The ONNX Runtime library to load, by the precedence documented on the field.
+    pub fn onnxruntime_library(&self) -> PathBuf {
+        if !self.models.onnxruntime_library.is_empty() {
+            return PathBuf::from(&self.models.onnxruntime_library);
+        }
+        std::env::var_os("ORT_DYLIB_PATH")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("libonnxruntime.so"))
+    }
+}
+
+/// Sets `SECTION__KEY` in `table` to `value`, read as a TOML value when it is one (numbers,
+/// booleans, arrays) and as a string otherwise.
+fn apply_override(table: &mut toml::Table, path: &str, value: &str) -> Result<(), String> {
+    let keys: Vec<String> = path.split("__").map(str::to_ascii_lowercase).collect();
+    if keys.iter().any(String::is_empty) {
+        return Err("empty key segment".to_owned());
+    }
+    let parsed = format!("v = {value}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(value.to_owned()));
+    let (last, parents) = keys.split_last().expect("split yields at least one key");
+    let mut node = table;
+    for key in parents {
+        node = node
+            .entry(key.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .ok_or_else(|| format!("{key} is not a section"))?;
+    }
+    node.insert(last.clone(), parsed);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn shipped_config_loads_and_matches_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/nudge.toml");
+        let config = Config::load(Some(&path), []).expect("the shipped config is valid");
+        assert_eq!(config, Config::default());
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let config = Config::load(
+            None,
+            env(&[
+                ("NUDGE__SERVER__GRPC_ADDR", "127.0.0.1:7000"),
+                ("NUDGE__ENGINE__SHARDS", "3"),
+                ("NUDGE__LOG__FORMAT", "json"),
+                ("OTHER", "ignored"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.server.grpc_addr, "127.0.0.1:7000".parse().unwrap());
+        assert_eq!(config.engine.shards, 3);
+        assert_eq!(config.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let err = Config::load(
+            None,
+            env(&[
+                ("NUDGE__SERVER__MAX_BATCH_EVENTS", "0"),
+                ("NUDGE__ENGINE__QUEUE_CAPACITY", "0"),
+                ("NUDGE__SERVER__MAX_SCORE_ROWS", "0"),
+            ]),
+        )
+        .unwrap_err();
+        assert_eq!(err.problems.len(), 3, "{err}");
+        let unknown = Config::load(None, env(&[("NUDGE__SERVER__GRPC_PORT", "1")])).unwrap_err();
+        assert!(unknown.to_string().contains("grpc_port"), "{unknown}");
+    }
+}

@@ -1,0 +1,321 @@
+//! The FeatureSpec — the one definition of the features the models see — and
+//! `extract(&Profile, now)`, which computes them.
+//!
+//! The server, the trainer and every model manifest use this list. A model may use any
+//! subset in any order (its manifest maps names to columns), but a name that is not here is
+//! refused at load. Changing a definition changes what models were trained on: bump
+//! [`SPEC_VERSION`] and retrain.
+//!
+//! Undefined values (an average over nothing, days since something that never happened)
+//! are NaN, which LightGBM and ONNX GBDT models treat as missing.
+
+use std::sync::OnceLock;
+
+use sha2::{Digest, Sha256};
+
+use crate::profile::{DayStats, Profile, CATEGORY_DAYS};
+use crate::time::{Time, DAY_MS};
+
+/// The version of the definitions below.
+pub const SPEC_VERSION: &str = "1";
+
+/// A feature's name and one-line definition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FeatureDef {
+    pub name: &'static str,
+    pub description: &'static str,
+}
+
+macro_rules! feature_spec {
+    ($($variant:ident = $name:literal : $description:literal;)*) => {
+        /// A feature, by its position in the FeatureSpec.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        #[repr(usize)]
+        pub enum Feature { $($variant,)* }
+
+        /// Every feature, in FeatureSpec order.
+        pub const FEATURES: &[FeatureDef] = &[
+            $(FeatureDef { name: $name, description: $description },)*
+        ];
+    };
+}
+
+feature_spec! {
+    SessionDurationS = "session_duration_s":
+        "Seconds from the open session's first event to its latest (0 without an open session).";
+    SessionPageViews = "session_page_views":
+        "Page and product views in the open session.";
+    SessionProductViews = "session_product_views":
+        "Product views in the open session.";
+    SessionDistinctProducts = "session_distinct_products":
+        "Distinct products viewed in the open session.";
+    SessionProductTimeS = "session_product_time_s":
+        "Seconds on product pages in the open session: dwell time when sent, else the gap to the next event, capped at 10 minutes.";
+    SessionSearches = "session_searches":
+        "Searches in the open session.";
+    SessionCartAdds = "session_cart_adds":
+        "Add-to-cart events in the open session.";
+    CartItems = "cart_items":
+        "Units in the cart.";
+    CartValue = "cart_value":
+        "Value of the cart (units times unit price).";
+    MinutesSinceCartAdd = "minutes_since_cart_add":
+        "Minutes since the latest add-to-cart (NaN if never).";
+    CheckoutSinceCartAdd = "checkout_since_cart_add":
+        "1 if checkout started after the latest add-to-cart, else 0.";
+    Sessions1d = "sessions_1d":
+        "Sessions started today (UTC).";
+    Sessions7d = "sessions_7d":
+        "Sessions started in the last 7 days (today and the 6 before).";
+    Sessions30d = "sessions_30d":
+        "Sessions started in the last 30 days.";
+    SessionsPrev7d = "sessions_prev_7d":
+        "Sessions started in the 7 days before the last 7.";
+    VisitTrend = "visit_trend":
+        "(sessions_7d + 1) / (sessions_prev_7d + 1): below 1 when visits decline.";
+    BounceRate30d = "bounce_rate_30d":
+        "Share of ended sessions of the last 30 days with at most one page (NaN if none).";
+    PagesPerSession30d = "pages_per_session_30d":
+        "Pages per ended session of the last 30 days (NaN if none).";
+    PageViews30d = "page_views_30d":
+        "Page and product views in the last 30 days.";
+    ProductViews30d = "product_views_30d":
+        "Product views in the last 30 days.";
+    CartAdds30d = "cart_adds_30d":
+        "Add-to-cart events in the last 30 days.";
+    Searches30d = "searches_30d":
+        "Searches in the last 30 days.";
+    DaysSinceLastVisit = "days_since_last_visit":
+        "Days since the latest browsing event (NaN if none).";
+    DaysBetweenSessions = "days_between_sessions":
+        "Days from the end of the previous session to the start of the latest (NaN with one session).";
+    DaysSinceFirstSeen = "days_since_first_seen":
+        "Days since the person's first event.";
+    Purchases30d = "purchases_30d":
+        "Purchases in the last 30 days.";
+    Purchases90d = "purchases_90d":
+        "Purchases in the last 90 days.";
+    Revenue90d = "revenue_90d":
+        "Order value of purchases in the last 90 days.";
+    AvgOrderValue = "avg_order_value":
+        "Average order value over all purchases (NaN if none).";
+    DaysSinceLastPurchase = "days_since_last_purchase":
+        "Days since the latest purchase (NaN if never).";
+    LifetimePurchases = "lifetime_purchases":
+        "Purchases ever.";
+    EmailOpens30d = "email_opens_30d":
+        "Marketing emails opened in the last 30 days.";
+    EmailClicks30d = "email_clicks_30d":
+        "Marketing email clicks in the last 30 days.";
+    TopCategoryShare30d = "top_category_share_30d":
+        "Share of the last 30 days' categorized product views in the most viewed category (NaN if none).";
+    DistinctCategories30d = "distinct_categories_30d":
+        "Distinct categories viewed in the last 30 days (at most 16 are tracked).";
+    HourOfDay = "hour_of_day":
+        "Hour of the day of `now`, 0 to 23, UTC.";
+    DayOfWeek = "day_of_week":
+        "Day of the week of `now`, 0 = Monday to 6 = Sunday, UTC.";
+}
+
+/// How many features the spec has.
+pub const FEATURE_COUNT: usize = FEATURES.len();
+
+/// One row of feature values in FeatureSpec order.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct FeatureRow(pub [f64; FEATURE_COUNT]);
+
+impl FeatureRow {
+    /// A row with every feature missing.
+    pub const fn missing() -> FeatureRow {
+        FeatureRow([f64::NAN; FEATURE_COUNT])
+    }
+
+    pub fn get(&self, f: Feature) -> f64 {
+        self.0[f as usize]
+    }
+
+    fn set(&mut self, f: Feature, value: f64) {
+        self.0[f as usize] = value;
+    }
+
+    pub fn values(&self) -> &[f64; FEATURE_COUNT] {
+        &self.0
+    }
+}
+
+/// The ordered feature list with its version and a hash of the names, as manifests and
+/// exported tables carry it.
+#[derive(Debug)]
+pub struct FeatureSpec {
+    pub version: &'static str,
+    /// The first 16 hex digits of sha256 over the names joined by newlines.
+    pub hash: String,
+    pub features: &'static [FeatureDef],
+}
+
+impl FeatureSpec {
+    pub fn current() -> &'static FeatureSpec {
+        static SPEC: OnceLock<FeatureSpec> = OnceLock::new();
+        SPEC.get_or_init(|| {
+            let names: Vec<&str> = FEATURES.iter().map(|f| f.name).collect();
+            let digest = Sha256::digest(names.join("\n").as_bytes());
+            FeatureSpec {
+                version: SPEC_VERSION,
+                hash: hex::encode(&digest[..8]),
+                features: FEATURES,
+            }
+        })
+    }
+
+    /// The position of a feature name, if the spec has it.
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.features.iter().position(|f| f.name == name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.features.iter().map(|f| f.name)
+    }
+}
+
+fn days_between(later: Time, earlier: Time) -> f64 {
+    later.since(earlier) as f64 / DAY_MS as f64
+}
+
+fn ratio(numerator: u32, denominator: u32) -> f64 {
+    if denominator == 0 {
+        f64::NAN
+    } else {
+        f64::from(numerator) / f64::from(denominator)
+    }
+}
+
+/// Computes every feature of `profile` as of `now`. Pure: the same profile and `now` give
+/// the same row.
+pub fn extract(profile: &Profile, now: Time) -> FeatureRow {
+    use Feature::*;
+    let mut row = FeatureRow::missing();
+    let today = now.day();
+
+    let open = profile.open_session(now);
+    let session = |f: &dyn Fn(&crate::profile::Session) -> f64| open.map_or(0.0, f);
+    row.set(
+        SessionDurationS,
+        session(&|s| s.last.since(s.start) as f64 / 1000.0),
+    );
+    row.set(SessionPageViews, session(&|s| f64::from(s.page_views)));
+    row.set(SessionProductViews, session(&|s| f64::from(s.product_views)));
+    row.set(
+        SessionDistinctProducts,
+        session(&|s| s.products.len() as f64),
+    );
+    row.set(
+        SessionProductTimeS,
+        session(&|s| s.product_time_ms(now) as f64 / 1000.0),
+    );
+    row.set(SessionSearches, session(&|s| f64::from(s.searches)));
+    row.set(SessionCartAdds, session(&|s| f64::from(s.cart_adds)));
+
+    let cart = profile.cart();
+    row.set(CartItems, f64::from(cart.items()));
+    row.set(CartValue, cart.value());
+    row.set(
+        MinutesSinceCartAdd,
+        cart.last_add
+            .map_or(f64::NAN, |t| now.since(t) as f64 / 60_000.0),
+    );
+    row.set(
+        CheckoutSinceCartAdd,
+        f64::from(u8::from(cart.last_add.is_some() && cart.checkout_started)),
+    );
+
+    let days = &profile.days;
+    let last30: DayStats = days.last_days(today, 30);
+    let last7: DayStats = days.last_days(today, 7);
+    let prev7: DayStats = days.sum(today - 13, today - 7);
+    row.set(Sessions1d, f64::from(days.last_days(today, 1).sessions));
+    row.set(Sessions7d, f64::from(last7.sessions));
+    row.set(Sessions30d, f64::from(last30.sessions));
+    row.set(SessionsPrev7d, f64::from(prev7.sessions));
+    row.set(
+        VisitTrend,
+        (f64::from(last7.sessions) + 1.0) / (f64::from(prev7.sessions) + 1.0),
+    );
+
+    // The latest session has ended once `now` is past its timeout, even though no event has
+    // closed it yet; count it as ended when it started inside the window.
+    let (mut ended, mut ended_pages, mut bounced) = (
+        last30.ended_sessions,
+        last30.ended_session_pages,
+        last30.bounced_sessions,
+    );
+    if let Some(s) = profile.session.as_ref().filter(|s| !s.is_open(now)) {
+        if s.start.day() > today - 30 && s.start.day() <= today {
+            ended += 1;
+            ended_pages += s.page_views;
+            bounced += u32::from(s.page_views <= 1);
+        }
+    }
+    row.set(BounceRate30d, ratio(bounced, ended));
+    row.set(PagesPerSession30d, ratio(ended_pages, ended));
+    row.set(PageViews30d, f64::from(last30.page_views));
+    row.set(ProductViews30d, f64::from(last30.product_views));
+    row.set(CartAdds30d, f64::from(last30.cart_adds));
+    row.set(Searches30d, f64::from(last30.searches));
+
+    row.set(
+        DaysSinceLastVisit,
+        profile
+            .last_visit
+            .map_or(f64::NAN, |t| days_between(now, t)),
+    );
+    row.set(
+        DaysBetweenSessions,
+        match (&profile.session, profile.previous_session_end) {
+            (Some(s), Some(end)) => days_between(s.start, end),
+            _ => f64::NAN,
+        },
+    );
+    row.set(
+        DaysSinceFirstSeen,
+        profile
+            .first_seen
+            .map_or(f64::NAN, |t| days_between(now, t)),
+    );
+
+    let last90: DayStats = days.last_days(today, 90);
+    row.set(Purchases30d, f64::from(last30.purchases));
+    row.set(Purchases90d, f64::from(last90.purchases));
+    row.set(Revenue90d, last90.revenue);
+    row.set(
+        AvgOrderValue,
+        if profile.lifetime_purchases == 0 {
+            f64::NAN
+        } else {
+            profile.lifetime_revenue / f64::from(profile.lifetime_purchases)
+        },
+    );
+    row.set(
+        DaysSinceLastPurchase,
+        profile
+            .last_purchase
+            .map_or(f64::NAN, |t| days_between(now, t)),
+    );
+    row.set(LifetimePurchases, f64::from(profile.lifetime_purchases));
+    row.set(EmailOpens30d, f64::from(last30.email_opens));
+    row.set(EmailClicks30d, f64::from(last30.email_clicks));
+
+    let mut categorized = 0u32;
+    let mut distinct = 0u32;
+    for c in &profile.categories {
+        let views = c.views.last_days(today, CATEGORY_DAYS);
+        categorized += views;
+        distinct += u32::from(views > 0);
+    }
+    let top = profile.top_category(now).map_or(0, |(_, views)| views);
+    row.set(TopCategoryShare30d, ratio(top, categorized));
+    row.set(DistinctCategories30d, f64::from(distinct));
+
+    row.set(HourOfDay, f64::from(now.hour_of_day()));
+    row.set(DayOfWeek, f64::from(now.day_of_week()));
+    row
+}

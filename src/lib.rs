@@ -1,0 +1,35 @@
+//! Nudge: real-time behavioral scoring and triggers.
+//!
+//! Layout, in the order data flows:
+//! - [`api`]: the gRPC edge; turns protocol messages into domain types and errors into
+//!   statuses. No protocol type goes past it.
+//! - [`event`]: `Event`, the validated domain type.
+//! - [`engine`]: owns the profiles, one shard thread per slice of people, and scores them.
+//! - [`profile`]: a person's behavioral state, updated by `Profile::apply`.
+//! - [`features`]: the FeatureSpec and `extract(&Profile, now)`.
+//! - [`model`]: the `Scorer` trait, LightGBM and ONNX backends, manifests, the served set.
+//! - [`metrics`]: the Prometheus registry and the `/metrics` endpoint.
+//! - [`config`]: the TOML config with `NUDGE__` overrides.
+//! - [`app`]: builds every part from the config, serves, drains on shutdown.
+//! - [`time`]: `Time`, and the `Clock` the server reads `now` from.
+
+pub mod api;
+pub mod app;
+pub mod config;
+pub mod engine;
+pub mod event;
+pub mod features;
+pub mod metrics;
+pub mod model;
+pub mod profile;
+pub mod time;
+
+/// Generated protocol types for `nudge.v1`. Only [`api`] and clients use these.
+pub mod pb {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("nudge.v1");
+
+    /// The encoded descriptor set, for gRPC server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/nudge_descriptor.bin"));
+}

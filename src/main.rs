@@ -1,0 +1,193 @@
+//! The `nudge` command: serve, or check models and config offline.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+use nudge::config::{Config, LogFormat};
+use nudge::features::FeatureSpec;
+use nudge::model::{LoadOptions, ModelSet};
+use nudge::time::{Clock, SystemClock};
+
+#[derive(Parser)]
+#[command(name = "nudge", version, about = "Real-time behavioral scoring and triggers")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the service.
+    Serve {
+        /// The TOML config file (defaults apply without one).
+        #[arg(long, default_value = "config/nudge.toml")]
+        config: PathBuf,
+        /// Overrides server.grpc_addr.
+        #[arg(long)]
+        grpc_addr: Option<std::net::SocketAddr>,
+        /// Overrides server.metrics_addr.
+        #[arg(long)]
+        metrics_addr: Option<std::net::SocketAddr>,
+    },
+    /// Validate a config file (and NUDGE__ overrides) and print the result.
+    CheckConfig {
+        #[arg(default_value = "config/nudge.toml")]
+        config: PathBuf,
+    },
+    /// Load every model in a directory with all serving checks; exit 1 if any is refused.
+    CheckModels {
+        #[arg(default_value = "models")]
+        dir: PathBuf,
+        /// The ONNX Runtime library (default: $ORT_DYLIB_PATH, then libonnxruntime.so).
+        #[arg(long)]
+        onnxruntime_library: Option<PathBuf>,
+    },
+    /// Print the FeatureSpec: names, or names with definitions as Markdown or JSON.
+    Features {
+        #[arg(long, value_enum, default_value = "names")]
+        format: FeaturesFormat,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum FeaturesFormat {
+    Names,
+    Markdown,
+    Json,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve {
+            config,
+            grpc_addr,
+            metrics_addr,
+        } => {
+            let mut config = load_config(&config)?;
+            if let Some(addr) = grpc_addr {
+                config.server.grpc_addr = addr;
+            }
+            if let Some(addr) = metrics_addr {
+                config.server.metrics_addr = addr;
+            }
+            config.validate()?;
+            init_tracing(&config);
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(serve(config))
+        }
+        Command::CheckConfig { config } => {
+            let config = load_config(&config)?;
+            println!("{config:#?}");
+            Ok(())
+        }
+        Command::CheckModels {
+            dir,
+            onnxruntime_library,
+        } => check_models(&dir, onnxruntime_library),
+        Command::Features { format } => {
+            print_features(format);
+            Ok(())
+        }
+    }
+}
+
+fn load_config(path: &std::path::Path) -> anyhow::Result<Config> {
+    // A missing default config file is fine (defaults apply); a named one must exist.
+    let path = path.exists().then_some(path);
+    Ok(Config::load(path, std::env::vars())?)
+}
+
+fn init_tracing(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let server = nudge::app::Server::bind(config, Arc::new(SystemClock)).await?;
+    server.run(shutdown_signal()).await
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}
+
+fn check_models(dir: &std::path::Path, library: Option<PathBuf>) -> anyhow::Result<()> {
+    let mut config = Config::default();
+    if let Some(library) = library {
+        config.models.onnxruntime_library = library.display().to_string();
+    }
+    let options = LoadOptions {
+        max_file_bytes: config.models.max_file_bytes,
+        onnxruntime_library: config.onnxruntime_library(),
+    };
+    let (set, failures) = ModelSet::load_dir(dir, &options, SystemClock.now())
+        .with_context(|| format!("reading {}", dir.display()))?;
+    for model in set.iter() {
+        let m = &model.manifest;
+        println!(
+            "ok      {} {} ({}, {} features): {}",
+            m.name,
+            m.version,
+            m.format.as_str(),
+            m.features.len(),
+            m.predicts
+        );
+    }
+    for failure in &failures {
+        println!(
+            "REFUSED {} [{}]: {}",
+            failure.manifest.display(),
+            failure.error.reason(),
+            failure.error
+        );
+    }
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        anyhow::bail!("{} model(s) refused", failures.len())
+    }
+}
+
+fn print_features(format: FeaturesFormat) {
+    let spec = FeatureSpec::current();
+    match format {
+        FeaturesFormat::Names => spec.names().for_each(|n| println!("{n}")),
+        FeaturesFormat::Markdown => {
+            println!("FeatureSpec version {}, hash `{}`.\n", spec.version, spec.hash);
+            println!("| # | feature | definition |\n|---|---|---|");
+            for (i, f) in spec.features.iter().enumerate() {
+                println!("| {i} | `{}` | {} |", f.name, f.description);
+            }
+        }
+        FeaturesFormat::Json => {
+            let features: Vec<_> = spec
+                .features
+                .iter()
+                .map(|f| serde_json::json!({"name": f.name, "description": f.description}))
+                .collect();
+            let doc = serde_json::json!({
+                "version": spec.version,
+                "hash": spec.hash,
+                "features": features,
+            });
+            println!("{doc:#}");
+        }
+    }
+}

@@ -1,0 +1,187 @@
+//! The Prometheus registry, every metric Nudge exports, and the `/metrics` endpoint.
+//!
+//! Names are `nudge_<thing>_<unit>`, counters end in `_total`. Labels are small closed sets
+//! (RPC names, status codes, event types, reasons, model names from the models directory);
+//! no label ever carries a person's identifier.
+
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::model::{LoadFailure, ModelSet};
+
+/// Latency buckets from 25 µs to 10 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];
+
+/// Every metric, registered in one registry.
+pub struct Metrics {
+    registry: Registry,
+    /// gRPC requests by RPC and status code.
+    pub grpc_requests: IntCounterVec,
+    /// gRPC request latency by RPC.
+    pub grpc_duration: HistogramVec,
+    /// Time to score one call's rows, by model.
+    pub model_duration: HistogramVec,
+    /// Model scoring calls that failed, by model.
+    pub model_errors: IntCounterVec,
+    /// Tracked events by type and outcome (accepted, rejected).
+    pub events: IntCounterVec,
+    /// Refused input by RPC and reason.
+    pub invalid_input: IntCounterVec,
+    /// 1 for each served model, labelled with its name, version and format.
+    pub model_info: IntGaugeVec,
+    /// Models refused at load, by reason.
+    pub model_load_failures: IntCounterVec,
+    /// People with a profile in memory.
+    pub profiles: IntGauge,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry.register(Box::new(c.clone())).expect("unique metric");
+            c
+        };
+        let histogram = |name: &str, help: &str, labels: &[&str]| {
+            let opts = HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec());
+            let h = HistogramVec::new(opts, labels).expect("valid metric");
+            registry.register(Box::new(h.clone())).expect("unique metric");
+            h
+        };
+        let metrics = Metrics {
+            grpc_requests: counter(
+                "nudge_grpc_requests_total",
+                "gRPC requests by RPC and status code.",
+                &["rpc", "code"],
+            ),
+            grpc_duration: histogram(
+                "nudge_grpc_request_duration_seconds",
+                "gRPC request latency by RPC.",
+                &["rpc"],
+            ),
+            model_duration: histogram(
+                "nudge_model_score_duration_seconds",
+                "Time to score one call's rows, by model.",
+                &["model"],
+            ),
+            model_errors: counter(
+                "nudge_model_score_errors_total",
+                "Model scoring calls that failed, by model.",
+                &["model"],
+            ),
+            events: counter(
+                "nudge_events_total",
+                "Tracked events by type and outcome.",
+                &["type", "outcome"],
+            ),
+            invalid_input: counter(
+                "nudge_invalid_input_total",
+                "Refused input by RPC and reason.",
+                &["rpc", "reason"],
+            ),
+            model_info: {
+                let g = IntGaugeVec::new(
+                    Opts::new("nudge_model_info", "1 for each served model."),
+                    &["name", "version", "format"],
+                )
+                .expect("valid metric");
+                registry.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
+            model_load_failures: counter(
+                "nudge_model_load_failures_total",
+                "Models refused at load, by reason.",
+                &["reason"],
+            ),
+            profiles: {
+                let g = IntGauge::new("nudge_profiles", "People with a profile in memory.")
+                    .expect("valid metric");
+                registry.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
+            registry,
+        };
+        // Zero-valued series for the closed label sets, so dashboards and alerts see them
+        // before the first failure.
+        for reason in crate::event::Reason::ALL {
+            for rpc in ["Track", "Score"] {
+                metrics.invalid_input.with_label_values(&[rpc, reason.as_str()]);
+            }
+        }
+        metrics
+    }
+
+    /// Records one model scoring call.
+    pub fn observe_model(&self, model: &str, elapsed: Duration, ok: bool) {
+        self.model_duration
+            .with_label_values(&[model])
+            .observe(elapsed.as_secs_f64());
+        if !ok {
+            self.model_errors.with_label_values(&[model]).inc();
+        }
+    }
+
+    /// Publishes which models serve and counts the ones that were refused.
+    pub fn record_models(&self, set: &ModelSet, failures: &[LoadFailure]) {
+        self.model_info.reset();
+        for model in set.iter() {
+            let m = &model.manifest;
+            self.model_info
+                .with_label_values(&[m.name.as_str(), m.version.as_str(), m.format.as_str()])
+                .set(1);
+        }
+        for failure in failures {
+            self.model_load_failures
+                .with_label_values(&[failure.error.reason()])
+                .inc();
+        }
+    }
+
+    /// The registry in Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("encoding to memory cannot fail");
+        String::from_utf8(buf).expect("the text format is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: std::sync::Arc<Metrics>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use axum::{http::header, routing::get, Router};
+    let app = Router::new().route(
+        "/metrics",
+        get(move || {
+            let metrics = metrics.clone();
+            async move {
+                (
+                    [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                    metrics.render(),
+                )
+            }
+        }),
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+

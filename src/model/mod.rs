@@ -1,0 +1,444 @@
+//! Models: the `Scorer` trait that every backend implements, loading a model from its
+//! manifest with every check that keeps a wrong file from serving, and the set of models
+//! being served.
+//!
+//! Invariant: a model is served only if its file's sha256 matches its manifest, every
+//! feature its manifest names is in the FeatureSpec, the file's own column count (and, for
+//! LightGBM, its column names) agree with the manifest, and it answers finite
+//! probabilities in [0, 1] for a warm-up batch.
+
+pub mod lightgbm;
+pub mod manifest;
+pub mod onnx;
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use crate::features::{FeatureRow, FeatureSpec};
+use crate::time::Time;
+pub use manifest::{Manifest, ModelFormat};
+
+/// A backend that turns feature rows into probabilities. A faster backend joins by
+/// implementing this.
+pub trait Scorer: Send + Sync {
+    /// The positive-class probability for each row of `rows`, a row-major matrix with
+    /// `n_columns` columns in the model's own column order. NaN means missing.
+    fn predict(&self, rows: &[f64], n_columns: usize) -> Result<Vec<f64>, ScoreError>;
+
+    /// How many input columns the model file declares.
+    fn num_features(&self) -> usize;
+
+    /// The column names the model file records, if it records any.
+    fn feature_names(&self) -> Option<Vec<String>>;
+}
+
+/// Scoring failed inside a backend.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ScoreError {
+    #[error("model backend failed: {0}")]
+    Backend(String),
+}
+
+/// Why a model was refused at load. Each variant is one `reason` of the load-failure metric.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read {path}: {reason}")]
+    Io { path: String, reason: String },
+    #[error("invalid manifest: {0}")]
+    Manifest(String),
+    #[error("model file is {size} bytes; models.max_file_bytes allows {limit}")]
+    TooLarge { size: u64, limit: u64 },
+    #[error("sha256 of {file} is {actual}, but the manifest says {expected}")]
+    HashMismatch {
+        file: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("the manifest names {} features but the model file has {model} columns", manifest)]
+    FeatureCount { manifest: usize, model: usize },
+    #[error("feature names differ from the manifest: {0}")]
+    FeatureNames(String),
+    #[error("the manifest names features the FeatureSpec (version {spec_version}) does not have: {names:?}")]
+    UnknownFeature {
+        names: Vec<String>,
+        spec_version: &'static str,
+    },
+    #[error("cannot parse the model: {0}")]
+    Parse(String),
+    #[error("{0}")]
+    Runtime(String),
+    #[error("warm-up scoring failed: {0}")]
+    BadOutput(String),
+    #[error("another manifest already serves a model named {0:?}")]
+    DuplicateName(String),
+}
+
+impl LoadError {
+    /// The metric label for this failure.
+    pub const fn reason(&self) -> &'static str {
+        match self {
+            LoadError::Io { .. } => "io",
+            LoadError::Manifest(_) => "manifest",
+            LoadError::TooLarge { .. } => "too_large",
+            LoadError::HashMismatch { .. } => "hash_mismatch",
+            LoadError::FeatureCount { .. } => "feature_count",
+            LoadError::FeatureNames(_) => "feature_names",
+            LoadError::UnknownFeature { .. } => "unknown_feature",
+            LoadError::Parse(_) => "parse",
+            LoadError::Runtime(_) => "runtime",
+            LoadError::BadOutput(_) => "bad_output",
+            LoadError::DuplicateName(_) => "duplicate_name",
+        }
+    }
+}
+
+/// Options for loading models.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// The largest model file accepted.
+    pub max_file_bytes: u64,
+    /// The ONNX Runtime shared library, loaded the first time an ONNX model is.
+    pub onnxruntime_library: PathBuf,
+}
+
+/// A loaded, checked model ready to score FeatureSpec rows.
+pub struct Model {
+    pub manifest: Manifest,
+    /// For each model column, its position in a FeatureSpec row.
+    columns: Vec<usize>,
+    scorer: Box<dyn Scorer>,
+    pub loaded_at: Time,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("name", &self.manifest.name)
+            .field("version", &self.manifest.version)
+            .field("format", &self.manifest.format)
+            .finish()
+    }
+}
+
+impl Model {
+    /// Checks `manifest` against the FeatureSpec and the model bytes, builds the backend and
+    /// warms it up.
+    pub fn load(
+        manifest: Manifest,
+        bytes: &[u8],
+        options: &LoadOptions,
+        now: Time,
+    ) -> Result<Model, LoadError> {
+        let spec = FeatureSpec::current();
+        let columns = map_columns(&manifest, spec)?;
+        let actual = manifest::sha256_hex(bytes);
+        if !actual.eq_ignore_ascii_case(&manifest.sha256) {
+            return Err(LoadError::HashMismatch {
+                file: manifest.file.clone(),
+                expected: manifest.sha256.clone(),
+                actual,
+            });
+        }
+        let scorer: Box<dyn Scorer> = match manifest.format {
+            ModelFormat::Lightgbm => {
+                let text = std::str::from_utf8(bytes).map_err(|e| {
+                    LoadError::Parse(format!("a LightGBM text model must be UTF-8: {e}"))
+                })?;
+                Box::new(lightgbm::LightgbmScorer::from_text(text)?)
+            }
+            ModelFormat::Onnx => Box::new(onnx::OnnxScorer::from_bytes(
+                bytes,
+                &options.onnxruntime_library,
+            )?),
+        };
+        if scorer.num_features() != manifest.features.len() {
+            return Err(LoadError::FeatureCount {
+                manifest: manifest.features.len(),
+                model: scorer.num_features(),
+            });
+        }
+        if let Some(names) = scorer.feature_names() {
+            if let Some(diff) = describe_name_diff(&manifest.features, &names) {
+                return Err(LoadError::FeatureNames(diff));
+            }
+        }
+        let model = Model {
+            manifest,
+            columns,
+            scorer,
+            loaded_at: now,
+        };
+        model.warm_up()?;
+        Ok(model)
+    }
+
+    /// Reads the manifest at `path` and the model file it names (from the same directory
+    /// only), then loads the model.
+    pub fn load_from_manifest(
+        path: &Path,
+        options: &LoadOptions,
+        now: Time,
+    ) -> Result<Model, LoadError> {
+        let text = std::fs::read_to_string(path).map_err(|e| io_error(path, e))?;
+        let manifest = Manifest::parse(&text).map_err(|e| LoadError::Manifest(e.to_string()))?;
+        check_manifest_fields(&manifest)?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let file = dir.join(&manifest.file);
+        let size = std::fs::metadata(&file)
+            .map_err(|e| io_error(&file, e))?
+            .len();
+        if size > options.max_file_bytes {
+            return Err(LoadError::TooLarge {
+                size,
+                limit: options.max_file_bytes,
+            });
+        }
+        let bytes = std::fs::read(&file).map_err(|e| io_error(&file, e))?;
+        Model::load(manifest, &bytes, options, now)
+    }
+
+    /// Scores FeatureSpec rows: picks this model's columns, in its order, and asks the backend.
+    pub fn score(&self, rows: &[FeatureRow]) -> Result<Vec<f64>, ScoreError> {
+        let n = self.columns.len();
+        let mut matrix = Vec::with_capacity(rows.len() * n);
+        for row in rows {
+            matrix.extend(self.columns.iter().map(|&c| row.0[c]));
+        }
+        let out = self.scorer.predict(&matrix, n)?;
+        if out.len() != rows.len() {
+            return Err(ScoreError::Backend(format!(
+                "{} answers for {} rows",
+                out.len(),
+                rows.len()
+            )));
+        }
+        Ok(out)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.manifest.name
+    }
+
+    /// Scores an all-missing row and an all-zero row; both must give a probability.
+    fn warm_up(&self) -> Result<(), LoadError> {
+        let rows = [FeatureRow::missing(), FeatureRow([0.0; crate::features::FEATURE_COUNT])];
+        let out = self
+            .score(&rows)
+            .map_err(|e| LoadError::BadOutput(e.to_string()))?;
+        match out.iter().find(|p| !(0.0..=1.0).contains(*p)) {
+            Some(p) => Err(LoadError::BadOutput(format!(
+                "the model answered {p}, not a probability in [0, 1]"
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
+fn io_error(path: &Path, e: std::io::Error) -> LoadError {
+    LoadError::Io {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    }
+}
+
+/// Checks the manifest fields that need no model file.
+fn check_manifest_fields(m: &Manifest) -> Result<(), LoadError> {
+    let mut problems = Vec::new();
+    let valid_name = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 64
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+    };
+    if !valid_name(&m.name) {
+        problems.push(format!(
+            "name {:?} must be 1 to 64 of a-z, 0-9, '_' and '-'",
+            m.name
+        ));
+    }
+    if m.version.is_empty() {
+        problems.push("version is empty".to_owned());
+    }
+    // The model file must sit beside its manifest: no directories, no "..".
+    let plain = Path::new(&m.file)
+        .file_name()
+        .is_some_and(|f| f == m.file.as_str());
+    if !plain || m.file.starts_with('.') {
+        problems.push(format!(
+            "file {:?} must be a plain file name in the manifest's directory",
+            m.file
+        ));
+    }
+    if m.sha256.len() != 64 || !m.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+        problems.push(format!("sha256 {:?} is not 64 hex digits", m.sha256));
+    }
+    if m.features.is_empty() {
+        problems.push("features is empty".to_owned());
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(LoadError::Manifest(problems.join("; ")))
+    }
+}
+
+/// Maps the manifest's feature names to FeatureSpec positions.
+fn map_columns(manifest: &Manifest, spec: &FeatureSpec) -> Result<Vec<usize>, LoadError> {
+    let unknown: Vec<String> = manifest
+        .features
+        .iter()
+        .filter(|n| spec.index_of(n).is_none())
+        .cloned()
+        .collect();
+    if !unknown.is_empty() {
+        return Err(LoadError::UnknownFeature {
+            names: unknown,
+            spec_version: spec.version,
+        });
+    }
+    let mut seen = HashSet::new();
+    if let Some(dup) = manifest.features.iter().find(|n| !seen.insert(n.as_str())) {
+        return Err(LoadError::FeatureNames(format!(
+            "the manifest lists {dup:?} twice"
+        )));
+    }
+    Ok(manifest
+        .features
+        .iter()
+        .filter_map(|n| spec.index_of(n))
+        .collect())
+}
+
+/// Describes how the model file's column names differ from the manifest's, if they do.
+fn describe_name_diff(manifest: &[String], model: &[String]) -> Option<String> {
+    let diffs: Vec<String> = manifest
+        .iter()
+        .zip(model)
+        .enumerate()
+        .filter(|(_, (m, f))| m != f)
+        .map(|(i, (m, f))| format!("column {i} is {f:?} in the model file but {m:?} in the manifest"))
+        .collect();
+    if diffs.is_empty() {
+        return None;
+    }
+    let shown = diffs.len().min(5);
+    let more = if diffs.len() > shown {
+        format!(" (and {} more)", diffs.len() - shown)
+    } else {
+        String::new()
+    };
+    Some(format!("{}{more}", diffs[..shown].join("; ")))
+}
+
+/// A model that could not be loaded, and why.
+#[derive(Debug, Clone)]
+pub struct LoadFailure {
+    pub manifest: PathBuf,
+    pub error: LoadError,
+}
+
+/// The models being served, by name.
+#[derive(Debug, Default)]
+pub struct ModelSet {
+    models: Vec<Arc<Model>>,
+}
+
+impl ModelSet {
+    /// Loads every `*.manifest.toml` in `dir`, in name order. A model that fails a check is
+    /// left out and reported; the others still load.
+    pub fn load_dir(
+        dir: &Path,
+        options: &LoadOptions,
+        now: Time,
+    ) -> Result<(ModelSet, Vec<LoadFailure>), LoadError> {
+        let mut manifests: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| io_error(dir, e))?
+            .filter_map(|entry| entry.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.ends_with(manifest::MANIFEST_SUFFIX))
+            })
+            .collect();
+        manifests.sort();
+        let mut set = ModelSet::default();
+        let mut failures = Vec::new();
+        for path in manifests {
+            let loaded = Model::load_from_manifest(&path, options, now).and_then(|model| {
+                if set.get(model.name()).is_some() {
+                    Err(LoadError::DuplicateName(model.manifest.name.clone()))
+                } else {
+                    Ok(model)
+                }
+            });
+            match loaded {
+                Ok(model) => set.models.push(Arc::new(model)),
+                Err(error) => failures.push(LoadFailure {
+                    manifest: path,
+                    error,
+                }),
+            }
+        }
+        Ok((set, failures))
+    }
+
+    pub fn from_models(models: Vec<Model>) -> ModelSet {
+        ModelSet {
+            models: models.into_iter().map(Arc::new).collect(),
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<Model>> {
+        self.models.iter().find(|m| m.name() == name)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Model>> {
+        self.models.iter()
+    }
+
+    pub fn len(&self) -> usize {
+        self.models.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.models.is_empty()
+    }
+
+    /// The models named in `names`, or all of them when `names` is empty. Returns the first
+    /// unknown name as the error.
+    pub fn select<'a>(&self, names: &'a [String]) -> Result<Vec<Arc<Model>>, &'a str> {
+        if names.is_empty() {
+            return Ok(self.models.clone());
+        }
+        names
+            .iter()
+            .map(|n| self.get(n).cloned().ok_or(n.as_str()))
+            .collect()
+    }
+}
+
+/// The current model set, swappable while requests are in flight: each request keeps the
+/// `Arc` it started with.
+#[derive(Debug, Default)]
+pub struct ModelRegistry {
+    current: ArcSwap<ModelSet>,
+}
+
+impl ModelRegistry {
+    pub fn new(set: ModelSet) -> ModelRegistry {
+        ModelRegistry {
+            current: ArcSwap::from_pointee(set),
+        }
+    }
+
+    pub fn current(&self) -> Arc<ModelSet> {
+        self.current.load_full()
+    }
+
+    pub fn replace(&self, set: ModelSet) {
+        self.current.store(Arc::new(set));
+    }
+}
