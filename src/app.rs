@@ -74,7 +74,9 @@ impl Server {
     }
 
     pub fn grpc_addr(&self) -> SocketAddr {
-        self.grpc.local_addr().expect("a bound listener has an address")
+        self.grpc
+            .local_addr()
+            .expect("a bound listener has an address")
     }
 
     pub fn metrics_addr(&self) -> SocketAddr {
@@ -85,7 +87,10 @@ impl Server {
 
     /// Serves until `shutdown` resolves, then reports NOT_SERVING, stops accepting, lets
     /// in-flight calls finish within the grace period, and stops the engine.
-    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
         let Server {
             config,
             clock,
@@ -159,10 +164,15 @@ impl Server {
         let _ = stop_tx.send(true);
         match tokio::time::timeout(grace, grpc_task).await {
             Ok(joined) => joined.context("gRPC server task")?.context("gRPC server")?,
-            Err(_) => tracing::warn!(?grace, "in-flight calls did not finish within the grace period"),
+            Err(_) => tracing::warn!(
+                ?grace,
+                "in-flight calls did not finish within the grace period"
+            ),
         }
         if let Ok(joined) = tokio::time::timeout(grace, metrics_task).await {
-            joined.context("metrics server task")?.context("metrics server")?;
+            joined
+                .context("metrics server task")?
+                .context("metrics server")?;
         }
         // Every API handle is gone with the gRPC server; the shards finish their queues.
         match Arc::try_unwrap(engine) {

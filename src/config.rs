@@ -160,11 +160,12 @@ impl Config {
         if !problems.is_empty() {
             return Err(ConfigError { problems });
         }
-        let config: Config = toml::Value::Table(table)
-            .try_into()
-            .map_err(|e: toml::de::Error| ConfigError {
-                problems: vec![e.message().to_owned()],
-            })?;
+        let config: Config =
+            toml::Value::Table(table)
+                .try_into()
+                .map_err(|e: toml::de::Error| ConfigError {
+                    problems: vec![e.message().to_owned()],
+                })?;
         config.validate()?;
         Ok(config)
     }

@@ -73,7 +73,11 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub fn start(options: &EngineOptions, models: Arc<ModelRegistry>, metrics: Arc<Metrics>) -> Engine {
+    pub fn start(
+        options: &EngineOptions,
+        models: Arc<ModelRegistry>,
+        metrics: Arc<Metrics>,
+    ) -> Engine {
         let count = options.shards.max(1);
         let mut shards = Vec::with_capacity(count);
         let mut threads = Vec::with_capacity(count);
@@ -143,7 +147,15 @@ impl Engine {
     ) -> Result<Option<Scores>, EngineError> {
         let (reply, answer) = oneshot::channel();
         let shard = self.shard_of(&person);
-        self.send(shard, Command::Score { person, models, now, reply })?;
+        self.send(
+            shard,
+            Command::Score {
+                person,
+                models,
+                now,
+                reply,
+            },
+        )?;
         answer.await.map_err(|_| EngineError::ShuttingDown)
     }
 

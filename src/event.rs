@@ -170,10 +170,11 @@ pub enum Reason {
     OutOfRange,
     UnknownFeature,
     UnknownModel,
+    MessageTooLarge,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 10] = [
+    pub const ALL: [Reason; 11] = [
         Reason::Missing,
         Reason::TooLong,
         Reason::TooMany,
@@ -184,6 +185,7 @@ impl Reason {
         Reason::OutOfRange,
         Reason::UnknownFeature,
         Reason::UnknownModel,
+        Reason::MessageTooLarge,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -198,6 +200,7 @@ impl Reason {
             Reason::OutOfRange => "out_of_range",
             Reason::UnknownFeature => "unknown_feature",
             Reason::UnknownModel => "unknown_model",
+            Reason::MessageTooLarge => "message_too_large",
         }
     }
 }
@@ -255,7 +258,11 @@ impl Event {
         }
         for (key, value) in &self.attributes {
             check_len("attributes", key, MAX_ATTRIBUTE_KEY_BYTES)?;
-            check_len(&format!("attributes[{key:?}]"), value, MAX_ATTRIBUTE_VALUE_BYTES)?;
+            check_len(
+                &format!("attributes[{key:?}]"),
+                value,
+                MAX_ATTRIBUTE_VALUE_BYTES,
+            )?;
         }
         Ok(())
     }
@@ -381,8 +388,16 @@ mod tests {
     fn validation_names_the_field_and_reason() {
         use EventKind::*;
         check(PageView, |_| {}, None);
-        check(PageView, |e| e.id.clear(), Some(("event_id", Reason::Missing)));
-        check(PageView, |e| e.id = "x".repeat(129), Some(("event_id", Reason::TooLong)));
+        check(
+            PageView,
+            |e| e.id.clear(),
+            Some(("event_id", Reason::Missing)),
+        );
+        check(
+            PageView,
+            |e| e.id = "x".repeat(129),
+            Some(("event_id", Reason::TooLong)),
+        );
         check(
             PageView,
             |e| e.person = PersonKey::Anonymous("a".repeat(300)),

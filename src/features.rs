@@ -203,7 +203,10 @@ pub fn extract(profile: &Profile, now: Time) -> FeatureRow {
         session(&|s| s.last.since(s.start) as f64 / 1000.0),
     );
     row.set(SessionPageViews, session(&|s| f64::from(s.page_views)));
-    row.set(SessionProductViews, session(&|s| f64::from(s.product_views)));
+    row.set(
+        SessionProductViews,
+        session(&|s| f64::from(s.product_views)),
+    );
     row.set(
         SessionDistinctProducts,
         session(&|s| s.products.len() as f64),

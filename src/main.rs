@@ -12,7 +12,11 @@ use nudge::model::{LoadOptions, ModelSet};
 use nudge::time::{Clock, SystemClock};
 
 #[derive(Parser)]
-#[command(name = "nudge", version, about = "Real-time behavioral scoring and triggers")]
+#[command(
+    name = "nudge",
+    version,
+    about = "Real-time behavioral scoring and triggers"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -106,7 +110,9 @@ fn load_config(path: &std::path::Path) -> anyhow::Result<Config> {
 fn init_tracing(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match config.log.format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
@@ -170,7 +176,10 @@ fn print_features(format: FeaturesFormat) {
     match format {
         FeaturesFormat::Names => spec.names().for_each(|n| println!("{n}")),
         FeaturesFormat::Markdown => {
-            println!("FeatureSpec version {}, hash `{}`.\n", spec.version, spec.hash);
+            println!(
+                "FeatureSpec version {}, hash `{}`.\n",
+                spec.version, spec.hash
+            );
             println!("| # | feature | definition |\n|---|---|---|");
             for (i, f) in spec.features.iter().enumerate() {
                 println!("| {i} | `{}` | {} |", f.name, f.description);

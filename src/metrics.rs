@@ -15,8 +15,8 @@ use crate::model::{LoadFailure, ModelSet};
 
 /// Latency buckets from 25 µs to 10 s.
 const LATENCY_BUCKETS: &[f64] = &[
-    0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05,
-    0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+    0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1,
+    0.25, 0.5, 1.0, 2.5, 10.0,
 ];
 
 /// Every metric, registered in one registry.
@@ -47,13 +47,17 @@ impl Metrics {
         let registry = Registry::new();
         let counter = |name: &str, help: &str, labels: &[&str]| {
             let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-            registry.register(Box::new(c.clone())).expect("unique metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
             c
         };
         let histogram = |name: &str, help: &str, labels: &[&str]| {
             let opts = HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec());
             let h = HistogramVec::new(opts, labels).expect("valid metric");
-            registry.register(Box::new(h.clone())).expect("unique metric");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("unique metric");
             h
         };
         let metrics = Metrics {
@@ -93,7 +97,9 @@ impl Metrics {
                     &["name", "version", "format"],
                 )
                 .expect("valid metric");
-                registry.register(Box::new(g.clone())).expect("unique metric");
+                registry
+                    .register(Box::new(g.clone()))
+                    .expect("unique metric");
                 g
             },
             model_load_failures: counter(
@@ -104,7 +110,9 @@ impl Metrics {
             profiles: {
                 let g = IntGauge::new("nudge_profiles", "People with a profile in memory.")
                     .expect("valid metric");
-                registry.register(Box::new(g.clone())).expect("unique metric");
+                registry
+                    .register(Box::new(g.clone()))
+                    .expect("unique metric");
                 g
             },
             registry,
@@ -113,8 +121,13 @@ impl Metrics {
         // before the first failure.
         for reason in crate::event::Reason::ALL {
             for rpc in ["Track", "Score"] {
-                metrics.invalid_input.with_label_values(&[rpc, reason.as_str()]);
+                metrics
+                    .invalid_input
+                    .with_label_values(&[rpc, reason.as_str()]);
             }
+        }
+        for reason in crate::model::LoadError::REASONS {
+            metrics.model_load_failures.with_label_values(&[reason]);
         }
         metrics
     }
@@ -184,4 +197,3 @@ pub async fn serve(
         .with_graceful_shutdown(shutdown)
         .await
 }
-

@@ -14,7 +14,17 @@ pub const DAY_MS: i64 = 24 * HOUR_MS;
 
 /// An instant, as milliseconds since the Unix epoch (UTC).
 #[derive(
-    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default, serde::Serialize, serde::Deserialize,
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
 )]
 #[serde(transparent)]
 pub struct Time(pub i64);

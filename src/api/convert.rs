@@ -162,7 +162,10 @@ mod tests {
             seconds: 0,
             nanos: -1,
         };
-        assert_eq!(time("t", &bad_nanos).unwrap_err().reason, Reason::OutOfRange);
+        assert_eq!(
+            time("t", &bad_nanos).unwrap_err().reason,
+            Reason::OutOfRange
+        );
         let far = prost_types::Timestamp {
             seconds: i64::MAX,
             nanos: 0,

@@ -11,6 +11,7 @@ use std::time::Instant;
 use tonic::codegen::http::{self, HeaderValue};
 use tonic::Code;
 
+use crate::event::Reason;
 use crate::metrics::Metrics;
 
 /// The RPCs of `nudge.v1.NudgeService`, the metric label for each.
@@ -51,7 +52,11 @@ pub struct MetricsService<S> {
 /// The bounded metric label for a request path.
 fn rpc_label(path: &str) -> &'static str {
     if let Some(method) = path.strip_prefix("/nudge.v1.NudgeService/") {
-        return RPCS.iter().find(|r| **r == method).copied().unwrap_or("unknown");
+        return RPCS
+            .iter()
+            .find(|r| **r == method)
+            .copied()
+            .unwrap_or("unknown");
     }
     if path.starts_with("/grpc.health.v1.Health/") {
         return "health";
@@ -126,6 +131,11 @@ where
                     .is_some_and(|m| m.contains("message%20length%20too%20large"));
             if oversize {
                 code = Code::ResourceExhausted;
+                layer
+                    .metrics
+                    .invalid_input
+                    .with_label_values(&[rpc, Reason::MessageTooLarge.as_str()])
+                    .inc();
                 let message = format!(
                     "the request message is larger than server.max_message_bytes ({} bytes)",
                     layer.max_message_bytes

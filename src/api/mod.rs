@@ -46,7 +46,13 @@ impl NudgeApi {
         ApiError::Invalid(e)
     }
 
-    fn check_count(&self, rpc: &str, field: &str, count: usize, max: usize) -> Result<(), ApiError> {
+    fn check_count(
+        &self,
+        rpc: &str,
+        field: &str,
+        count: usize,
+        max: usize,
+    ) -> Result<(), ApiError> {
         if count == 0 {
             return Err(self.refuse(
                 rpc,
@@ -151,7 +157,12 @@ impl pb::nudge_service_server::NudgeService for NudgeApi {
     ) -> Result<Response<pb::TrackResponse>, Status> {
         let now = self.clock.now();
         let pb::TrackRequest { events } = request.into_inner();
-        self.check_count("Track", "events", events.len(), self.limits.max_batch_events)?;
+        self.check_count(
+            "Track",
+            "events",
+            events.len(),
+            self.limits.max_batch_events,
+        )?;
 
         let mut results = Vec::with_capacity(events.len());
         let mut valid = Vec::with_capacity(events.len());
@@ -240,14 +251,16 @@ impl pb::nudge_service_server::NudgeService for NudgeApi {
         let models = self.select_models("Score", &models)?;
         let rows = match subject {
             pb::score_request::Subject::Person(person) => {
-                let person = convert::person(Some(person), "person")
-                    .map_err(|e| self.refuse("Score", e))?;
+                let person =
+                    convert::person(Some(person), "person").map_err(|e| self.refuse("Score", e))?;
                 let scores = self
                     .engine
                     .score(person, models, now)
                     .await
                     .map_err(ApiError::from)?
-                    .ok_or_else(|| ApiError::NotFound("person: no events for this person".into()))?;
+                    .ok_or_else(|| {
+                        ApiError::NotFound("person: no events for this person".into())
+                    })?;
                 vec![pb::RowScores {
                     scores: model_scores(scores)?,
                 }]

@@ -57,7 +57,10 @@ pub enum LoadError {
         expected: String,
         actual: String,
     },
-    #[error("the manifest names {} features but the model file has {model} columns", manifest)]
+    #[error(
+        "the manifest names {} features but the model file has {model} columns",
+        manifest
+    )]
     FeatureCount { manifest: usize, model: usize },
     #[error("feature names differ from the manifest: {0}")]
     FeatureNames(String),
@@ -77,6 +80,21 @@ pub enum LoadError {
 }
 
 impl LoadError {
+    /// Every `reason` label, so the metric shows each at zero before the first failure.
+    pub const REASONS: [&'static str; 11] = [
+        "io",
+        "manifest",
+        "too_large",
+        "hash_mismatch",
+        "feature_count",
+        "feature_names",
+        "unknown_feature",
+        "parse",
+        "runtime",
+        "bad_output",
+        "duplicate_name",
+    ];
+
     /// The metric label for this failure.
     pub const fn reason(&self) -> &'static str {
         match self {
@@ -224,7 +242,10 @@ impl Model {
 
     /// Scores an all-missing row and an all-zero row; both must give a probability.
     fn warm_up(&self) -> Result<(), LoadError> {
-        let rows = [FeatureRow::missing(), FeatureRow([0.0; crate::features::FEATURE_COUNT])];
+        let rows = [
+            FeatureRow::missing(),
+            FeatureRow([0.0; crate::features::FEATURE_COUNT]),
+        ];
         let out = self
             .score(&rows)
             .map_err(|e| LoadError::BadOutput(e.to_string()))?;
@@ -319,7 +340,9 @@ fn describe_name_diff(manifest: &[String], model: &[String]) -> Option<String> {
         .zip(model)
         .enumerate()
         .filter(|(_, (m, f))| m != f)
-        .map(|(i, (m, f))| format!("column {i} is {f:?} in the model file but {m:?} in the manifest"))
+        .map(|(i, (m, f))| {
+            format!("column {i} is {f:?} in the model file but {m:?} in the manifest")
+        })
         .collect();
     if diffs.is_empty() {
         return None;

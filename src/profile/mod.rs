@@ -159,11 +159,17 @@ pub struct CartLine {
 
 impl Cart {
     pub fn items(&self) -> u32 {
-        self.lines.iter().map(|l| l.quantity).fold(0, u32::saturating_add)
+        self.lines
+            .iter()
+            .map(|l| l.quantity)
+            .fold(0, u32::saturating_add)
     }
 
     pub fn value(&self) -> f64 {
-        self.lines.iter().map(|l| f64::from(l.quantity) * l.price).sum()
+        self.lines
+            .iter()
+            .map(|l| f64::from(l.quantity) * l.price)
+            .sum()
     }
 
     /// Whether an event at `t` is at least as new as the cart's state.

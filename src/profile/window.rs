@@ -86,7 +86,11 @@ mod tests {
         assert_eq!(s.len(), 30, "only the horizon is kept");
         assert_eq!(s.last_days(99, 7), 7);
         assert_eq!(s.last_days(99, 30), 30);
-        assert_eq!(s.last_days(105, 7), 1, "windows follow `today`, not the data");
+        assert_eq!(
+            s.last_days(105, 7),
+            1,
+            "windows follow `today`, not the data"
+        );
         // A late day inside the horizon lands in its own bucket …
         assert!(s.update(80, |v| *v += 10));
         assert_eq!(s.sum(80, 80), 11);

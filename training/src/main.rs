@@ -46,7 +46,10 @@ fn main() -> anyhow::Result<()> {
     };
     let histories = simulate::simulate(&config);
     let events: usize = histories.iter().map(|h| h.events.len()).sum();
-    println!("simulated {} people, {events} events over {} days", cli.people, cli.days);
+    println!(
+        "simulated {} people, {events} events over {} days",
+        cli.people, cli.days
+    );
 
     let end = start.plus_ms(cli.days * DAY_MS);
     let examples = dataset::examples(&histories, end);

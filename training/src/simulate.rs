@@ -46,8 +46,16 @@ pub struct History {
 }
 
 const CATEGORIES: &[&str] = &[
-    "shoes", "outerwear", "dresses", "bags", "beauty", "home", "kitchen", "electronics",
-    "toys", "sports",
+    "shoes",
+    "outerwear",
+    "dresses",
+    "bags",
+    "beauty",
+    "home",
+    "kitchen",
+    "electronics",
+    "toys",
+    "sports",
 ];
 const PRODUCTS_PER_CATEGORY: u32 = 40;
 
@@ -148,7 +156,8 @@ pub fn simulate(config: &SimConfig) -> Vec<History> {
 
 /// Simulates person `index`.
 pub fn simulate_person(config: &SimConfig, index: u64) -> History {
-    let mut rng = ChaCha8Rng::seed_from_u64(config.seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut rng =
+        ChaCha8Rng::seed_from_u64(config.seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15));
     let persona = persona_for(&mut rng);
     let person = if rng.random_bool(0.3) {
         PersonKey::Anonymous(format!("anon-{index}"))
@@ -180,7 +189,9 @@ pub fn simulate_person(config: &SimConfig, index: u64) -> History {
         };
         let day_start = config.start.plus_ms(day * DAY_MS);
         let mut starts: Vec<Time> = (0..visits)
-            .map(|_| day_start.plus_ms(sim.visit_hour() * HOUR_MS + sim.rng.random_range(0..HOUR_MS)))
+            .map(|_| {
+                day_start.plus_ms(sim.visit_hour() * HOUR_MS + sim.rng.random_range(0..HOUR_MS))
+            })
             .collect();
         if let Some(at) = comeback.filter(|at| at.day() == day_start.day()) {
             starts.push(at);
@@ -284,34 +295,50 @@ impl PersonSim {
             match self.rng.random_range(0..10) {
                 0 => {
                     let query = format!("q{}", self.rng.random_range(0..50));
-                    self.push(now, EventKind::Search, Properties {
-                        search_query: Some(query),
-                        ..Properties::default()
-                    });
+                    self.push(
+                        now,
+                        EventKind::Search,
+                        Properties {
+                            search_query: Some(query),
+                            ..Properties::default()
+                        },
+                    );
                 }
-                1..=3 => self.push(now, EventKind::PageView, Properties {
-                    page: Some("/".to_owned()),
-                    ..Properties::default()
-                }),
+                1..=3 => self.push(
+                    now,
+                    EventKind::PageView,
+                    Properties {
+                        page: Some("/".to_owned()),
+                        ..Properties::default()
+                    },
+                ),
                 _ => {
                     let category = if self.rng.random_bool(0.7) {
                         t.favorite
                     } else {
                         self.rng.random_range(0..CATEGORIES.len())
                     };
-                    let product = format!("{}-{}", CATEGORIES[category], self.rng.random_range(0..PRODUCTS_PER_CATEGORY));
+                    let product = format!(
+                        "{}-{}",
+                        CATEGORIES[category],
+                        self.rng.random_range(0..PRODUCTS_PER_CATEGORY)
+                    );
                     let unit_price = (price.sample(&mut self.rng) * 100.0).round() / 100.0;
                     let dwell = self
                         .rng
                         .random_bool(0.7)
                         .then(|| (10.0 + step.sample(&mut self.rng) * 2.0).round());
-                    self.push(now, EventKind::ProductView, Properties {
-                        product_id: Some(product.clone()),
-                        category: Some(CATEGORIES[category].to_owned()),
-                        price: Some(unit_price),
-                        dwell_seconds: dwell,
-                        ..Properties::default()
-                    });
+                    self.push(
+                        now,
+                        EventKind::ProductView,
+                        Properties {
+                            product_id: Some(product.clone()),
+                            category: Some(CATEGORIES[category].to_owned()),
+                            price: Some(unit_price),
+                            dwell_seconds: dwell,
+                            ..Properties::default()
+                        },
+                    );
                     if let Some(d) = dwell {
                         now = now.plus_ms((d * 1000.0) as i64);
                     }
@@ -319,13 +346,17 @@ impl PersonSim {
                         now = now.plus_ms(self.rng.random_range(2_000..20_000));
                         let quantity = if self.rng.random_bool(0.85) { 1 } else { 2 };
                         cart_value += unit_price * f64::from(quantity);
-                        self.push(now, EventKind::AddToCart, Properties {
-                            product_id: Some(product),
-                            category: Some(CATEGORIES[category].to_owned()),
-                            price: Some(unit_price),
-                            quantity: Some(quantity),
-                            ..Properties::default()
-                        });
+                        self.push(
+                            now,
+                            EventKind::AddToCart,
+                            Properties {
+                                product_id: Some(product),
+                                category: Some(CATEGORIES[category].to_owned()),
+                                price: Some(unit_price),
+                                quantity: Some(quantity),
+                                ..Properties::default()
+                            },
+                        );
                     }
                 }
             }
@@ -344,11 +375,15 @@ impl PersonSim {
                     (price.sample(&mut self.rng) * 100.0).round() / 100.0
                 };
                 let order = format!("o-{}", self.next_id);
-                self.push(now, EventKind::Purchase, Properties {
-                    order_value: Some((value * 100.0).round() / 100.0),
-                    order_id: Some(order),
-                    ..Properties::default()
-                });
+                self.push(
+                    now,
+                    EventKind::Purchase,
+                    Properties {
+                        order_value: Some((value * 100.0).round() / 100.0),
+                        order_id: Some(order),
+                        ..Properties::default()
+                    },
+                );
                 return false;
             }
             return cart_value > 0.0;
@@ -400,7 +435,12 @@ mod tests {
             let hs: Vec<_> = people.iter().filter(|h| h.persona == p).collect();
             let n: usize = hs
                 .iter()
-                .map(|h| h.events.iter().filter(|e| e.kind == EventKind::Purchase).count())
+                .map(|h| {
+                    h.events
+                        .iter()
+                        .filter(|e| e.kind == EventKind::Purchase)
+                        .count()
+                })
                 .sum();
             n as f64 / hs.len().max(1) as f64
         };

@@ -56,10 +56,15 @@ pub fn train_target(
     is_holdout: impl Fn(usize) -> bool,
     options: &TrainOptions,
 ) -> anyhow::Result<Trained> {
-    let k = Target::ALL.iter().position(|t| *t == target).expect("every target is in ALL");
+    let k = Target::ALL
+        .iter()
+        .position(|t| *t == target)
+        .expect("every target is in ALL");
     let (mut train_x, mut train_y, mut hold_x, mut hold_y) = (vec![], vec![], vec![], vec![]);
     for (i, row) in examples.rows.iter().enumerate() {
-        let Some(label) = examples.labels[k][i] else { continue };
+        let Some(label) = examples.labels[k][i] else {
+            continue;
+        };
         if target.at_session_ends_only() && !examples.session_end[i] {
             continue;
         }
@@ -72,7 +77,10 @@ pub fn train_target(
         x.extend_from_slice(row.values());
         y.push(f32::from(u8::from(label)));
     }
-    anyhow::ensure!(!train_y.is_empty() && !hold_y.is_empty(), "no labeled examples for {target:?}");
+    anyhow::ensure!(
+        !train_y.is_empty() && !hold_y.is_empty(),
+        "no labeled examples for {target:?}"
+    );
     let positive_rate = train_y.iter().map(|&y| f64::from(y)).sum::<f64>() / train_y.len() as f64;
 
     let mut dataset = Dataset::from_slice(&train_x, &train_y, FEATURE_COUNT as i32, true)?;
@@ -139,7 +147,10 @@ pub fn publish(dir: &Path, trained: &Trained, version: &str) -> anyhow::Result<M
     let mut training = toml::Table::new();
     training.insert("train_rows".into(), (trained.train_rows as i64).into());
     training.insert("holdout_rows".into(), (trained.holdout_rows as i64).into());
-    training.insert("holdout_auc".into(), ((trained.holdout_auc * 1e4).round() / 1e4).into());
+    training.insert(
+        "holdout_auc".into(),
+        ((trained.holdout_auc * 1e4).round() / 1e4).into(),
+    );
     training.insert("feature_spec_hash".into(), spec.hash.clone().into());
     let manifest = Manifest {
         name: name.to_owned(),
@@ -158,7 +169,8 @@ pub fn publish(dir: &Path, trained: &Trained, version: &str) -> anyhow::Result<M
 
 fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let mut f =
+        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     f.write_all(bytes)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path).with_context(|| format!("renaming onto {}", path.display()))?;

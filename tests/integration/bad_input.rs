@@ -1,0 +1,265 @@
+//! Bad input gets INVALID_ARGUMENT (or RESOURCE_EXHAUSTED for size) naming the field; in a
+//! batch the good events are still applied; nothing is stored from a bad event; every
+//! refusal is counted by reason.
+
+use std::collections::HashMap;
+
+use nudge::pb::{self, score_request::Subject, EventStatus, EventType};
+use nudge::time::{DAY_MS, HOUR_MS};
+use tonic::Code;
+
+use crate::support::*;
+
+/// (case, the bad event, the field named, the reason)
+fn bad_events() -> Vec<(&'static str, pb::Event, &'static str, &'static str)> {
+    let at = T0;
+    let mut unknown_type = event("b1", "u", EventType::PageView, at);
+    unknown_type.r#type = 99;
+    let mut no_ids = event("b2", "", EventType::PageView, at);
+    no_ids.anonymous_id.clear();
+    let future = event("b3", "u", EventType::PageView, at.plus_ms(25 * HOUR_MS));
+    let mut nan_price = product_view("b4", "u", at, "p", "c", None);
+    props(&mut nan_price).price = Some(f64::NAN);
+    let mut inf_dwell = product_view("b5", "u", at, "p", "c", None);
+    props(&mut inf_dwell).dwell_seconds = Some(f64::INFINITY);
+    let mut no_time = event("b6", "u", EventType::PageView, at);
+    no_time.event_time = None;
+    let mut no_product = event("b7", "u", EventType::AddToCart, at);
+    props(&mut no_product).product_id = None;
+    let mut no_type = event("b8", "u", EventType::PageView, at);
+    no_type.r#type = 0;
+    vec![
+        (
+            "unknown type",
+            unknown_type,
+            "events[0].type",
+            "unknown_event_type",
+        ),
+        ("no ids", no_ids, "events[1].user_id", "missing"),
+        ("future", future, "events[2].event_time", "in_future"),
+        ("NaN", nan_price, "events[3].properties.price", "not_finite"),
+        (
+            "infinity",
+            inf_dwell,
+            "events[4].properties.dwell_seconds",
+            "not_finite",
+        ),
+        ("no time", no_time, "events[5].event_time", "missing"),
+        (
+            "no product",
+            no_product,
+            "events[6].properties.product_id",
+            "missing",
+        ),
+        ("no type", no_type, "events[7].type", "missing"),
+    ]
+}
+
+#[tokio::test]
+async fn each_bad_event_is_reported_on_its_own_and_the_good_ones_apply() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let cases = bad_events();
+    let mut events: Vec<pb::Event> = cases.iter().map(|(_, e, _, _)| e.clone()).collect();
+    let good_at = events.len();
+    events.push(product_view("g1", "good", T0, "p1", "shoes", Some(10.0)));
+    let response = track(&mut client, events).await;
+
+    for (i, (case, _, field, reason)) in cases.iter().enumerate() {
+        let r = &response.results[i];
+        assert_eq!(r.status, EventStatus::Rejected as i32, "{case}");
+        let error = r.error.as_ref().unwrap();
+        assert_eq!(
+            (error.field.as_str(), error.reason.as_str()),
+            (*field, *reason),
+            "{case}"
+        );
+        assert!(!error.message.is_empty(), "{case}");
+        assert!(r.scores.is_empty(), "{case}");
+    }
+    let good = &response.results[good_at];
+    assert_eq!(good.status, EventStatus::Accepted as i32);
+    assert_eq!(good.event_id, "g1");
+    assert_eq!(good.scores.len(), 2);
+
+    // The good event is in the profile; the person of the bad events has none.
+    let f = features(&mut client, "good").await;
+    assert_feature(&f, "session_product_views", 1.0);
+    let missing = client
+        .get_profile(pb::GetProfileRequest {
+            person: person("u"),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+
+    let metrics = server.metrics().await;
+    for (series, count) in [
+        (
+            "nudge_invalid_input_total{reason=\"missing\",rpc=\"Track\"}",
+            4.0,
+        ),
+        (
+            "nudge_invalid_input_total{reason=\"not_finite\",rpc=\"Track\"}",
+            2.0,
+        ),
+        (
+            "nudge_invalid_input_total{reason=\"in_future\",rpc=\"Track\"}",
+            1.0,
+        ),
+        (
+            "nudge_invalid_input_total{reason=\"unknown_event_type\",rpc=\"Track\"}",
+            1.0,
+        ),
+        (
+            "nudge_events_total{outcome=\"rejected\",type=\"unknown\"}",
+            2.0,
+        ),
+        (
+            "nudge_events_total{outcome=\"accepted\",type=\"product_view\"}",
+            1.0,
+        ),
+    ] {
+        assert_eq!(metric_value(&metrics, series), Some(count), "{series}");
+    }
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn request_level_limits() {
+    let mut config = test_config();
+    config.server.max_batch_events = 10;
+    let server = TestServer::start_with(config).await;
+    let mut client = server.client().await;
+
+    let status = |r: Result<tonic::Response<pb::TrackResponse>, tonic::Status>| r.unwrap_err();
+    let too_many: Vec<pb::Event> = (0..11)
+        .map(|i| event(&format!("e{i}"), "u", EventType::PageView, T0))
+        .collect();
+    let err = status(client.track(pb::TrackRequest { events: too_many }).await);
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("events:"), "{}", err.message());
+    assert!(err.message().contains("at most 10"), "{}", err.message());
+
+    let err = status(client.track(pb::TrackRequest { events: vec![] }).await);
+    assert_eq!(err.code(), Code::InvalidArgument);
+
+    // An oversize message: RESOURCE_EXHAUSTED, and the server keeps serving.
+    let mut huge = event("big", "u", EventType::PageView, T0);
+    huge.attributes = HashMap::from([("blob".to_owned(), "x".repeat(5 << 20))]);
+    let err = status(client.track(pb::TrackRequest { events: vec![huge] }).await);
+    assert_eq!(err.code(), Code::ResourceExhausted, "{}", err.message());
+    assert!(
+        err.message().contains("max_message_bytes"),
+        "{}",
+        err.message()
+    );
+    track(
+        &mut client,
+        vec![event("after", "u", EventType::PageView, T0)],
+    )
+    .await;
+    let metrics = server.metrics().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "nudge_invalid_input_total{reason=\"message_too_large\",rpc=\"Track\"}"
+        ),
+        Some(1.0)
+    );
+
+    // Too many attributes on one event is that event's problem, not the batch's.
+    let mut wide = event("wide", "u2", EventType::PageView, T0);
+    wide.attributes = (0..65).map(|i| (format!("k{i}"), "v".to_owned())).collect();
+    let r = track(&mut client, vec![wide]).await;
+    assert_eq!(
+        r.results[0].error.as_ref().unwrap().field,
+        "events[0].attributes"
+    );
+
+    // An event just inside the skew allowance is fine; a day and a second is not.
+    let edge = event("edge", "u", EventType::PageView, T0.plus_ms(DAY_MS));
+    let r = track(&mut client, vec![edge]).await;
+    assert_eq!(r.results[0].status, EventStatus::Accepted as i32);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn bad_score_requests_name_the_field() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let rows = |values: Vec<(&str, f64)>| pb::ScoreRequest {
+        subject: Some(Subject::FeatureRows(pb::FeatureRows {
+            rows: vec![pb::FeatureRow {
+                values: values.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+            }],
+        })),
+        models: vec![],
+    };
+    let cases: Vec<(pb::ScoreRequest, Code, &str)> = vec![
+        (
+            rows(vec![("no_such_feature", 1.0)]),
+            Code::InvalidArgument,
+            "feature_rows.rows[0].values[\"no_such_feature\"]",
+        ),
+        (
+            rows(vec![("cart_value", f64::NAN)]),
+            Code::InvalidArgument,
+            "feature_rows.rows[0].values[\"cart_value\"]",
+        ),
+        (
+            rows(vec![("cart_value", f64::NEG_INFINITY)]),
+            Code::InvalidArgument,
+            "is -inf",
+        ),
+        (
+            pb::ScoreRequest {
+                subject: None,
+                models: vec![],
+            },
+            Code::InvalidArgument,
+            "subject",
+        ),
+        (
+            pb::ScoreRequest {
+                models: vec!["purchase".into(), "nope".into()],
+                ..rows(vec![])
+            },
+            Code::InvalidArgument,
+            "models[1]",
+        ),
+        (
+            pb::ScoreRequest {
+                subject: Some(Subject::Person(pb::PersonRef::default())),
+                models: vec![],
+            },
+            Code::InvalidArgument,
+            "person.user_id",
+        ),
+    ];
+    for (request, code, needle) in cases {
+        let err = client.score(request).await.unwrap_err();
+        assert_eq!(err.code(), code, "{}", err.message());
+        assert!(
+            err.message().contains(needle),
+            "{needle:?} not in {:?}",
+            err.message()
+        );
+    }
+    let metrics = server.metrics().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "nudge_invalid_input_total{reason=\"unknown_feature\",rpc=\"Score\"}"
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "nudge_invalid_input_total{reason=\"not_finite\",rpc=\"Score\"}"
+        ),
+        Some(2.0)
+    );
+    server.stop().await.unwrap();
+}

@@ -1,0 +1,9 @@
+//! Nudge's integration tests: one binary, real gRPC over loopback sockets, real models.
+
+mod bad_input;
+mod features;
+mod models;
+mod operations;
+mod parity;
+mod scoring;
+mod support;

@@ -1,0 +1,235 @@
+//! Operations: /metrics content, health, reflection, and graceful shutdown — in process and
+//! of the real binary under SIGTERM.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use tokio_stream::StreamExt;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+use nudge::pb::{self, EventType};
+
+use crate::support::*;
+
+#[tokio::test]
+async fn metrics_cover_requests_events_models_and_never_a_person() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let secret = "canary-user-7f3a@example.com";
+    track(
+        &mut client,
+        vec![
+            event("m1", secret, EventType::PageView, T0),
+            product_view("m2", secret, T0, "p1", "shoes", None),
+        ],
+    )
+    .await;
+    let _ = client
+        .get_profile(pb::GetProfileRequest {
+            person: person("nobody"),
+        })
+        .await;
+    let text = server.metrics().await;
+
+    for (series, value) in [
+        ("nudge_grpc_requests_total{code=\"OK\",rpc=\"Track\"}", 1.0),
+        (
+            "nudge_grpc_requests_total{code=\"NOT_FOUND\",rpc=\"GetProfile\"}",
+            1.0,
+        ),
+        (
+            "nudge_grpc_request_duration_seconds_count{rpc=\"Track\"}",
+            1.0,
+        ),
+        (
+            "nudge_events_total{outcome=\"accepted\",type=\"page_view\"}",
+            1.0,
+        ),
+        (
+            "nudge_events_total{outcome=\"accepted\",type=\"product_view\"}",
+            1.0,
+        ),
+        (
+            "nudge_model_info{format=\"lightgbm\",name=\"purchase\",version=\"sim-1\"}",
+            1.0,
+        ),
+        (
+            "nudge_model_info{format=\"lightgbm\",name=\"churn\",version=\"sim-1\"}",
+            1.0,
+        ),
+        (
+            "nudge_model_score_duration_seconds_count{model=\"purchase\"}",
+            2.0,
+        ),
+        ("nudge_profiles", 1.0),
+        (
+            "nudge_invalid_input_total{reason=\"in_future\",rpc=\"Track\"}",
+            0.0,
+        ),
+    ] {
+        assert_eq!(metric_value(&text, series), Some(value), "{series}\n{text}");
+    }
+    assert_eq!(
+        metric_value(
+            &text,
+            "nudge_model_load_failures_total{reason=\"hash_mismatch\"}"
+        ),
+        Some(0.0)
+    );
+    assert!(
+        !text.contains("canary"),
+        "a person's id leaked into metrics"
+    );
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn health_reports_serving_then_not_serving_on_shutdown() {
+    let server = TestServer::start().await;
+    let mut health = HealthClient::new(server.channel().await);
+    for service in ["", "nudge.v1.NudgeService"] {
+        let status = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        assert_eq!(status, ServingStatus::Serving as i32, "{service:?}");
+    }
+    let mut watch = health
+        .watch(HealthCheckRequest {
+            service: "nudge.v1.NudgeService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        watch.next().await.unwrap().unwrap().status,
+        ServingStatus::Serving as i32
+    );
+
+    // A call in flight when shutdown starts still completes.
+    let mut client = server.client().await;
+    let in_flight = tokio::spawn(async move {
+        client
+            .track(pb::TrackRequest {
+                events: vec![event("s1", "u", EventType::PageView, T0)],
+            })
+            .await
+    });
+    let stopping = tokio::spawn(server.stop());
+    assert_eq!(
+        watch.next().await.unwrap().unwrap().status,
+        ServingStatus::NotServing as i32
+    );
+    in_flight
+        .await
+        .unwrap()
+        .expect("the in-flight call finished");
+    stopping
+        .await
+        .unwrap()
+        .expect("the server drained and stopped cleanly");
+}
+
+#[tokio::test]
+async fn reflection_lists_the_services() {
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+
+    let server = TestServer::start().await;
+    let mut reflection = ServerReflectionClient::new(server.channel().await);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut answers = reflection
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) =
+        answers.next().await.unwrap().unwrap().message_response
+    else {
+        panic!("expected a service list");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for expected in ["nudge.v1.NudgeService", "grpc.health.v1.Health"] {
+        assert!(
+            names.iter().any(|n| n == expected),
+            "{expected} not in {names:?}"
+        );
+    }
+    server.stop().await.unwrap();
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test]
+async fn the_binary_serves_and_exits_zero_on_sigterm() {
+    let (grpc, metrics) = (free_port(), free_port());
+    let child = Command::new(env!("CARGO_BIN_EXE_nudge"))
+        .args([
+            "serve",
+            "--config",
+            repo_path("config/nudge.toml").to_str().unwrap(),
+            "--grpc-addr",
+            &format!("127.0.0.1:{grpc}"),
+            "--metrics-addr",
+            &format!("127.0.0.1:{metrics}"),
+        ])
+        .current_dir(repo_path(""))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    let endpoint = format!("http://127.0.0.1:{grpc}");
+    let mut health = None;
+    for _ in 0..100 {
+        if let Ok(channel) = tonic::transport::Channel::from_shared(endpoint.clone())
+            .unwrap()
+            .connect()
+            .await
+        {
+            health = Some(HealthClient::new(channel));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut health = health.expect("the binary starts listening");
+    let status = health
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(status, ServingStatus::Serving as i32);
+
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let output = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "exit status; log:\n{log}");
+    assert!(log.contains("stopped"), "log:\n{log}");
+}
