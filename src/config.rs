@@ -9,7 +9,7 @@ use serde::Deserialize;
 /// The prefix of environment overrides: `NUDGE__SERVER__GRPC_ADDR=0.0.0.0:50051`.
 pub const ENV_PREFIX: &str = "NUDGE__";
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub server: ServerConfig,
@@ -70,17 +70,6 @@ pub struct LogConfig {
 pub enum LogFormat {
     Text,
     Json,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            server: ServerConfig::default(),
-            engine: EngineConfig::default(),
-            models: ModelsConfig::default(),
-            log: LogConfig::default(),
-        }
-    }
 }
 
 impl Default for ServerConfig {

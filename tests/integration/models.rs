@@ -16,7 +16,10 @@ fn options() -> LoadOptions {
 
 /// A models directory holding the shipped purchase model as `good`, plus one variant per
 /// case, each made by `edit` from the good manifest and model text.
-fn directory(cases: &[(&str, &dyn Fn(&mut Manifest, &mut Vec<u8>))]) -> tempfile::TempDir {
+/// Turns the good manifest and model bytes into one bad case.
+type Edit<'a> = &'a dyn Fn(&mut Manifest, &mut Vec<u8>);
+
+fn directory(cases: &[(&str, Edit)]) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let models = repo_path("models");
     let text = std::fs::read(models.join("purchase.txt")).unwrap();

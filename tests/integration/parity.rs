@@ -39,7 +39,10 @@ fn read_csv(name: &str) -> (Vec<String>, Vec<Vec<f64>>) {
 }
 
 /// The fixture rows as FeatureSpec rows, and Python's expected probabilities per model.
-fn fixtures() -> (Vec<FeatureRow>, Vec<(&'static str, f64, Vec<f64>)>) {
+/// A model's name, its tolerance, and Python's probability for each fixture row.
+type Expected = (&'static str, f64, Vec<f64>);
+
+fn fixtures() -> (Vec<FeatureRow>, Vec<Expected>) {
     let spec = FeatureSpec::current();
     let (names, rows) = read_csv("rows.csv");
     let spec_names: Vec<&str> = spec.names().collect();
