@@ -27,7 +27,9 @@ const BATCH_ROWS: usize = 10_000;
 const BATCH_REPS: usize = 7;
 
 fn main() {
-    let peers = PathBuf::from(std::env::var("NUDGE_BENCH_PEERS").unwrap_or_else(|_| "../shared/peers".into()));
+    let peers = PathBuf::from(
+        std::env::var("NUDGE_BENCH_PEERS").unwrap_or_else(|_| "../shared/peers".into()),
+    );
     let calls: usize = std::env::var("NUDGE_BENCH_CALLS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -35,17 +37,36 @@ fn main() {
     let (rows, n) = read_sample(&peers.join("sample_1000.csv"));
     let reference = read_reference(&peers.join("predictions_M.csv"));
     println!("Nudge scoring benchmark — peer model M (500 trees, 63 leaves, {n} features)");
-    println!("{:<28} {:>10} {:>10} {:>10} {:>14} {:>12}", "engine", "p50 µs", "p99 µs", "mean µs", "batch rows/s", "max |Δ|");
+    println!(
+        "{:<28} {:>10} {:>10} {:>10} {:>14} {:>12}",
+        "engine", "p50 µs", "p99 µs", "mean µs", "batch rows/s", "max |Δ|"
+    );
 
     let text = std::fs::read_to_string(peers.join("model_M.txt")).expect("reading model_M.txt");
     let lightgbm = LightgbmScorer::from_text(&text).expect("loading model_M.txt");
-    report("nudge lightgbm (C API)", &lightgbm, &rows, n, calls, &reference);
+    report(
+        "nudge lightgbm (C API)",
+        &lightgbm,
+        &rows,
+        n,
+        calls,
+        &reference,
+    );
 
     if let Ok(onnx_path) = std::env::var("NUDGE_BENCH_ONNX") {
-        let library = std::env::var("ORT_DYLIB_PATH").unwrap_or_else(|_| "libonnxruntime.so".into());
+        let library =
+            std::env::var("ORT_DYLIB_PATH").unwrap_or_else(|_| "libonnxruntime.so".into());
         let bytes = std::fs::read(&onnx_path).expect("reading the ONNX model");
-        let onnx = OnnxScorer::from_bytes(&bytes, Path::new(&library)).expect("loading the ONNX model");
-        report("nudge onnx (ort, 1 thread)", &onnx, &rows, n, calls, &reference);
+        let onnx =
+            OnnxScorer::from_bytes(&bytes, Path::new(&library)).expect("loading the ONNX model");
+        report(
+            "nudge onnx (ort, 1 thread)",
+            &onnx,
+            &rows,
+            n,
+            calls,
+            &reference,
+        );
     } else {
         println!("(NUDGE_BENCH_ONNX not set: ONNX backend skipped)");
     }
@@ -54,10 +75,21 @@ fn main() {
     track_per_event();
 }
 
-fn report(name: &str, scorer: &dyn Scorer, rows: &[Vec<f64>], n: usize, calls: usize, reference: &[f64]) {
+fn report(
+    name: &str,
+    scorer: &dyn Scorer,
+    rows: &[Vec<f64>],
+    n: usize,
+    calls: usize,
+    reference: &[f64],
+) {
     let all: Vec<f64> = rows.iter().flatten().copied().collect();
     let got = scorer.predict(&all, n).expect("scoring the sample");
-    let max_diff = got.iter().zip(reference).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+    let max_diff = got
+        .iter()
+        .zip(reference)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
 
     for row in rows.iter().take(1000) {
         scorer.predict(row, n).unwrap();
@@ -156,11 +188,22 @@ fn track_per_event() {
         onnxruntime_library: "unused".into(),
     };
     let models_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
-    let (set, failures) = ModelSet::load_dir(&models_dir, &options, Time(0)).expect("loading models/");
+    let (set, failures) =
+        ModelSet::load_dir(&models_dir, &options, Time(0)).expect("loading models/");
     assert!(failures.is_empty(), "{failures:?}");
     let models: Vec<_> = set.iter().cloned().collect();
-    println!("Track → scores per event, shipped models ({})", models.iter().map(|m| m.name()).collect::<Vec<_>>().join(" + "));
-    println!("{:<40} {:>10} {:>10} {:>10} {:>12}", "path", "p50 µs", "p99 µs", "mean µs", "events/s");
+    println!(
+        "Track → scores per event, shipped models ({})",
+        models
+            .iter()
+            .map(|m| m.name())
+            .collect::<Vec<_>>()
+            .join(" + ")
+    );
+    println!(
+        "{:<40} {:>10} {:>10} {:>10} {:>12}",
+        "path", "p50 µs", "p99 µs", "mean µs", "events/s"
+    );
 
     let stream = events(1000, 40_000);
     let mut profiles: std::collections::HashMap<PersonKey, Profile> = Default::default();
@@ -178,11 +221,20 @@ fn track_per_event() {
     }
     let rate = stream.len() as f64 / started_all.elapsed().as_secs_f64();
     let (p50, p99, mean) = percentiles(&mut samples);
-    println!("{:<40} {p50:>10.2} {p99:>10.2} {mean:>10.2} {rate:>12.0}", "core: apply + extract + 2 models");
+    println!(
+        "{:<40} {p50:>10.2} {p99:>10.2} {mean:>10.2} {rate:>12.0}",
+        "core: apply + extract + 2 models"
+    );
 
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let engine = Engine::start(
-        &EngineOptions { shards: 2, queue_capacity: 1024 },
+        &EngineOptions {
+            shards: 2,
+            queue_capacity: 1024,
+        },
         Arc::new(ModelRegistry::new(set)),
         Arc::new(Metrics::new()),
     );
@@ -200,6 +252,9 @@ fn track_per_event() {
     });
     let rate = samples.len() as f64 / elapsed.as_secs_f64();
     let (p50, p99, mean) = percentiles(&mut samples);
-    println!("{:<40} {p50:>10.2} {p99:>10.2} {mean:>10.2} {rate:>12.0}", "engine: Engine::track, 1 event per call");
+    println!(
+        "{:<40} {p50:>10.2} {p99:>10.2} {mean:>10.2} {rate:>12.0}",
+        "engine: Engine::track, 1 event per call"
+    );
     engine.shutdown();
 }

@@ -5,10 +5,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! dpkg -s libclang-dev >/dev/null 2>&1; then
+# Debian packages: libclang for bindgen (LightGBM's bindings), and venv support for
+# Debian's own python3 (a python3 that already has ensurepip needs nothing).
+missing=()
+dpkg -s libclang-dev >/dev/null 2>&1 || missing+=(libclang-dev)
+python3 -c 'import ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
+if [ ${#missing[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -q
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q libclang-dev
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q "${missing[@]}"
 fi
 
 # LightGBM 4.7's CMake build needs CMake >= 3.28; Debian 12 ships 3.25.

@@ -171,10 +171,11 @@ pub enum Reason {
     UnknownFeature,
     UnknownModel,
     MessageTooLarge,
+    Undecodable,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 11] = [
+    pub const ALL: [Reason; 12] = [
         Reason::Missing,
         Reason::TooLong,
         Reason::TooMany,
@@ -186,6 +187,7 @@ impl Reason {
         Reason::UnknownFeature,
         Reason::UnknownModel,
         Reason::MessageTooLarge,
+        Reason::Undecodable,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -201,6 +203,7 @@ impl Reason {
             Reason::UnknownFeature => "unknown_feature",
             Reason::UnknownModel => "unknown_model",
             Reason::MessageTooLarge => "message_too_large",
+            Reason::Undecodable => "undecodable",
         }
     }
 }

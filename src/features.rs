@@ -322,3 +322,47 @@ pub fn extract(profile: &Profile, now: Time) -> FeatureRow {
     row.set(DayOfWeek, f64::from(now.day_of_week()));
     row
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_spec_is_well_formed() {
+        let spec = FeatureSpec::current();
+        let mut names: Vec<&str> = spec.names().collect();
+        assert_eq!(names.len(), FEATURE_COUNT);
+        assert!(names.iter().all(|n| n
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')));
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), FEATURE_COUNT, "feature names are unique");
+        assert_eq!(spec.hash.len(), 16);
+        assert_eq!(
+            spec.index_of("cart_value"),
+            Some(Feature::CartValue as usize)
+        );
+        assert!(FEATURES.iter().all(|f| f.description.ends_with('.')));
+    }
+
+    #[test]
+    fn a_new_profile_has_zeros_and_missing_values_where_defined() {
+        let now = Time(1_772_445_600_000);
+        let row = extract(&Profile::default(), now);
+        assert_eq!(row.get(Feature::Sessions30d), 0.0);
+        assert_eq!(row.get(Feature::CartValue), 0.0);
+        assert!(row.get(Feature::DaysSinceLastVisit).is_nan());
+        assert!(row.get(Feature::AvgOrderValue).is_nan());
+        assert!(row.get(Feature::BounceRate30d).is_nan());
+        assert_eq!(row.get(Feature::VisitTrend), 1.0);
+        assert_eq!(row.get(Feature::HourOfDay), 10.0);
+        // Pure: the same input gives the same bits.
+        let again = extract(&Profile::default(), now);
+        assert!(row
+            .0
+            .iter()
+            .zip(again.0)
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
+    }
+}

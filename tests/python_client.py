@@ -62,6 +62,17 @@ def main(address):
     profile = rpc("GetProfile", {"person": {"userId": "python-client"}})
     features = {f["name"]: f.get("value", 0.0) for f in profile["features"]}
     assert features["cart_items"] == 1.0 and features["cart_value"] == 59.0, features
+    # Invalid UTF-8 in a string field (Event.user_id): a clear INVALID_ARGUMENT, not a crash.
+    raw = channel.unary_unary(f"/{SERVICE}/Track", request_serializer=bytes,
+                              response_deserializer=bytes)
+    bad_event = b"\x12\x02\xff\xfe"  # field 2 (user_id), 2 bytes, not UTF-8
+    try:
+        raw(b"\x0a" + bytes([len(bad_event)]) + bad_event, timeout=10)
+        raise AssertionError("invalid UTF-8 was accepted")
+    except grpc.RpcError as e:
+        assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, (e.code(), e.details())
+        assert "user_id" in e.details(), e.details()
+        print("invalid UTF-8:", e.code(), e.details())
     print("python client: OK")
 
 

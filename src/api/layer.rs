@@ -124,27 +124,43 @@ where
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse::<i32>().ok())
                 .map_or(Code::Ok, Code::from_i32);
-            let oversize = code == Code::OutOfRange
-                && headers
-                    .get("grpc-message")
-                    .and_then(|v| v.to_str().ok())
-                    .is_some_and(|m| m.contains("message%20length%20too%20large"));
-            if oversize {
-                code = Code::ResourceExhausted;
+            let message = headers
+                .get("grpc-message")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default();
+            // tonic answers an oversize request OUT_OF_RANGE and an undecodable one (bad
+            // protobuf, invalid UTF-8 in a string) INTERNAL. Both are the caller's input.
+            let refusal = match code {
+                Code::OutOfRange if message.contains("message%20length%20too%20large") => Some((
+                    Code::ResourceExhausted,
+                    Reason::MessageTooLarge,
+                    format!(
+                        "the request message is larger than server.max_message_bytes ({} bytes)",
+                        layer.max_message_bytes
+                    ),
+                )),
+                Code::Internal if message.starts_with("failed%20to%20decode") => Some((
+                    Code::InvalidArgument,
+                    Reason::Undecodable,
+                    format!(
+                        "the request is not a valid protobuf message: {}",
+                        percent_decode(message)
+                    ),
+                )),
+                _ => None,
+            };
+            if let Some((new_code, reason, message)) = refusal {
+                code = new_code;
                 layer
                     .metrics
                     .invalid_input
-                    .with_label_values(&[rpc, Reason::MessageTooLarge.as_str()])
+                    .with_label_values(&[rpc, reason.as_str()])
                     .inc();
-                let message = format!(
-                    "the request message is larger than server.max_message_bytes ({} bytes)",
-                    layer.max_message_bytes
-                );
                 headers.insert("grpc-status", HeaderValue::from(code as i32));
                 headers.insert(
                     "grpc-message",
-                    HeaderValue::from_str(&message.replace(' ', "%20"))
-                        .expect("ASCII without control characters"),
+                    HeaderValue::from_str(&percent_encode(&message))
+                        .expect("percent-encoded text is a valid header value"),
                 );
             }
             layer
@@ -162,6 +178,43 @@ where
     }
 }
 
+/// Percent-encodes a grpc-message value as the gRPC spec asks: everything outside printable
+/// ASCII, and '%' itself.
+fn percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if (0x20..0x7f).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -172,5 +225,15 @@ mod tests {
         assert_eq!(rpc_label("/nudge.v1.NudgeService/Nope"), "unknown");
         assert_eq!(rpc_label("/grpc.health.v1.Health/Check"), "health");
         assert_eq!(rpc_label("/some/user-controlled/path"), "unknown");
+    }
+
+    #[test]
+    fn grpc_messages_round_trip_through_percent_encoding() {
+        for text in ["plain words", "100% sure", "naïve – ünïcode", "a\nb"] {
+            let encoded = percent_encode(text);
+            assert!(encoded.bytes().all(|b| (0x20..0x7f).contains(&b)));
+            assert_eq!(percent_decode(&encoded), text);
+        }
+        assert_eq!(percent_encode("50% off"), "50%25 off");
     }
 }

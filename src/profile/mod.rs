@@ -401,3 +401,114 @@ impl Profile {
             .max_by(|a, b| a.1.cmp(&b.1).then_with(|| b.0.cmp(a.0)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{PersonKey, Properties};
+    use crate::time::{DAY_MS, MINUTE_MS};
+
+    const T: Time = Time(1_772_445_600_000);
+
+    fn event(kind: EventKind, at: Time, product: &str) -> Event {
+        Event {
+            id: "e".into(),
+            person: PersonKey::User("u".into()),
+            kind,
+            time: at,
+            properties: Properties {
+                product_id: Some(product.into()),
+                price: Some(10.0),
+                order_value: Some(25.0),
+                ..Properties::default()
+            },
+            attributes: Default::default(),
+        }
+    }
+
+    fn apply(events: &[Event]) -> Profile {
+        let mut p = Profile::default();
+        events.iter().for_each(|e| p.apply(e));
+        p
+    }
+
+    #[test]
+    fn cart_adds_removes_and_empties_on_purchase() {
+        let mut remove_one = event(EventKind::RemoveFromCart, T.plus_ms(3 * MINUTE_MS), "a");
+        remove_one.properties.quantity = Some(1);
+        let mut add_two = event(EventKind::AddToCart, T.plus_ms(MINUTE_MS), "a");
+        add_two.properties.quantity = Some(2);
+        let p = apply(&[
+            event(EventKind::AddToCart, T, "b"),
+            add_two,
+            remove_one,
+            event(EventKind::RemoveFromCart, T.plus_ms(4 * MINUTE_MS), "b"),
+        ]);
+        assert_eq!((p.cart.items(), p.cart.value()), (1, 10.0));
+        assert_eq!(p.cart.last_add, Some(T.plus_ms(MINUTE_MS)));
+
+        let mut p = p;
+        p.apply(&event(
+            EventKind::CheckoutStarted,
+            T.plus_ms(5 * MINUTE_MS),
+            "",
+        ));
+        assert!(p.cart.checkout_started);
+        p.apply(&event(EventKind::Purchase, T.plus_ms(6 * MINUTE_MS), ""));
+        assert_eq!(p.cart.items(), 0);
+        assert!(!p.cart.checkout_started);
+        assert_eq!((p.lifetime_purchases, p.lifetime_revenue), (1, 25.0));
+    }
+
+    #[test]
+    fn a_late_event_counts_in_its_day_but_leaves_session_and_cart_alone() {
+        let mut p = apply(&[
+            event(EventKind::PageView, T, ""),
+            event(EventKind::AddToCart, T.plus_ms(MINUTE_MS), "a"),
+        ]);
+        let session = p.session.clone();
+        let cart = p.cart.clone();
+        let yesterday = T.plus_ms(-DAY_MS);
+        p.apply(&event(EventKind::ProductView, yesterday, "old"));
+        p.apply(&event(EventKind::RemoveFromCart, yesterday, "a"));
+        assert_eq!(p.session, session);
+        assert_eq!(p.cart, cart);
+        assert_eq!(
+            p.days.sum(yesterday.day(), yesterday.day()).product_views,
+            1
+        );
+        assert_eq!(p.first_seen, Some(yesterday));
+        assert_eq!(p.last_seen, Some(T.plus_ms(MINUTE_MS)));
+    }
+
+    #[test]
+    fn memory_stays_bounded_under_a_flood_of_distinct_things() {
+        let mut p = Profile::default();
+        for i in 0..5_000 {
+            let at = T.plus_ms(i * 1000);
+            let mut view = event(EventKind::ProductView, at, &format!("p{i}"));
+            view.properties.category = Some(format!("c{i}"));
+            p.apply(&view);
+            p.apply(&event(EventKind::AddToCart, at, &format!("p{i}")));
+        }
+        let session = p.session.as_ref().unwrap();
+        assert_eq!(session.products.len(), MAX_SESSION_PRODUCTS);
+        assert_eq!(session.product_views, 5_000);
+        assert_eq!(p.cart.lines.len(), MAX_CART_LINES);
+        assert_eq!(p.categories.len(), MAX_CATEGORIES);
+        // A year of daily visits keeps 90 days of buckets.
+        let mut p = Profile::default();
+        for d in 0..365 {
+            p.apply(&event(EventKind::PageView, T.plus_ms(d * DAY_MS), ""));
+        }
+        assert_eq!(p.days.len(), HISTORY_DAYS as usize);
+    }
+
+    #[test]
+    fn email_events_do_not_open_sessions() {
+        let p = apply(&[event(EventKind::EmailOpen, T, "")]);
+        assert!(p.session.is_none());
+        assert_eq!(p.last_visit, None);
+        assert_eq!(p.days.sum(T.day(), T.day()).email_opens, 1);
+    }
+}

@@ -157,3 +157,15 @@ async fn scripted_session_moves_features_to_exact_values() {
     assert!(profile.features.iter().all(|f| !f.description.is_empty()));
     server.stop().await.unwrap();
 }
+
+#[test]
+fn readme_lists_every_feature_with_its_definition() {
+    let readme = std::fs::read_to_string(repo_path("README.md")).unwrap();
+    for (i, f) in nudge::features::FEATURES.iter().enumerate() {
+        let line = format!("| {i} | `{}` | {} |", f.name, f.description);
+        assert!(
+            readme.contains(&line),
+            "README is missing or has a stale line: {line}"
+        );
+    }
+}
