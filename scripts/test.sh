@@ -11,6 +11,15 @@ bash scripts/setup.sh
 [ -x .tools/pyenv/bin/python ] || python3 -m venv .tools/pyenv
 .tools/pyenv/bin/pip install -q --disable-pip-version-check -r tests/fixtures/requirements.txt
 
+# buf lint holds the proto to the Google API design guide (STANDARD + COMMENTS rules).
+if ! command -v npm >/dev/null 2>&1; then
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q npm
+fi
+[ -x .tools/buf/node_modules/.bin/buf ] ||
+  npm install --silent --no-audit --no-fund --prefix .tools/buf @bufbuild/buf@1.75.0
+(cd proto && ../.tools/buf/node_modules/.bin/buf lint)
+
 cargo fmt --all -- --check
 cargo clippy --release --workspace --all-targets -- -D warnings
 cargo test --release --workspace
