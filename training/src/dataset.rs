@@ -106,3 +106,44 @@ pub fn examples(histories: &[History], history_end: Time) -> Examples {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nudge::event::{PersonKey, Properties};
+    use nudge::time::MINUTE_MS;
+
+    fn at(kind: EventKind, t: Time) -> Event {
+        Event {
+            id: "e".into(),
+            person: PersonKey::User("u".into()),
+            kind,
+            time: t,
+            properties: Properties::default(),
+            attributes: Default::default(),
+        }
+    }
+
+    #[test]
+    fn labels_look_only_forward_and_censor_at_the_end() {
+        let t = Time(1_772_445_600_000);
+        let end = t.plus_ms(60 * DAY_MS);
+        let buy_soon = [at(EventKind::Purchase, t.plus_ms(23 * HOUR_MS))];
+        let buy_late = [at(EventKind::Purchase, t.plus_ms(25 * HOUR_MS))];
+        assert_eq!(Target::Purchase24h.label(t, &buy_soon, end), Some(true));
+        assert_eq!(Target::Purchase24h.label(t, &buy_late, end), Some(false));
+        let email_only = [at(EventKind::EmailOpen, t.plus_ms(DAY_MS))];
+        let visit = [at(EventKind::PageView, t.plus_ms(29 * DAY_MS))];
+        assert_eq!(Target::Churn30d.label(t, &email_only, end), Some(true));
+        assert_eq!(Target::Churn30d.label(t, &visit, end), Some(false));
+        // The horizon runs past the end of history: no label.
+        assert_eq!(
+            Target::Churn30d.label(t.plus_ms(31 * DAY_MS), &[], end),
+            None
+        );
+        assert_eq!(
+            Target::Purchase24h.label(end.plus_ms(-MINUTE_MS), &[], end),
+            None
+        );
+    }
+}
