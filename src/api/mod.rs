@@ -132,15 +132,20 @@ impl NudgeApi {
     }
 }
 
+/// One model's answer, as the API reports it.
+fn model_score(model: &Model, probability: f64) -> pb::ModelScore {
+    pb::ModelScore {
+        model: model.manifest.name.clone(),
+        version: model.manifest.version.clone(),
+        probability,
+    }
+}
+
 fn model_scores(scores: Scores) -> Result<Vec<pb::ModelScore>, ApiError> {
     scores
         .into_iter()
         .map(|s| match s {
-            Ok(s) => Ok(pb::ModelScore {
-                model: s.model.manifest.name.clone(),
-                version: s.model.manifest.version.clone(),
-                probability: s.probability,
-            }),
+            Ok(s) => Ok(model_score(&s.model, s.probability)),
             Err((model, error)) => Err(ApiError::Model {
                 model: model.manifest.name.clone(),
                 error,
@@ -217,11 +222,7 @@ impl pb::nudge_service_server::NudgeService for NudgeApi {
             results[i].scores = scores
                 .into_iter()
                 .filter_map(|s| match s {
-                    Ok(s) => Some(pb::ModelScore {
-                        model: s.model.manifest.name.clone(),
-                        version: s.model.manifest.version.clone(),
-                        probability: s.probability,
-                    }),
+                    Ok(s) => Some(model_score(&s.model, s.probability)),
                     Err((model, error)) => {
                         tracing::error!(model = %model.manifest.name, %error, "scoring after an event failed");
                         None
@@ -396,11 +397,7 @@ fn score_batch(
             error,
         })?;
         for (row, probability) in out.iter_mut().zip(probabilities) {
-            row.scores.push(pb::ModelScore {
-                model: model.manifest.name.clone(),
-                version: model.manifest.version.clone(),
-                probability,
-            });
+            row.scores.push(model_score(model, probability));
         }
     }
     Ok(out)
