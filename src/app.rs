@@ -107,6 +107,8 @@ impl Server {
             models.clone(),
             metrics.clone(),
         ));
+        // Live as soon as it listens; ready to score once a model is loaded.
+        let ready = !models.current().is_empty();
         let api = NudgeApi {
             engine: engine.clone(),
             models,
@@ -133,7 +135,17 @@ impl Server {
         let nudge = NudgeServiceServer::new(api)
             .max_decoding_message_size(max)
             .max_encoding_message_size(usize::MAX);
-        set_health(&health, ServingStatus::Serving).await;
+        health.set_service_status("", ServingStatus::Serving).await;
+        health
+            .set_service_status(
+                SERVICE_NAME,
+                if ready {
+                    ServingStatus::Serving
+                } else {
+                    ServingStatus::NotServing
+                },
+            )
+            .await;
 
         // Shutdown fans out: the gRPC server, the metrics server and the grace timer.
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -184,11 +196,12 @@ impl Server {
     }
 }
 
+/// The health-check name of the Nudge service.
+const SERVICE_NAME: &str = "nudge.v1.NudgeService";
+
 async fn set_health(health: &tonic_health::server::HealthReporter, status: ServingStatus) {
     health.set_service_status("", status).await;
-    health
-        .set_service_status("nudge.v1.NudgeService", status)
-        .await;
+    health.set_service_status(SERVICE_NAME, status).await;
 }
 
 async fn wait_for_stop(mut stop: tokio::sync::watch::Receiver<bool>) {

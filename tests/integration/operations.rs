@@ -137,6 +137,40 @@ async fn health_reports_serving_then_not_serving_on_shutdown() {
 }
 
 #[tokio::test]
+async fn without_models_the_service_is_live_but_not_ready() {
+    let empty = tempfile::tempdir().unwrap();
+    let mut config = test_config();
+    config.models.dir = empty.path().to_owned();
+    let server = TestServer::start_with(config).await;
+    let mut health = HealthClient::new(server.channel().await);
+    let status = |service: &str| HealthCheckRequest {
+        service: service.into(),
+    };
+    let live = health.check(status("")).await.unwrap().into_inner().status;
+    let ready = health
+        .check(status("nudge.v1.NudgeService"))
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(live, ServingStatus::Serving as i32);
+    assert_eq!(ready, ServingStatus::NotServing as i32);
+
+    let mut client = server.client().await;
+    let tracked = track(&mut client, vec![event("n1", "u", EventType::PageView, T0)]).await;
+    assert!(tracked.results[0].scores.is_empty());
+    let err = client
+        .score(pb::ScoreRequest {
+            subject: Some(pb::score_request::Subject::Person(person("u").unwrap())),
+            models: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
 async fn reflection_lists_the_services() {
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
