@@ -209,7 +209,7 @@ pub fn extract(profile: &Profile, now: Time) -> FeatureRow {
     );
     row.set(
         SessionDistinctProducts,
-        session(&|s| s.products.len() as f64),
+        session(&|s| f64::from(s.distinct_products)),
     );
     row.set(
         SessionProductTimeS,
@@ -233,31 +233,31 @@ pub fn extract(profile: &Profile, now: Time) -> FeatureRow {
 
     let days = &profile.days;
     let last30: DayStats = days.last_days(today, 30);
-    let last7: DayStats = days.last_days(today, 7);
-    let prev7: DayStats = days.sum(today - 13, today - 7);
-    row.set(Sessions1d, f64::from(days.last_days(today, 1).sessions));
-    row.set(Sessions7d, f64::from(last7.sessions));
-    row.set(Sessions30d, f64::from(last30.sessions));
-    row.set(SessionsPrev7d, f64::from(prev7.sessions));
-    row.set(
-        VisitTrend,
-        (f64::from(last7.sessions) + 1.0) / (f64::from(prev7.sessions) + 1.0),
-    );
-
-    // The latest session has ended once `now` is past its timeout, even though no event has
-    // closed it yet; count it as ended when it started inside the window.
-    let (mut ended, mut ended_pages, mut bounced) = (
-        last30.ended_sessions,
-        last30.ended_session_pages,
-        last30.bounced_sessions,
-    );
-    if let Some(s) = profile.session.as_ref().filter(|s| !s.is_open(now)) {
-        if s.start.day() > today - 30 && s.start.day() <= today {
+    // Sessions by the day they started; the ended ones of the last 30 days give the bounce
+    // rate and depth. A session has ended once `now` is past its timeout, even if no event
+    // has closed it yet.
+    let (mut s1, mut s7, mut s30, mut prev7) = (0u32, 0u32, 0u32, 0u32);
+    let (mut ended, mut ended_pages, mut bounced) = (0u32, 0u32, 0u32);
+    for s in profile.sessions().iter() {
+        let age = today - s.start.day();
+        if !(0..30).contains(&age) {
+            continue;
+        }
+        s1 += u32::from(age == 0);
+        s7 += u32::from(age < 7);
+        prev7 += u32::from((7..14).contains(&age));
+        s30 += 1;
+        if !s.is_open(now) {
             ended += 1;
             ended_pages += s.page_views;
             bounced += u32::from(s.page_views <= 1);
         }
     }
+    row.set(Sessions1d, f64::from(s1));
+    row.set(Sessions7d, f64::from(s7));
+    row.set(Sessions30d, f64::from(s30));
+    row.set(SessionsPrev7d, f64::from(prev7));
+    row.set(VisitTrend, (f64::from(s7) + 1.0) / (f64::from(prev7) + 1.0));
     row.set(BounceRate30d, ratio(bounced, ended));
     row.set(PagesPerSession30d, ratio(ended_pages, ended));
     row.set(PageViews30d, f64::from(last30.page_views));
@@ -273,8 +273,8 @@ pub fn extract(profile: &Profile, now: Time) -> FeatureRow {
     );
     row.set(
         DaysBetweenSessions,
-        match (&profile.session, profile.previous_session_end) {
-            (Some(s), Some(end)) => days_between(s.start, end),
+        match (profile.sessions().latest(), profile.sessions().previous()) {
+            (Some(latest), Some(previous)) => days_between(latest.start, previous.last),
             _ => f64::NAN,
         },
     );

@@ -1,29 +1,29 @@
 //! A person's live behavioral state, updated by one event at a time.
 //!
-//! `Profile::apply` is pure and deterministic: the same events in the same order give the
-//! same profile, in the server and in the trainer's replay. Memory per person is bounded:
-//! windows are sparse per-day buckets ([`window`]), and the lists a profile holds (session
-//! products, cart lines, categories) have fixed caps.
+//! `Profile::apply` is pure and deterministic: the same events give the same profile, in the
+//! server and in the trainer's replay. Memory per person is bounded: windows are sparse
+//! per-day buckets ([`window`]), sessions are kept for 31 days ([`session`]), and the lists
+//! a profile holds (session products, cart lines, categories) have fixed caps.
 //!
-//! Order: events are expected roughly in time order. An event older than the open session
-//! (a late event) still updates the per-day counters of its own day, but not the session or
-//! the cart, which describe the person's latest state.
+//! Order: per-day counters and sessions do not depend on the order events arrive in — a
+//! late event lands in its own day and its own session. The cart describes the person's
+//! latest state, so a cart event older than the cart's latest change is counted but does
+//! not change the cart. Time on product pages measured from gaps needs events in order; a
+//! late product view without a dwell time adds no time.
+//!
+//! `Profile::merge` combines two people into one (identity stitching): counters add up,
+//! sessions that are parts of the same visit become one, carts combine.
 
+pub mod session;
 pub mod window;
 
 use serde::{Deserialize, Serialize};
 
 use crate::event::{fnv1a, Event, EventKind};
-use crate::time::{Time, MINUTE_MS};
+use crate::time::Time;
+pub use session::{Session, Sessions, SESSION_TIMEOUT_MS};
 use window::{DailySeries, DayValue};
 
-/// Inactivity that ends a session.
-pub const SESSION_TIMEOUT_MS: i64 = 30 * MINUTE_MS;
-/// The longest gap between a product view and the next event that counts as time on the
-/// product page, when the client sent no dwell time.
-pub const PRODUCT_GAP_CAP_MS: i64 = 10 * MINUTE_MS;
-/// Distinct products remembered per session; the count saturates here.
-pub const MAX_SESSION_PRODUCTS: usize = 256;
 /// Cart lines kept; additions of further products are ignored.
 pub const MAX_CART_LINES: usize = 100;
 /// Categories remembered; the least recently viewed one makes room for a new one.
@@ -41,10 +41,7 @@ pub struct Profile {
     pub(crate) last_seen: Option<Time>,
     /// Time of the latest browsing event (anything but email).
     pub(crate) last_visit: Option<Time>,
-    /// The latest session; it is open while `now` is within the timeout of its last event.
-    pub(crate) session: Option<Session>,
-    /// End of the session before `session`.
-    pub(crate) previous_session_end: Option<Time>,
+    pub(crate) sessions: Sessions,
     pub(crate) cart: Cart,
     pub(crate) days: DailySeries<DayStats, HISTORY_DAYS>,
     pub(crate) categories: Vec<CategoryViews>,
@@ -56,12 +53,6 @@ pub struct Profile {
 /// Counters for one calendar day.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct DayStats {
-    /// Sessions that started this day.
-    pub sessions: u32,
-    /// Of those, the ones that have ended, their pages, and how many had at most one page.
-    pub ended_sessions: u32,
-    pub ended_session_pages: u32,
-    pub bounced_sessions: u32,
     pub page_views: u32,
     pub product_views: u32,
     pub searches: u32,
@@ -75,10 +66,6 @@ pub struct DayStats {
 impl DayValue for DayStats {
     fn accumulate(&mut self, o: &Self) {
         let add = |a: &mut u32, b: u32| *a = a.saturating_add(b);
-        add(&mut self.sessions, o.sessions);
-        add(&mut self.ended_sessions, o.ended_sessions);
-        add(&mut self.ended_session_pages, o.ended_session_pages);
-        add(&mut self.bounced_sessions, o.bounced_sessions);
         add(&mut self.page_views, o.page_views);
         add(&mut self.product_views, o.product_views);
         add(&mut self.searches, o.searches);
@@ -87,54 +74,6 @@ impl DayValue for DayStats {
         self.revenue += o.revenue;
         add(&mut self.email_opens, o.email_opens);
         add(&mut self.email_clicks, o.email_clicks);
-    }
-}
-
-/// A run of browsing events with no gap of [`SESSION_TIMEOUT_MS`] or more.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct Session {
-    pub start: Time,
-    pub last: Time,
-    pub page_views: u32,
-    pub product_views: u32,
-    /// Hashes of the distinct products viewed, sorted; at most [`MAX_SESSION_PRODUCTS`].
-    pub products: Vec<u64>,
-    /// Time on product pages counted so far.
-    pub product_time_ms: i64,
-    /// A product view without a dwell time, waiting for the next event to measure it.
-    pub open_product_view: Option<Time>,
-    pub searches: u32,
-    pub cart_adds: u32,
-}
-
-impl Session {
-    fn new(start: Time) -> Session {
-        Session {
-            start,
-            last: start,
-            ..Session::default()
-        }
-    }
-
-    /// Whether the session is still open at `now`.
-    pub fn is_open(&self, now: Time) -> bool {
-        now.since(self.last) < SESSION_TIMEOUT_MS
-    }
-
-    /// Time on product pages as of `now`: what was measured, plus the open product view's
-    /// time so far (capped like any gap).
-    pub fn product_time_ms(&self, now: Time) -> i64 {
-        let open = self
-            .open_product_view
-            .map_or(0, |t| now.since(t).clamp(0, PRODUCT_GAP_CAP_MS));
-        self.product_time_ms + open
-    }
-
-    /// Closes the open product view at `t`, counting the gap up to the cap.
-    fn close_product_view(&mut self, t: Time) {
-        if let Some(viewed) = self.open_product_view.take() {
-            self.product_time_ms += t.since(viewed).clamp(0, PRODUCT_GAP_CAP_MS);
-        }
     }
 }
 
@@ -178,21 +117,31 @@ impl Cart {
     }
 
     fn add(&mut self, t: Time, product_id: &str, quantity: u32, price: Option<f64>) {
-        if let Some(line) = self.lines.iter_mut().find(|l| l.product_id == product_id) {
-            line.quantity = line.quantity.saturating_add(quantity);
-            if let Some(price) = price {
-                line.price = price;
-            }
-        } else if self.lines.len() < MAX_CART_LINES {
-            self.lines.push(CartLine {
-                product_id: product_id.to_owned(),
-                quantity,
-                price: price.unwrap_or(0.0),
-            });
-        }
+        self.add_line(CartLine {
+            product_id: product_id.to_owned(),
+            quantity,
+            price: price.unwrap_or(f64::NAN),
+        });
         self.last_add = Some(t);
         self.checkout_started = false;
         self.last_change = Some(t);
+    }
+
+    /// Adds units of a product; a NaN price keeps the line's known price.
+    fn add_line(&mut self, line: CartLine) {
+        if let Some(existing) = self
+            .lines
+            .iter_mut()
+            .find(|l| l.product_id == line.product_id)
+        {
+            existing.quantity = existing.quantity.saturating_add(line.quantity);
+            if !line.price.is_nan() {
+                existing.price = line.price;
+            }
+        } else if self.lines.len() < MAX_CART_LINES {
+            let price = if line.price.is_nan() { 0.0 } else { line.price };
+            self.lines.push(CartLine { price, ..line });
+        }
     }
 
     /// Removes `quantity` units of a product, or the whole line when `quantity` is `None`.
@@ -205,6 +154,19 @@ impl Cart {
             }
         }
         self.last_change = Some(t);
+    }
+
+    /// Combines another cart of the same person (identity stitching): lines add up, and the
+    /// latest addition decides whether checkout has started since.
+    fn merge(&mut self, other: Cart) {
+        for line in other.lines {
+            self.add_line(line);
+        }
+        if other.last_add > self.last_add {
+            self.checkout_started = other.checkout_started;
+        }
+        self.last_add = self.last_add.max(other.last_add);
+        self.last_change = self.last_change.max(other.last_change);
     }
 
     fn clear(&mut self, t: Time) {
@@ -227,10 +189,14 @@ impl Profile {
         let t = event.time;
         self.first_seen = Some(self.first_seen.map_or(t, |f| f.min(t)));
         self.last_seen = Some(self.last_seen.map_or(t, |l| l.max(t)));
-        let in_session = event.kind.is_visit() && self.visit(t);
         let day = t.day();
         let props = &event.properties;
-        let session = self.session.as_mut().filter(|_| in_session);
+        let session = if event.kind.is_visit() {
+            self.last_visit = Some(self.last_visit.map_or(t, |l| l.max(t)));
+            Some(self.sessions.visit(t))
+        } else {
+            None
+        };
 
         match event.kind {
             EventKind::PageView => {
@@ -246,17 +212,12 @@ impl Profile {
                 });
                 if let Some(s) = session {
                     s.page_views += 1;
-                    s.product_views += 1;
                     let product = props.product_id.as_deref().unwrap_or_default();
-                    let hash = fnv1a(product.bytes());
-                    if let Err(at) = s.products.binary_search(&hash) {
-                        if s.products.len() < MAX_SESSION_PRODUCTS {
-                            s.products.insert(at, hash);
-                        }
-                    }
+                    s.view_product(fnv1a(product.bytes()));
                     match props.dwell_seconds {
                         Some(dwell) => s.product_time_ms += (dwell * 1000.0) as i64,
-                        None => s.open_product_view = Some(t),
+                        None if t >= s.last => s.open_product_view = Some(t),
+                        None => {}
                     }
                 }
                 if let Some(category) = props.category.as_deref().filter(|c| !c.is_empty()) {
@@ -314,57 +275,53 @@ impl Profile {
         }
     }
 
-    /// Places a browsing event at `t` in a session, opening a new one after the timeout.
-    /// Returns whether the event belongs to the latest session (false for a late event).
-    fn visit(&mut self, t: Time) -> bool {
-        self.last_visit = Some(self.last_visit.map_or(t, |l| l.max(t)));
-        match &mut self.session {
-            Some(s) if t.since(s.last) >= SESSION_TIMEOUT_MS => {
-                let ended = std::mem::replace(s, Session::new(t));
-                self.end_session(&ended);
-                self.previous_session_end = Some(ended.last);
-                self.days.update(t.day(), |d| d.sessions += 1);
-                true
-            }
-            Some(s) if s.start.since(t) >= SESSION_TIMEOUT_MS => false,
-            Some(s) => {
-                if t >= s.last {
-                    s.close_product_view(t);
-                    s.last = t;
+    /// Folds another person's profile into this one: the same person seen under another
+    /// identifier. Every counter adds up; parts of the same visit become one session.
+    pub fn merge(&mut self, other: Profile) {
+        let min = |a: Option<Time>, b: Option<Time>| match (a, b) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        self.first_seen = min(self.first_seen, other.first_seen);
+        self.last_seen = self.last_seen.max(other.last_seen);
+        self.last_visit = self.last_visit.max(other.last_visit);
+        self.sessions.merge(other.sessions);
+        self.cart.merge(other.cart);
+        self.days.merge(&other.days);
+        for c in other.categories {
+            match self.categories.iter_mut().find(|mine| mine.name == c.name) {
+                Some(mine) => mine.views.merge(&c.views),
+                None => {
+                    self.make_room_for_category();
+                    self.categories.push(c);
                 }
-                true
-            }
-            None => {
-                self.session = Some(Session::new(t));
-                self.days.update(t.day(), |d| d.sessions += 1);
-                true
             }
         }
+        self.lifetime_purchases = self
+            .lifetime_purchases
+            .saturating_add(other.lifetime_purchases);
+        self.lifetime_revenue += other.lifetime_revenue;
+        self.last_purchase = self.last_purchase.max(other.last_purchase);
     }
 
-    /// Records an ended session in the day it started.
-    fn end_session(&mut self, s: &Session) {
-        self.days.update(s.start.day(), |d| {
-            d.ended_sessions += 1;
-            d.ended_session_pages += s.page_views;
-            d.bounced_sessions += u32::from(s.page_views <= 1);
-        });
+    fn make_room_for_category(&mut self) {
+        if self.categories.len() >= MAX_CATEGORIES {
+            let stalest = self
+                .categories
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, c)| c.views.newest_day())
+                .map(|(i, _)| i)
+                .unwrap_or(0);
+            self.categories.swap_remove(stalest);
+        }
     }
 
     fn view_category(&mut self, name: &str, day: i32) {
         let at = match self.categories.iter().position(|c| c.name == name) {
             Some(at) => at,
             None => {
-                if self.categories.len() >= MAX_CATEGORIES {
-                    let stalest = self
-                        .categories
-                        .iter()
-                        .enumerate()
-                        .min_by_key(|(_, c)| c.views.newest_day())
-                        .map(|(i, _)| i)
-                        .unwrap_or(0);
-                    self.categories.swap_remove(stalest);
-                }
+                self.make_room_for_category();
                 self.categories.push(CategoryViews {
                     name: name.to_owned(),
                     views: DailySeries::default(),
@@ -385,7 +342,11 @@ impl Profile {
 
     /// The latest session if it is still open at `now`.
     pub fn open_session(&self, now: Time) -> Option<&Session> {
-        self.session.as_ref().filter(|s| s.is_open(now))
+        self.sessions.latest().filter(|s| s.is_open(now))
+    }
+
+    pub fn sessions(&self) -> &Sessions {
+        &self.sessions
     }
 
     pub fn cart(&self) -> &Cart {
@@ -461,24 +422,94 @@ mod tests {
     }
 
     #[test]
-    fn a_late_event_counts_in_its_day_but_leaves_session_and_cart_alone() {
+    fn a_late_event_counts_in_its_day_and_session_but_leaves_the_cart_alone() {
         let mut p = apply(&[
             event(EventKind::PageView, T, ""),
             event(EventKind::AddToCart, T.plus_ms(MINUTE_MS), "a"),
         ]);
-        let session = p.session.clone();
         let cart = p.cart.clone();
         let yesterday = T.plus_ms(-DAY_MS);
         p.apply(&event(EventKind::ProductView, yesterday, "old"));
         p.apply(&event(EventKind::RemoveFromCart, yesterday, "a"));
-        assert_eq!(p.session, session);
         assert_eq!(p.cart, cart);
         assert_eq!(
             p.days.sum(yesterday.day(), yesterday.day()).product_views,
             1
         );
+        assert_eq!(
+            p.sessions.len(),
+            2,
+            "yesterday's visit is a session of its own"
+        );
+        assert_eq!(p.sessions.latest().unwrap().start, T);
         assert_eq!(p.first_seen, Some(yesterday));
         assert_eq!(p.last_seen, Some(T.plus_ms(MINUTE_MS)));
+    }
+
+    #[test]
+    fn the_order_of_events_does_not_change_counters_or_sessions() {
+        let events: Vec<Event> = (0..40)
+            .map(|i| {
+                let kind = [
+                    EventKind::PageView,
+                    EventKind::ProductView,
+                    EventKind::Search,
+                ][i % 3];
+                let mut e = event(kind, T.plus_ms((i as i64 * 7919 % 300) * MINUTE_MS), "p");
+                e.properties.dwell_seconds = Some(5.0);
+                e.properties.category = Some("c".into());
+                e
+            })
+            .collect();
+        let mut sorted = events.clone();
+        sorted.sort_by_key(|e| e.time);
+        let a = apply(&events);
+        let b = apply(&sorted);
+        assert_eq!(a.days, b.days);
+        assert_eq!(a.sessions.len(), b.sessions.len());
+        let summary = |p: &Profile| {
+            p.sessions
+                .iter()
+                .map(|s| (s.start, s.last, s.page_views, s.searches, s.product_time_ms))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(summary(&a), summary(&b));
+    }
+
+    #[test]
+    fn merging_two_identities_adds_up_without_double_counting() {
+        let anonymous = apply(&[
+            event(EventKind::ProductView, T, "a"),
+            event(EventKind::AddToCart, T.plus_ms(MINUTE_MS), "a"),
+            event(EventKind::Purchase, T.plus_ms(-3 * DAY_MS), ""),
+        ]);
+        let known = apply(&[
+            event(EventKind::PageView, T.plus_ms(5 * MINUTE_MS), ""),
+            event(EventKind::AddToCart, T.plus_ms(6 * MINUTE_MS), "b"),
+        ]);
+        let mut merged = known.clone();
+        merged.merge(anonymous.clone());
+        // The login visit was one visit under two ids: one session, not two.
+        assert_eq!(merged.sessions.len(), 2);
+        assert_eq!(merged.sessions.latest().unwrap().page_views, 2);
+        assert_eq!((merged.cart.items(), merged.cart.value()), (2, 20.0));
+        assert_eq!(merged.cart.last_add, Some(T.plus_ms(6 * MINUTE_MS)));
+        assert_eq!(merged.lifetime_purchases, 1);
+        assert_eq!(merged.first_seen, Some(T.plus_ms(-3 * DAY_MS)));
+        let today = merged.days.sum(T.day(), T.day());
+        assert_eq!((today.page_views, today.cart_adds), (2, 2));
+
+        // Applying all the events to one profile gives the same counters.
+        let mut direct = apply(&[
+            event(EventKind::ProductView, T, "a"),
+            event(EventKind::AddToCart, T.plus_ms(MINUTE_MS), "a"),
+            event(EventKind::Purchase, T.plus_ms(-3 * DAY_MS), ""),
+        ]);
+        direct.apply(&event(EventKind::PageView, T.plus_ms(5 * MINUTE_MS), ""));
+        direct.apply(&event(EventKind::AddToCart, T.plus_ms(6 * MINUTE_MS), "b"));
+        assert_eq!(direct.days, merged.days);
+        assert_eq!(direct.sessions.len(), merged.sessions.len());
+        assert_eq!(direct.cart.items(), merged.cart.items());
     }
 
     #[test]
@@ -491,8 +522,8 @@ mod tests {
             p.apply(&view);
             p.apply(&event(EventKind::AddToCart, at, &format!("p{i}")));
         }
-        let session = p.session.as_ref().unwrap();
-        assert_eq!(session.products.len(), MAX_SESSION_PRODUCTS);
+        let session = p.sessions.latest().unwrap();
+        assert_eq!(session.products.len(), session::MAX_SESSION_PRODUCTS);
         assert_eq!(session.product_views, 5_000);
         assert_eq!(p.cart.lines.len(), MAX_CART_LINES);
         assert_eq!(p.categories.len(), MAX_CATEGORIES);
@@ -507,7 +538,7 @@ mod tests {
     #[test]
     fn email_events_do_not_open_sessions() {
         let p = apply(&[event(EventKind::EmailOpen, T, "")]);
-        assert!(p.session.is_none());
+        assert!(p.sessions.is_empty());
         assert_eq!(p.last_visit, None);
         assert_eq!(p.days.sum(T.day(), T.day()).email_opens, 1);
     }

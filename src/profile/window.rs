@@ -44,6 +44,13 @@ impl<V: DayValue, const DAYS: i32> DailySeries<V, DAYS> {
         true
     }
 
+    /// Adds every day of `other` into this series (days outside the horizon are dropped).
+    pub fn merge(&mut self, other: &DailySeries<V, DAYS>) {
+        for (day, value) in &other.days {
+            self.update(*day, |v| v.accumulate(value));
+        }
+    }
+
     /// The sum over the days `first..=last`.
     pub fn sum(&self, first: i32, last: i32) -> V {
         let mut total = V::default();
