@@ -278,11 +278,10 @@ impl Profile {
     /// Folds another person's profile into this one: the same person seen under another
     /// identifier. Every counter adds up; parts of the same visit become one session.
     pub fn merge(&mut self, other: Profile) {
-        let min = |a: Option<Time>, b: Option<Time>| match (a, b) {
+        self.first_seen = match (self.first_seen, other.first_seen) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        self.first_seen = min(self.first_seen, other.first_seen);
         self.last_seen = self.last_seen.max(other.last_seen);
         self.last_visit = self.last_visit.max(other.last_visit);
         self.sessions.merge(other.sessions);
