@@ -16,11 +16,13 @@ use std::time::{Duration, Instant};
 use nudge::engine::{Engine, EngineOptions};
 use nudge::event::{Event, EventKind, PersonKey, Properties};
 use nudge::features;
+use nudge::identity::Identities;
 use nudge::metrics::Metrics;
 use nudge::model::lightgbm::LightgbmScorer;
 use nudge::model::onnx::OnnxScorer;
 use nudge::model::{LoadOptions, ModelRegistry, ModelSet, Scorer};
 use nudge::profile::Profile;
+use nudge::store::{Store, SyncMode};
 use nudge::time::{Time, MINUTE_MS};
 
 const BATCH_ROWS: usize = 10_000;
@@ -164,6 +166,7 @@ fn events(people: usize, count: usize) -> Vec<Event> {
             Event {
                 id: format!("e{i}"),
                 person: PersonKey::User(format!("u{}", (i / kinds.len()) % people)),
+                linked: None,
                 kind,
                 time: start.plus_ms((i as i64) * MINUTE_MS / 4),
                 properties: Properties {
@@ -230,15 +233,21 @@ fn track_per_event() {
         .enable_all()
         .build()
         .unwrap();
+    // The default durable mode: every call waits for its fsync.
+    let data = tempfile::tempdir().expect("a temporary directory");
+    let store = Arc::new(Store::open(data.path(), SyncMode::Always).expect("opening the store"));
     let engine = Engine::start(
         &EngineOptions {
             shards: 2,
             queue_capacity: 1024,
+            dedup_horizon_ms: 24 * 3_600_000,
         },
+        store,
+        Arc::new(Identities::default()),
         Arc::new(ModelRegistry::new(set)),
         Arc::new(Metrics::new()),
     );
-    let stream = events(1000, 40_000);
+    let stream = events(1000, 4_000);
     let now = stream.last().unwrap().time;
     let (mut samples, elapsed) = runtime.block_on(async {
         let mut samples = Vec::with_capacity(stream.len());
@@ -254,7 +263,7 @@ fn track_per_event() {
     let (p50, p99, mean) = percentiles(&mut samples);
     println!(
         "{:<40} {p50:>10.2} {p99:>10.2} {mean:>10.2} {rate:>12.0}",
-        "engine: Engine::track, 1 event per call"
+        "engine: Engine::track, 1 event/call, fsync"
     );
     engine.shutdown();
 }

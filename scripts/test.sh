@@ -27,12 +27,14 @@ cargo test --release --workspace
 # The Python client, through reflection, against the real binary with the shipped models.
 port=$(.tools/pyenv/bin/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 mport=$(.tools/pyenv/bin/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-target/release/nudge serve --grpc-addr "127.0.0.1:$port" --metrics-addr "127.0.0.1:$mport" 2>nudge-client-check.log &
+data=$(mktemp -d)
+NUDGE__STORE__DIR="$data" target/release/nudge serve --grpc-addr "127.0.0.1:$port" \
+  --metrics-addr "127.0.0.1:$mport" 2>nudge-client-check.log &
 server=$!
 trap 'kill $server 2>/dev/null || true' EXIT
 .tools/pyenv/bin/python tests/python_client.py "127.0.0.1:$port"
 kill -TERM $server
 wait $server
 trap - EXIT
-rm -f nudge-client-check.log
+rm -rf nudge-client-check.log "$data"
 echo "all checks passed"

@@ -13,11 +13,13 @@ use tonic_health::ServingStatus;
 use crate::api::{layer::MetricsLayer, Limits, NudgeApi};
 use crate::config::Config;
 use crate::engine::{Engine, EngineOptions};
+use crate::identity::{Identities, Pseudonymizer};
 use crate::metrics::Metrics;
 use crate::model::{LoadOptions, ModelRegistry, ModelSet};
 use crate::pb;
 use crate::pb::nudge_service_server::NudgeServiceServer;
-use crate::time::Clock;
+use crate::store::{Store, SyncMode};
+use crate::time::{Clock, DAY_MS, HOUR_MS};
 
 /// A server with its listeners bound and its models loaded, ready to run.
 pub struct Server {
@@ -25,15 +27,44 @@ pub struct Server {
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
     models: Arc<ModelRegistry>,
+    store: Arc<Store>,
+    identities: Arc<Identities>,
+    pseudonymizer: Pseudonymizer,
     grpc: TcpListener,
     metrics_listener: TcpListener,
 }
 
 impl Server {
-    /// Binds both listeners and loads the models. A model that fails its checks is logged
-    /// and counted; the others serve.
+    /// Recovers the store, loads the models and binds both listeners. A model that fails
+    /// its checks is logged and counted; the others serve.
     pub async fn bind(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Server> {
         let metrics = Arc::new(Metrics::new());
+        let started = std::time::Instant::now();
+        let (store, aliases) = {
+            let dir = config.store.dir.clone();
+            let sync = config.sync_mode();
+            tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+                let store = Store::open(&dir, sync)
+                    .with_context(|| format!("opening the store in {}", dir.display()))?;
+                let aliases = store.aliases()?;
+                Ok((store, aliases))
+            })
+            .await??
+        };
+        tracing::info!(
+            dir = %config.store.dir.display(),
+            profiles = store.approximate_profiles(),
+            aliases = aliases.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "store recovered"
+        );
+        let identities = Arc::new(Identities::new(aliases));
+        let pseudonymizer = match &config.identity.pseudonymize_key_file {
+            Some(path) => Pseudonymizer::new(Some(
+                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
+            )),
+            None => Pseudonymizer::default(),
+        };
         let options = LoadOptions {
             max_file_bytes: config.models.max_file_bytes,
             onnxruntime_library: config.onnxruntime_library(),
@@ -68,6 +99,9 @@ impl Server {
             clock,
             metrics,
             models: Arc::new(ModelRegistry::new(set)),
+            store: Arc::new(store),
+            identities,
+            pseudonymizer,
             grpc,
             metrics_listener,
         })
@@ -96,14 +130,21 @@ impl Server {
             clock,
             metrics,
             models,
+            store,
+            identities,
+            pseudonymizer,
             grpc,
             metrics_listener,
         } = self;
+        let dedup_horizon_ms = config.store.dedup_horizon_hours as i64 * HOUR_MS;
         let engine = Arc::new(Engine::start(
             &EngineOptions {
                 shards: config.shards(),
                 queue_capacity: config.engine.queue_capacity,
+                dedup_horizon_ms,
             },
+            store.clone(),
+            identities,
             models.clone(),
             metrics.clone(),
         ));
@@ -112,12 +153,14 @@ impl Server {
         let api = NudgeApi {
             engine: engine.clone(),
             models,
-            clock,
+            clock: clock.clone(),
             metrics: metrics.clone(),
             limits: Limits {
                 max_batch_events: config.server.max_batch_events,
                 max_score_rows: config.server.max_score_rows,
+                retention_ms: config.store.retention_days as i64 * DAY_MS,
             },
+            pseudonymizer,
         };
 
         let (health, health_service) = tonic_health::server::health_reporter();
@@ -154,6 +197,12 @@ impl Server {
         let metrics_addr = metrics_listener.local_addr()?;
         tracing::info!(%grpc_addr, %metrics_addr, "serving");
 
+        let maintenance = tokio::spawn(maintain(
+            store.clone(),
+            clock.clone(),
+            dedup_horizon_ms,
+            wait_for_stop(stop_rx.clone()),
+        ));
         let metrics_task = tokio::spawn(crate::metrics::serve(
             metrics_listener,
             metrics.clone(),
@@ -191,6 +240,10 @@ impl Server {
             Ok(engine) => tokio::task::spawn_blocking(move || engine.shutdown()).await?,
             Err(_) => tracing::warn!("engine still referenced at shutdown; not joining shards"),
         }
+        let _ = maintenance.await;
+        tokio::task::spawn_blocking(move || store.sync_now())
+            .await?
+            .context("syncing the store at shutdown")?;
         tracing::info!("stopped");
         Ok(())
     }
@@ -202,6 +255,48 @@ const SERVICE_NAME: &str = "nudge.v1.NudgeService";
 async fn set_health(health: &tonic_health::server::HealthReporter, status: ServingStatus) {
     health.set_service_status("", status).await;
     health.set_service_status(SERVICE_NAME, status).await;
+}
+
+/// Background upkeep until `stop`: fsyncs the store every interval in `interval` sync
+/// mode, and drops idempotency records past the horizon every hour.
+async fn maintain(
+    store: Arc<Store>,
+    clock: Arc<dyn Clock>,
+    dedup_horizon_ms: i64,
+    stop: impl Future<Output = ()>,
+) {
+    let sync_every = match store.sync_mode() {
+        SyncMode::Interval(every) => every,
+        // Nothing to sync; the timer only paces the hourly expiry.
+        SyncMode::Always => Duration::from_secs(60),
+    };
+    let mut sync = tokio::time::interval(sync_every);
+    let mut expire = tokio::time::interval(Duration::from_secs(3600));
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = sync.tick() => {
+                if let SyncMode::Interval(_) = store.sync_mode() {
+                    let store = store.clone();
+                    match tokio::task::spawn_blocking(move || store.sync_now()).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => tracing::error!(error = %e, "periodic store sync failed"),
+                        Err(e) => tracing::error!(error = %e, "periodic store sync panicked"),
+                    }
+                }
+            }
+            _ = expire.tick() => {
+                let store = store.clone();
+                let before = clock.now().plus_ms(-dedup_horizon_ms);
+                match tokio::task::spawn_blocking(move || store.expire_seen(before)).await {
+                    Ok(Ok(n)) => tracing::debug!(expired = n, "idempotency records expired"),
+                    Ok(Err(e)) => tracing::error!(error = %e, "expiring idempotency records failed"),
+                    Err(e) => tracing::error!(error = %e, "expiring idempotency records panicked"),
+                }
+            }
+        }
+    }
 }
 
 async fn wait_for_stop(mut stop: tokio::sync::watch::Receiver<bool>) {

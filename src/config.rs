@@ -14,6 +14,8 @@ pub const ENV_PREFIX: &str = "NUDGE__";
 pub struct Config {
     pub server: ServerConfig,
     pub engine: EngineConfig,
+    pub store: StoreConfig,
+    pub identity: IdentityConfig,
     pub models: ModelsConfig,
     pub log: LogConfig,
 }
@@ -42,6 +44,38 @@ pub struct EngineConfig {
     pub shards: usize,
     /// Requests waiting per shard before new ones are refused with RESOURCE_EXHAUSTED.
     pub queue_capacity: usize,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// Where profiles, aliases and idempotency records live.
+    pub dir: PathBuf,
+    /// `always`: fsync before every acknowledgement (group commit). `interval`: fsync every
+    /// `sync_interval_ms`; acknowledged events survive a crash of the process but power loss
+    /// may lose up to that long.
+    pub sync: SyncPolicy,
+    pub sync_interval_ms: u64,
+    /// How long an event id is remembered: a repeat within it changes nothing.
+    pub dedup_horizon_hours: u64,
+    /// Events older than this are refused.
+    pub retention_days: u64,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncPolicy {
+    Always,
+    Interval,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdentityConfig {
+    /// A file holding the secret key for pseudonymization. When set, user ids, anonymous
+    /// ids and event ids are replaced by HMAC-SHA256 under this key before anything is
+    /// stored. Keep the key apart from the data directory.
+    pub pseudonymize_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -90,6 +124,18 @@ impl Default for EngineConfig {
         EngineConfig {
             shards: 0,
             queue_capacity: 1024,
+        }
+    }
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            dir: PathBuf::from("data"),
+            sync: SyncPolicy::Always,
+            sync_interval_ms: 100,
+            dedup_horizon_hours: 24,
+            retention_days: 90,
         }
     }
 }
@@ -184,6 +230,31 @@ impl Config {
         if self.engine.shards > 1024 {
             problems.push("engine.shards must be at most 1024".to_owned());
         }
+        if self.store.dir.as_os_str().is_empty() {
+            problems.push("store.dir must not be empty".to_owned());
+        }
+        if self.store.sync == SyncPolicy::Interval && self.store.sync_interval_ms == 0 {
+            problems.push("store.sync_interval_ms must be at least 1".to_owned());
+        }
+        if self.store.dedup_horizon_hours == 0 {
+            problems.push("store.dedup_horizon_hours must be at least 1".to_owned());
+        }
+        if !(1..=3650).contains(&self.store.retention_days) {
+            problems.push("store.retention_days must be between 1 and 3650".to_owned());
+        }
+        if let Some(path) = &self.identity.pseudonymize_key_file {
+            match std::fs::metadata(path) {
+                Ok(m) if m.len() >= 16 => {}
+                Ok(_) => problems.push(format!(
+                    "identity.pseudonymize_key_file {} must hold at least 16 bytes",
+                    path.display()
+                )),
+                Err(e) => problems.push(format!(
+                    "identity.pseudonymize_key_file {}: {e}",
+                    path.display()
+                )),
+            }
+        }
         if self.models.dir.as_os_str().is_empty() {
             problems.push("models.dir must not be empty".to_owned());
         }
@@ -205,6 +276,16 @@ impl Config {
         match self.engine.shards {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
+        }
+    }
+
+    /// The store's sync mode.
+    pub fn sync_mode(&self) -> crate::store::SyncMode {
+        match self.store.sync {
+            SyncPolicy::Always => crate::store::SyncMode::Always,
+            SyncPolicy::Interval => crate::store::SyncMode::Interval(
+                std::time::Duration::from_millis(self.store.sync_interval_ms),
+            ),
         }
     }
 

@@ -1,9 +1,22 @@
 //! The engine owns every profile. People are spread over shards by a stable hash of their
 //! key; each shard is one thread that alone applies events to its people, extracts their
-//! features and scores them, so the hot path takes no locks. Queues to the shards are
-//! bounded: when one is full the caller is told at once ([`EngineError::Overloaded`]).
+//! features, scores them and writes them to the store, so the hot path takes no locks.
+//!
+//! Group commit: a shard takes every command waiting in its queue (up to a limit), applies
+//! them, writes all their changes — each changed profile once, plus an idempotency record
+//! per event — in one atomic store batch with one fsync, and only then answers. An answer
+//! is a promise: what was acknowledged is in the store.
+//!
+//! Queues are bounded: when one is full the caller is told at once
+//! ([`EngineError::Overloaded`]).
+//!
+//! Identity merges touch two people who may live in two shards. The merge takes the
+//! engine's merge lock, sets the alias in memory (so new work routes to the known user),
+//! pauses the anonymous person's shard once everything queued before the alias is done, and
+//! has the user's shard fold the anonymous profile in and commit the profile, the alias,
+//! the deletion and the moved idempotency records in one batch.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -12,9 +25,11 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::event::{Event, PersonKey};
 use crate::features::{self, FeatureRow};
+use crate::identity::Identities;
 use crate::metrics::Metrics;
 use crate::model::{Model, ModelRegistry, ScoreError};
 use crate::profile::Profile;
+use crate::store::{Store, StoreError, Write};
 use crate::time::Time;
 
 /// How the engine is laid out.
@@ -24,15 +39,30 @@ pub struct EngineOptions {
     pub shards: usize,
     /// Requests waiting per shard before callers are turned away.
     pub queue_capacity: usize,
+    /// How long an event id is remembered for idempotency.
+    pub dedup_horizon_ms: i64,
 }
 
-/// Why the engine could not take a request.
+/// The most commands one shard folds into one commit.
+const MAX_GROUP: usize = 512;
+
+/// Why the engine could not do what was asked.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EngineError {
     #[error("the engine is overloaded (a shard queue is full); retry with backoff")]
     Overloaded,
     #[error("the engine is shutting down")]
     ShuttingDown,
+    #[error("the store failed; nothing of this request was acknowledged: {0}")]
+    Store(String),
+    #[error("{0}")]
+    Conflict(String),
+}
+
+impl From<StoreError> for EngineError {
+    fn from(e: StoreError) -> Self {
+        EngineError::Store(e.to_string())
+    }
 }
 
 /// One model's probability for one row.
@@ -45,36 +75,78 @@ pub struct Score {
 /// The scores after one event, or the error of the model that failed.
 pub type Scores = Vec<Result<Score, (Arc<Model>, ScoreError)>>;
 
+/// What became of a tracked event.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Applied; the person's scores after it.
+    Accepted(Scores),
+    /// Its id was seen within the horizon: nothing changed; the person's current scores.
+    Duplicate(Scores),
+}
+
+/// What an identity merge did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Merge {
+    Merged,
+    AlreadyMerged,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, EngineError>>;
+
 enum Command {
-    /// Apply events (each with its position in the caller's batch) and score after each.
     Track {
         events: Vec<(usize, Event)>,
         now: Time,
-        reply: oneshot::Sender<Vec<(usize, Scores)>>,
+        reply: Reply<Vec<(usize, Outcome)>>,
     },
-    /// Score a person's profile with the given models; `None` if the person is unknown.
     Score {
         person: PersonKey,
         models: Vec<Arc<Model>>,
         now: Time,
-        reply: oneshot::Sender<Option<Scores>>,
+        reply: Reply<Option<Scores>>,
     },
-    /// A copy of a person's profile.
     Profile {
         person: PersonKey,
-        reply: oneshot::Sender<Option<Profile>>,
+        reply: Reply<Option<Profile>>,
     },
+    /// Stop after everything queued before this is committed, until resumed.
+    Pause {
+        paused: oneshot::Sender<()>,
+        resume: std::sync::mpsc::Receiver<Resume>,
+    },
+    /// Fold `from` (whose shard is paused, or this one) into `into`.
+    Absorb {
+        from: PersonKey,
+        into: PersonKey,
+        reply: Reply<()>,
+    },
+    /// Delete everything about a person; answers whether there was a profile.
+    Erase {
+        person: PersonKey,
+        reply: Reply<bool>,
+    },
+}
+
+/// What a paused shard does when it resumes.
+struct Resume {
+    /// A person whose cached profile is stale (merged away).
+    evict: Option<PersonKey>,
 }
 
 /// The handle to the shard threads.
 pub struct Engine {
     shards: Vec<mpsc::Sender<Command>>,
     threads: Vec<JoinHandle<()>>,
+    identities: Arc<Identities>,
+    merges: tokio::sync::Mutex<()>,
+    metrics: Arc<Metrics>,
 }
 
 impl Engine {
     pub fn start(
         options: &EngineOptions,
+        store: Arc<Store>,
+        identities: Arc<Identities>,
         models: Arc<ModelRegistry>,
         metrics: Arc<Metrics>,
     ) -> Engine {
@@ -85,8 +157,10 @@ impl Engine {
             let (tx, rx) = mpsc::channel(options.queue_capacity.max(1));
             let shard = Shard {
                 profiles: HashMap::new(),
+                store: store.clone(),
                 models: models.clone(),
                 metrics: metrics.clone(),
+                dedup_horizon_ms: options.dedup_horizon_ms,
             };
             let thread = std::thread::Builder::new()
                 .name(format!("nudge-shard-{i}"))
@@ -95,44 +169,65 @@ impl Engine {
             shards.push(tx);
             threads.push(thread);
         }
-        Engine { shards, threads }
+        Engine {
+            shards,
+            threads,
+            identities,
+            merges: tokio::sync::Mutex::new(()),
+            metrics,
+        }
     }
 
     fn shard_of(&self, person: &PersonKey) -> usize {
         (person.stable_hash() % self.shards.len() as u64) as usize
     }
 
-    /// Applies validated events in order and answers each event's scores afterwards. Either
-    /// every event is queued or none is: capacity on every shard involved is reserved first.
+    /// Applies validated events in order and answers each event's outcome. An event that
+    /// carries both a user id and a not-yet-linked anonymous id first merges the anonymous
+    /// visitor into the user. Either every event is queued or none is: capacity on every
+    /// shard involved is reserved first.
     pub async fn track(
         &self,
         events: Vec<(usize, Event)>,
         now: Time,
-    ) -> Result<Vec<(usize, Scores)>, EngineError> {
-        let mut per_shard: Vec<Vec<(usize, Event)>> = vec![Vec::new(); self.shards.len()];
-        for (index, event) in events {
-            per_shard[self.shard_of(&event.person)].push((index, event));
-        }
-        let mut permits = Vec::new();
-        for (shard, batch) in self.shards.iter().zip(per_shard) {
-            if batch.is_empty() {
-                continue;
+    ) -> Result<Vec<(usize, Outcome)>, EngineError> {
+        for (_, event) in &events {
+            if let Some(anonymous) = &event.linked {
+                match self.merge(anonymous.clone(), event.person.clone()).await {
+                    Ok(_) => {}
+                    // The event still belongs to its user; only the link is refused.
+                    Err(EngineError::Conflict(reason)) => {
+                        tracing::warn!(%reason, "identity link refused");
+                    }
+                    Err(e) => return Err(e),
+                }
             }
-            let permit = shard.try_reserve().map_err(|e| match e {
-                mpsc::error::TrySendError::Full(()) => EngineError::Overloaded,
-                mpsc::error::TrySendError::Closed(()) => EngineError::ShuttingDown,
-            })?;
-            permits.push((permit, batch));
         }
-        let mut replies = Vec::with_capacity(permits.len());
-        for (permit, events) in permits {
-            let (reply, answer) = oneshot::channel();
-            permit.send(Command::Track { events, now, reply });
-            replies.push(answer);
+        let mut replies = Vec::new();
+        {
+            // Resolve and queue under the read lock, so no merge slips in between.
+            let resolver = self.identities.read();
+            let mut per_shard: Vec<Vec<(usize, Event)>> = vec![Vec::new(); self.shards.len()];
+            for (index, mut event) in events {
+                event.person = resolver.resolve(&event.person);
+                per_shard[self.shard_of(&event.person)].push((index, event));
+            }
+            let mut permits = Vec::new();
+            for (shard, batch) in self.shards.iter().zip(per_shard) {
+                if batch.is_empty() {
+                    continue;
+                }
+                permits.push((shard.try_reserve().map_err(full_or_closed)?, batch));
+            }
+            for (permit, events) in permits {
+                let (reply, answer) = oneshot::channel();
+                permit.send(Command::Track { events, now, reply });
+                replies.push(answer);
+            }
         }
         let mut results = Vec::new();
         for answer in replies {
-            results.extend(answer.await.map_err(|_| EngineError::ShuttingDown)?);
+            results.extend(answer.await.map_err(|_| EngineError::ShuttingDown)??);
         }
         results.sort_unstable_by_key(|(index, _)| *index);
         Ok(results)
@@ -145,36 +240,132 @@ impl Engine {
         models: Vec<Arc<Model>>,
         now: Time,
     ) -> Result<Option<Scores>, EngineError> {
-        let (reply, answer) = oneshot::channel();
-        let shard = self.shard_of(&person);
-        self.send(
-            shard,
-            Command::Score {
-                person,
-                models,
-                now,
-                reply,
-            },
-        )?;
-        answer.await.map_err(|_| EngineError::ShuttingDown)
+        self.ask(&person, |person, reply| Command::Score {
+            person,
+            models,
+            now,
+            reply,
+        })
+        .await
     }
 
     /// A copy of a person's profile; `None` if Nudge has no events for them.
     pub async fn profile(&self, person: PersonKey) -> Result<Option<Profile>, EngineError> {
+        self.ask(&person, |person, reply| Command::Profile { person, reply })
+            .await
+    }
+
+    /// Deletes everything about a person — profile, aliases, idempotency records —
+    /// durably. Answers whether there was a profile; erasing twice is harmless.
+    pub async fn erase(&self, person: PersonKey) -> Result<bool, EngineError> {
+        let _merging = self.merges.lock().await;
+        let person = self.identities.read().resolve(&person);
+        let existed = self
+            .ask(&person, |person, reply| Command::Erase { person, reply })
+            .await?;
+        self.identities.forget(&person);
+        self.metrics.erasures.inc();
+        Ok(existed)
+    }
+
+    /// Sends a command for `person` (resolved through aliases) to its shard and waits.
+    async fn ask<T>(
+        &self,
+        person: &PersonKey,
+        command: impl FnOnce(PersonKey, Reply<T>) -> Command,
+    ) -> Result<T, EngineError> {
         let (reply, answer) = oneshot::channel();
-        let shard = self.shard_of(&person);
-        self.send(shard, Command::Profile { person, reply })?;
-        answer.await.map_err(|_| EngineError::ShuttingDown)
+        {
+            let person = self.identities.read().resolve(person);
+            let shard = self.shard_of(&person);
+            self.shards[shard]
+                .try_send(command(person, reply))
+                .map_err(full_or_closed)?;
+        }
+        answer.await.map_err(|_| EngineError::ShuttingDown)?
     }
 
-    fn send(&self, shard: usize, command: Command) -> Result<(), EngineError> {
-        self.shards[shard].try_send(command).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => EngineError::Overloaded,
-            mpsc::error::TrySendError::Closed(_) => EngineError::ShuttingDown,
-        })
+    /// Makes the anonymous visitor `anonymous` one person with the known user `user`.
+    pub async fn merge(&self, anonymous: PersonKey, user: PersonKey) -> Result<Merge, EngineError> {
+        let outcome = self.merge_inner(anonymous, user).await;
+        let label = match &outcome {
+            Ok(Merge::Merged) => "merged",
+            Ok(Merge::AlreadyMerged) => "already_merged",
+            Err(EngineError::Conflict(_)) => "conflict",
+            Err(_) => "failed",
+        };
+        self.metrics.merges.with_label_values(&[label]).inc();
+        outcome
     }
 
-    /// Stops taking work, lets the shards finish what is queued, and joins them.
+    async fn merge_inner(&self, from: PersonKey, into: PersonKey) -> Result<Merge, EngineError> {
+        let (PersonKey::Anonymous(_), PersonKey::User(_)) = (&from, &into) else {
+            return Err(EngineError::Conflict(
+                "only an anonymous id can be merged into a user id; two known users are never merged".into(),
+            ));
+        };
+        let _merging = self.merges.lock().await;
+        let (from_shard, into_shard) = (self.shard_of(&from), self.shard_of(&into));
+        let mut paused = None;
+        {
+            let mut aliases = self.identities.write();
+            match aliases.get(&from) {
+                Some(current) if *current == into => return Ok(Merge::AlreadyMerged),
+                Some(_) => {
+                    return Err(EngineError::Conflict(
+                        "the anonymous id already belongs to another user; two known users are never merged".into(),
+                    ))
+                }
+                None => {}
+            }
+            aliases.insert(from.clone(), into.clone());
+            if from_shard != into_shard {
+                // Queued behind everything already routed to the anonymous key.
+                let (paused_tx, paused_rx) = oneshot::channel();
+                let (resume_tx, resume_rx) = std::sync::mpsc::channel();
+                let pause = Command::Pause {
+                    paused: paused_tx,
+                    resume: resume_rx,
+                };
+                if let Err(e) = self.shards[from_shard].try_send(pause) {
+                    aliases.remove(&from);
+                    return Err(full_or_closed(e));
+                }
+                paused = Some((paused_rx, resume_tx));
+            }
+        }
+        let resume = match paused {
+            Some((paused_rx, resume_tx)) => {
+                if paused_rx.await.is_err() {
+                    self.identities.write().remove(&from);
+                    return Err(EngineError::ShuttingDown);
+                }
+                Some(resume_tx)
+            }
+            None => None,
+        };
+        let (reply, answer) = oneshot::channel();
+        let absorb = Command::Absorb {
+            from: from.clone(),
+            into,
+            reply,
+        };
+        let result = match self.shards[into_shard].send(absorb).await {
+            Ok(()) => answer.await.unwrap_or(Err(EngineError::ShuttingDown)),
+            Err(_) => Err(EngineError::ShuttingDown),
+        };
+        if result.is_err() {
+            self.identities.write().remove(&from);
+        }
+        if let Some(resume) = resume {
+            let evict = result.is_ok().then(|| from.clone());
+            // A shard that is gone has nothing to resume.
+            let _ = resume.send(Resume { evict });
+        }
+        result.map(|()| Merge::Merged)
+    }
+
+    /// Stops taking work, lets the shards finish and commit what is queued, and joins them.
     pub fn shutdown(self) {
         drop(self.shards);
         for thread in self.threads {
@@ -184,58 +375,291 @@ impl Engine {
     }
 }
 
+fn full_or_closed<T>(e: mpsc::error::TrySendError<T>) -> EngineError {
+    match e {
+        mpsc::error::TrySendError::Full(_) => EngineError::Overloaded,
+        mpsc::error::TrySendError::Closed(_) => EngineError::ShuttingDown,
+    }
+}
+
+/// An answer held back until the group's commit: the value, unless the commit fails.
+struct Answer<T> {
+    reply: Reply<T>,
+    value: Result<T, EngineError>,
+}
+
+impl<T> Answer<T> {
+    fn send(self, committed: &Result<(), EngineError>) {
+        let value = match committed {
+            Ok(()) => self.value,
+            Err(e) => Err(e.clone()),
+        };
+        // Callers that gave up (deadline, cancellation) no longer listen; that is fine.
+        let _ = self.reply.send(value);
+    }
+}
+
+enum Pending {
+    Track(Answer<Vec<(usize, Outcome)>>),
+    Score(Answer<Option<Scores>>),
+    Profile(Answer<Option<Profile>>),
+    Absorbed(Answer<()>),
+    Erased(Answer<bool>),
+}
+
+impl Pending {
+    fn send(self, committed: &Result<(), EngineError>) {
+        match self {
+            Pending::Track(a) => a.send(committed),
+            Pending::Score(a) => a.send(committed),
+            Pending::Profile(a) => a.send(committed),
+            Pending::Absorbed(a) => a.send(committed),
+            Pending::Erased(a) => a.send(committed),
+        }
+    }
+}
+
+/// The writes and answers of one group of commands.
+#[derive(Default)]
+struct Group {
+    writes: Vec<Write>,
+    pending: Vec<Pending>,
+    /// People whose profile changed: written once at the end.
+    dirty: HashSet<PersonKey>,
+    /// Event ids recorded in this group, not yet in the store.
+    seen: HashSet<(PersonKey, String)>,
+}
+
 /// One shard: the profiles of its people, and the work loop.
 struct Shard {
     profiles: HashMap<PersonKey, Profile>,
+    store: Arc<Store>,
     models: Arc<ModelRegistry>,
     metrics: Arc<Metrics>,
+    dedup_horizon_ms: i64,
 }
 
 impl Shard {
     fn run(mut self, mut rx: mpsc::Receiver<Command>) {
-        while let Some(command) = rx.blocking_recv() {
-            match command {
-                Command::Track { events, now, reply } => {
-                    let models = self.models.current();
-                    let models: Vec<Arc<Model>> = models.iter().cloned().collect();
-                    let results = events
-                        .into_iter()
-                        .map(|(index, event)| (index, self.track(&event, &models, now)))
-                        .collect();
-                    // The caller may have gone (deadline, cancellation); the events are
-                    // applied either way.
-                    let _ = reply.send(results);
+        while let Some(first) = rx.blocking_recv() {
+            let mut commands = vec![first];
+            while commands.len() < MAX_GROUP
+                && !matches!(commands.last(), Some(Command::Pause { .. }))
+            {
+                match rx.try_recv() {
+                    Ok(command) => commands.push(command),
+                    Err(_) => break,
                 }
-                Command::Score {
-                    person,
-                    models,
-                    now,
-                    reply,
-                } => {
-                    let scores = self.profiles.get(&person).map(|profile| {
-                        let row = features::extract(profile, now);
-                        score_row(&self.metrics, &models, &row)
-                    });
-                    let _ = reply.send(scores);
+            }
+            let mut group = Group::default();
+            let mut pause = None;
+            for command in commands {
+                match command {
+                    Command::Pause { paused, resume } => pause = Some((paused, resume)),
+                    command => self.handle(command, &mut group),
                 }
-                Command::Profile { person, reply } => {
-                    let _ = reply.send(self.profiles.get(&person).cloned());
+            }
+            self.commit(group);
+            if let Some((paused, resume)) = pause {
+                let _ = paused.send(());
+                // Blocks until the merge is done; an engine that is gone resumes us too.
+                if let Ok(Resume {
+                    evict: Some(person),
+                }) = resume.recv()
+                {
+                    self.evict(&person);
                 }
             }
         }
     }
 
-    fn track(&mut self, event: &Event, models: &[Arc<Model>], now: Time) -> Scores {
-        let profile = self
-            .profiles
-            .entry(event.person.clone())
-            .or_insert_with(|| {
-                self.metrics.profiles.inc();
-                Profile::default()
-            });
+    fn handle(&mut self, command: Command, group: &mut Group) {
+        let pending = match command {
+            Command::Track { events, now, reply } => {
+                let models: Vec<Arc<Model>> = self.models.current().iter().cloned().collect();
+                let value = events
+                    .into_iter()
+                    .map(|(index, event)| Ok((index, self.track(&event, &models, now, group)?)))
+                    .collect();
+                Pending::Track(Answer { reply, value })
+            }
+            Command::Score {
+                person,
+                models,
+                now,
+                reply,
+            } => {
+                let value = self.read(&person).map(|profile| {
+                    profile.map(|p| score_row(&self.metrics, &models, &features::extract(&p, now)))
+                });
+                Pending::Score(Answer { reply, value })
+            }
+            Command::Profile { person, reply } => Pending::Profile(Answer {
+                reply,
+                value: self.read(&person),
+            }),
+            Command::Absorb { from, into, reply } => Pending::Absorbed(Answer {
+                reply,
+                value: self.absorb(&from, &into, group),
+            }),
+            Command::Erase { person, reply } => Pending::Erased(Answer {
+                reply,
+                value: self.erase(person, group),
+            }),
+            Command::Pause { .. } => unreachable!("pauses end a group"),
+        };
+        group.pending.push(pending);
+    }
+
+    fn erase(&mut self, person: PersonKey, group: &mut Group) -> Result<bool, EngineError> {
+        let existed = match self.profiles.remove(&person) {
+            Some(_) => {
+                self.metrics.profiles.dec();
+                true
+            }
+            None => self.store.load_profile(&person)?.is_some(),
+        };
+        group.dirty.remove(&person);
+        group.seen.retain(|(p, _)| *p != person);
+        group
+            .writes
+            .retain(|w| !matches!(w, Write::Seen(p, _, _) if *p == person));
+        group.writes.push(Write::DeleteProfile(person.clone()));
+        group.writes.push(Write::Forget(person));
+        Ok(existed)
+    }
+
+    /// The person's profile, from memory or the store, without creating one.
+    fn read(&self, person: &PersonKey) -> Result<Option<Profile>, EngineError> {
+        match self.profiles.get(person) {
+            Some(p) => Ok(Some(p.clone())),
+            None => Ok(self.store.load_profile(person)?),
+        }
+    }
+
+    /// The person's profile for writing, loaded into memory (a new one if unknown).
+    fn load(&mut self, person: &PersonKey) -> Result<&mut Profile, EngineError> {
+        if !self.profiles.contains_key(person) {
+            let stored = self.store.load_profile(person)?.unwrap_or_default();
+            self.profiles.insert(person.clone(), stored);
+            self.metrics.profiles.inc();
+        }
+        Ok(self.profiles.get_mut(person).expect("just inserted"))
+    }
+
+    fn evict(&mut self, person: &PersonKey) {
+        if self.profiles.remove(person).is_some() {
+            self.metrics.profiles.dec();
+        }
+    }
+
+    fn is_duplicate(&self, event: &Event, now: Time, group: &Group) -> Result<bool, EngineError> {
+        if group
+            .seen
+            .contains(&(event.person.clone(), event.id.clone()))
+        {
+            return Ok(true);
+        }
+        Ok(self
+            .store
+            .seen_at(&event.person, &event.id)?
+            .is_some_and(|at| now.since(at) < self.dedup_horizon_ms))
+    }
+
+    fn track(
+        &mut self,
+        event: &Event,
+        models: &[Arc<Model>],
+        now: Time,
+        group: &mut Group,
+    ) -> Result<Outcome, EngineError> {
+        let duplicate = self.is_duplicate(event, now, group)?;
+        let metrics = self.metrics.clone();
+        let profile = self.load(&event.person)?;
+        if duplicate {
+            let row = features::extract(profile, now);
+            return Ok(Outcome::Duplicate(score_row(&metrics, models, &row)));
+        }
         profile.apply(event);
         let row = features::extract(profile, now);
-        score_row(&self.metrics, models, &row)
+        group.dirty.insert(event.person.clone());
+        group.seen.insert((event.person.clone(), event.id.clone()));
+        group
+            .writes
+            .push(Write::Seen(event.person.clone(), event.id.clone(), now));
+        Ok(Outcome::Accepted(score_row(&metrics, models, &row)))
+    }
+
+    fn absorb(
+        &mut self,
+        from: &PersonKey,
+        into: &PersonKey,
+        group: &mut Group,
+    ) -> Result<(), EngineError> {
+        // `from` is this shard's (then the group may hold its changes) or its shard is
+        // paused with everything committed.
+        let absorbed = match self.profiles.remove(from) {
+            Some(p) => {
+                self.metrics.profiles.dec();
+                Some(p)
+            }
+            None => self.store.load_profile(from)?,
+        };
+        group.dirty.remove(from);
+        for write in &mut group.writes {
+            if let Write::Seen(p, _, _) = write {
+                if p == from {
+                    *p = into.clone();
+                }
+            }
+        }
+        group.seen = std::mem::take(&mut group.seen)
+            .into_iter()
+            .map(|(p, id)| (if p == *from { into.clone() } else { p }, id))
+            .collect();
+        let profile = self.load(into)?;
+        if let Some(absorbed) = absorbed {
+            profile.merge(absorbed);
+        }
+        group.dirty.insert(into.clone());
+        group.writes.push(Write::DeleteProfile(from.clone()));
+        group.writes.push(Write::MoveSeen {
+            from: from.clone(),
+            to: into.clone(),
+        });
+        group.writes.push(Write::Alias {
+            anonymous: from.clone(),
+            person: into.clone(),
+        });
+        Ok(())
+    }
+
+    /// Writes the group in one batch, then answers. If the store fails, the people the
+    /// group changed are dropped from memory (the store still has their last good state)
+    /// and every answer is the error.
+    fn commit(&mut self, mut group: Group) {
+        for person in &group.dirty {
+            if let Some(profile) = self.profiles.get(person) {
+                group
+                    .writes
+                    .push(Write::Profile(person.clone(), Box::new(profile.clone())));
+            }
+        }
+        let started = Instant::now();
+        let result = self.store.commit(group.writes).map_err(EngineError::from);
+        self.metrics
+            .store_commit_duration
+            .observe(started.elapsed().as_secs_f64());
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "store commit failed; answering UNAVAILABLE");
+            self.metrics.store_errors.inc();
+            for person in &group.dirty {
+                self.evict(person);
+            }
+        }
+        for pending in group.pending {
+            pending.send(&result);
+        }
     }
 }
 

@@ -142,6 +142,9 @@ pub struct Properties {
 pub struct Event {
     pub id: String,
     pub person: PersonKey,
+    /// The anonymous id the event also carried when it named a known user: that visitor is
+    /// this person (identity stitching).
+    pub linked: Option<PersonKey>,
     pub kind: EventKind,
     pub time: Time,
     pub properties: Properties,
@@ -172,10 +175,11 @@ pub enum Reason {
     UnknownModel,
     MessageTooLarge,
     Undecodable,
+    TooOld,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 12] = [
+    pub const ALL: [Reason; 13] = [
         Reason::Missing,
         Reason::TooLong,
         Reason::TooMany,
@@ -188,6 +192,7 @@ impl Reason {
         Reason::UnknownModel,
         Reason::MessageTooLarge,
         Reason::Undecodable,
+        Reason::TooOld,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -204,6 +209,7 @@ impl Reason {
             Reason::UnknownModel => "unknown_model",
             Reason::MessageTooLarge => "message_too_large",
             Reason::Undecodable => "undecodable",
+            Reason::TooOld => "too_old",
         }
     }
 }
@@ -226,8 +232,9 @@ impl FieldError {
 
 impl Event {
     /// Checks everything about the event that does not depend on the wire format. `now` is
-    /// the server's clock, against which future timestamps are judged.
-    pub fn validate(&self, now: Time) -> Result<(), FieldError> {
+    /// the server's clock, against which future timestamps and the retention window are
+    /// judged.
+    pub fn validate(&self, now: Time, retention_ms: i64) -> Result<(), FieldError> {
         check_len("event_id", &self.id, MAX_EVENT_ID_BYTES)?;
         if self.id.is_empty() {
             return Err(FieldError::new("event_id", Reason::Missing, "is required"));
@@ -244,6 +251,17 @@ impl Event {
                 format!(
                     "is {} hours ahead of the server's clock; at most 24 are allowed",
                     self.time.since(now) / crate::time::HOUR_MS
+                ),
+            ));
+        }
+        if now.since(self.time) > retention_ms {
+            return Err(FieldError::new(
+                "event_time",
+                Reason::TooOld,
+                format!(
+                    "is {} days old; events older than the {}-day retention are refused",
+                    now.since(self.time) / DAY_MS,
+                    retention_ms / DAY_MS
                 ),
             ));
         }
@@ -366,6 +384,7 @@ mod tests {
         Event {
             id: "e1".into(),
             person: PersonKey::User("u1".into()),
+            linked: None,
             kind,
             time: Time(1_000 * DAY_MS),
             properties: Properties {
@@ -382,7 +401,7 @@ mod tests {
     fn check(kind: EventKind, edit: impl FnOnce(&mut Event), expected: Option<(&str, Reason)>) {
         let mut e = event(kind);
         edit(&mut e);
-        let got = e.validate(Time(1_000 * DAY_MS)).err();
+        let got = e.validate(Time(1_000 * DAY_MS), 90 * DAY_MS).err();
         let got = got.as_ref().map(|e| (e.field.as_str(), e.reason));
         assert_eq!(got, expected);
     }
@@ -407,6 +426,12 @@ mod tests {
             Some(("anonymous_id", Reason::TooLong)),
         );
         check(PageView, |e| e.time = e.time.plus_ms(DAY_MS), None);
+        check(PageView, |e| e.time = e.time.plus_ms(-90 * DAY_MS), None);
+        check(
+            PageView,
+            |e| e.time = e.time.plus_ms(-90 * DAY_MS - 1),
+            Some(("event_time", Reason::TooOld)),
+        );
         check(
             PageView,
             |e| e.time = e.time.plus_ms(DAY_MS + 1),

@@ -4,7 +4,11 @@
 //! - [`api`]: the gRPC edge; turns protocol messages into domain types and errors into
 //!   statuses. No protocol type goes past it.
 //! - [`event`]: `Event`, the validated domain type.
-//! - [`engine`]: owns the profiles, one shard thread per slice of people, and scores them.
+//! - [`identity`]: pseudonymization, and the aliases that make a visitor one person with
+//!   a known user.
+//! - [`engine`]: owns the profiles, one shard thread per slice of people; scores them and
+//!   commits their changes to the store (group commit) before answering.
+//! - [`store`]: durable profiles, aliases and idempotency records (fjall).
 //! - [`profile`]: a person's behavioral state, updated by `Profile::apply`.
 //! - [`features`]: the FeatureSpec and `extract(&Profile, now)`.
 //! - [`model`]: the `Scorer` trait, LightGBM and ONNX backends, manifests, the served set.
@@ -19,9 +23,11 @@ pub mod config;
 pub mod engine;
 pub mod event;
 pub mod features;
+pub mod identity;
 pub mod metrics;
 pub mod model;
 pub mod profile;
+pub mod store;
 pub mod time;
 
 /// Generated protocol types for `nudge.v1`. Only [`api`] and clients use these.

@@ -7,8 +7,8 @@
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::model::{LoadFailure, ModelSet};
@@ -40,6 +40,14 @@ pub struct Metrics {
     pub model_load_failures: IntCounterVec,
     /// People with a profile in memory.
     pub profiles: IntGauge,
+    /// Identity merges by outcome.
+    pub merges: IntCounterVec,
+    /// Erasures (DeleteUser).
+    pub erasures: IntCounter,
+    /// Time to commit one group of changes to the store (fsync included).
+    pub store_commit_duration: Histogram,
+    /// Store commits that failed.
+    pub store_errors: IntCounter,
 }
 
 impl Metrics {
@@ -115,12 +123,45 @@ impl Metrics {
                     .expect("unique metric");
                 g
             },
+            merges: counter(
+                "nudge_identity_merges_total",
+                "Identity merges by outcome.",
+                &["outcome"],
+            ),
+            erasures: {
+                let c = IntCounter::new("nudge_erasures_total", "People erased with DeleteUser.")
+                    .expect("valid metric");
+                registry
+                    .register(Box::new(c.clone()))
+                    .expect("unique metric");
+                c
+            },
+            store_commit_duration: {
+                let opts = HistogramOpts::new(
+                    "nudge_store_commit_duration_seconds",
+                    "Time to commit one group of changes to the store, fsync included.",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec());
+                let h = Histogram::with_opts(opts).expect("valid metric");
+                registry
+                    .register(Box::new(h.clone()))
+                    .expect("unique metric");
+                h
+            },
+            store_errors: {
+                let c = IntCounter::new("nudge_store_errors_total", "Store commits that failed.")
+                    .expect("valid metric");
+                registry
+                    .register(Box::new(c.clone()))
+                    .expect("unique metric");
+                c
+            },
             registry,
         };
         // Zero-valued series for the closed label sets, so dashboards and alerts see them
         // before the first failure.
         for reason in crate::event::Reason::ALL {
-            for rpc in ["Track", "Score"] {
+            for rpc in ["Track", "TrackStream", "Score"] {
                 metrics
                     .invalid_input
                     .with_label_values(&[rpc, reason.as_str()]);

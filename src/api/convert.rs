@@ -11,8 +11,9 @@ const MAX_TIMESTAMP_SECONDS: i64 = 253_402_300_799;
 /// The earliest (0001-01-01T00:00:00Z).
 const MIN_TIMESTAMP_SECONDS: i64 = -62_135_596_800;
 
-/// Turns a wire event into a validated domain event, judging its time against `now`.
-pub fn event(pb: pb::Event, now: Time) -> Result<Event, FieldError> {
+/// Turns a wire event into a validated domain event, judging its time against `now` and
+/// the retention window.
+pub fn event(pb: pb::Event, now: Time, retention_ms: i64) -> Result<Event, FieldError> {
     let pb::Event {
         event_id,
         user_id,
@@ -23,6 +24,9 @@ pub fn event(pb: pb::Event, now: Time) -> Result<Event, FieldError> {
         attributes,
     } = pb;
     let person = person_key(&user_id, &anonymous_id)?;
+    // Both ids: the visitor turned out to be this user.
+    let linked = (!user_id.is_empty() && !anonymous_id.is_empty())
+        .then_some(PersonKey::Anonymous(anonymous_id));
     let kind = event_kind(r#type)?;
     let time = event_time
         .map(|t| time("event_time", &t))
@@ -31,12 +35,13 @@ pub fn event(pb: pb::Event, now: Time) -> Result<Event, FieldError> {
     let event = Event {
         id: event_id,
         person,
+        linked,
         kind,
         time,
         properties: properties.map(self::properties).unwrap_or_default(),
         attributes: attributes.into_iter().collect(),
     };
-    event.validate(now)?;
+    event.validate(now, retention_ms)?;
     Ok(event)
 }
 

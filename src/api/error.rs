@@ -28,6 +28,8 @@ impl From<ApiError> for Status {
             ApiError::Invalid(_) => Status::invalid_argument(message),
             ApiError::Engine(EngineError::Overloaded) => Status::resource_exhausted(message),
             ApiError::Engine(EngineError::ShuttingDown) => Status::unavailable(message),
+            ApiError::Engine(EngineError::Store(_)) => Status::unavailable(message),
+            ApiError::Engine(EngineError::Conflict(_)) => Status::failed_precondition(message),
             ApiError::Model { .. } => Status::internal(message),
             ApiError::NotFound(_) => Status::not_found(message),
             ApiError::NoModels => Status::unavailable(message),

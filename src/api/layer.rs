@@ -15,7 +15,15 @@ use crate::event::Reason;
 use crate::metrics::Metrics;
 
 /// The RPCs of `nudge.v1.NudgeService`, the metric label for each.
-const RPCS: &[&str] = &["Track", "Score", "GetProfile", "ListModels"];
+const RPCS: &[&str] = &[
+    "Track",
+    "TrackStream",
+    "Identify",
+    "DeleteUser",
+    "Score",
+    "GetProfile",
+    "ListModels",
+];
 
 #[derive(Clone)]
 pub struct MetricsLayer {

@@ -6,37 +6,122 @@ pub mod convert;
 pub mod error;
 pub mod layer;
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
-use tonic::{Request, Response, Status};
+use futures_util::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
 
-use crate::engine::{Engine, Scores};
+use crate::engine::{Engine, Merge, Outcome, Scores};
+use crate::event::PersonKey;
 use crate::event::{FieldError, Reason};
 use crate::features::{self, FeatureRow, FeatureSpec};
+use crate::identity::Pseudonymizer;
 use crate::metrics::Metrics;
 use crate::model::{Model, ModelRegistry};
 use crate::pb;
 use crate::time::Clock;
 pub use error::ApiError;
 
+/// Batches one TrackStream works on at once; more wait in HTTP/2 flow control.
+const STREAM_IN_FLIGHT: usize = 8;
+
 /// Request limits the API enforces.
 #[derive(Debug, Clone)]
 pub struct Limits {
     pub max_batch_events: usize,
     pub max_score_rows: usize,
+    /// Events older than this are refused.
+    pub retention_ms: i64,
 }
 
 /// The `nudge.v1.NudgeService` implementation.
+#[derive(Clone)]
 pub struct NudgeApi {
     pub engine: Arc<Engine>,
     pub models: Arc<ModelRegistry>,
     pub clock: Arc<dyn Clock>,
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
+    pub pseudonymizer: Pseudonymizer,
 }
 
 impl NudgeApi {
+    /// The person a request names, pseudonymized.
+    fn person(&self, rpc: &str, pb: Option<pb::PersonRef>) -> Result<PersonKey, ApiError> {
+        convert::person(pb, "person")
+            .map(|p| self.pseudonymizer.person(p))
+            .map_err(|e| self.refuse(rpc, e))
+    }
+
+    /// Validates, applies and answers a batch of events (Track and TrackStream).
+    async fn track_batch(
+        &self,
+        rpc: &str,
+        events: Vec<pb::Event>,
+    ) -> Result<Vec<pb::EventResult>, ApiError> {
+        let now = self.clock.now();
+        self.check_count(rpc, "events", events.len(), self.limits.max_batch_events)?;
+
+        let mut results = Vec::with_capacity(events.len());
+        let mut valid = Vec::with_capacity(events.len());
+        for (i, event) in events.into_iter().enumerate() {
+            let event_id = event.event_id.clone();
+            let type_label = convert::event_kind(event.r#type).map_or("unknown", |k| k.as_str());
+            let mut result = pb::EventResult {
+                event_id,
+                status: pb::EventStatus::Accepted.into(),
+                error: None,
+                scores: Vec::new(),
+            };
+            match convert::event(event, now, self.limits.retention_ms) {
+                Ok(event) => valid.push((i, self.pseudonymizer.event(event))),
+                Err(e) => {
+                    let e = e.under(&format!("events[{i}]"));
+                    self.metrics
+                        .events
+                        .with_label_values(&[type_label, "rejected"])
+                        .inc();
+                    self.metrics
+                        .invalid_input
+                        .with_label_values(&[rpc, e.reason.as_str()])
+                        .inc();
+                    result.status = pb::EventStatus::Rejected.into();
+                    result.error = Some(convert::field_error(&e));
+                }
+            }
+            results.push(result);
+        }
+
+        let kinds: Vec<&'static str> = valid.iter().map(|(_, e)| e.kind.as_str()).collect();
+        let tracked = self.engine.track(valid, now).await?;
+        for ((i, outcome), kind) in tracked.into_iter().zip(kinds) {
+            let (status, outcome_label, scores) = match outcome {
+                Outcome::Accepted(scores) => (pb::EventStatus::Accepted, "accepted", scores),
+                Outcome::Duplicate(scores) => (pb::EventStatus::Duplicate, "duplicate", scores),
+            };
+            self.metrics
+                .events
+                .with_label_values(&[kind, outcome_label])
+                .inc();
+            results[i].status = status.into();
+            // The event is applied; a model that failed is logged and counted, and the
+            // event still answers with the scores that succeeded.
+            results[i].scores = scores
+                .into_iter()
+                .filter_map(|s| match s {
+                    Ok(s) => Some(model_score(&s.model, s.probability)),
+                    Err((model, error)) => {
+                        tracing::error!(model = %model.manifest.name, %error, "scoring after an event failed");
+                        None
+                    }
+                })
+                .collect();
+        }
+        Ok(results)
+    }
+
     /// Counts a refused input and turns it into the error to answer with.
     fn refuse(&self, rpc: &str, e: FieldError) -> ApiError {
         self.metrics
@@ -160,77 +245,77 @@ impl pb::nudge_service_server::NudgeService for NudgeApi {
         &self,
         request: Request<pb::TrackRequest>,
     ) -> Result<Response<pb::TrackResponse>, Status> {
-        let now = self.clock.now();
         let pb::TrackRequest { events } = request.into_inner();
-        self.check_count(
-            "Track",
-            "events",
-            events.len(),
-            self.limits.max_batch_events,
-        )?;
+        let results = self.track_batch("Track", events).await?;
+        Ok(Response::new(pb::TrackResponse { results }))
+    }
 
-        let mut results = Vec::with_capacity(events.len());
-        let mut valid = Vec::with_capacity(events.len());
-        for (i, event) in events.into_iter().enumerate() {
-            let event_id = event.event_id.clone();
-            let type_label = convert::event_kind(event.r#type).map_or("unknown", |k| k.as_str());
-            match convert::event(event, now) {
-                Ok(event) => valid.push((i, event)),
-                Err(e) => {
-                    let e = e.under(&format!("events[{i}]"));
-                    self.metrics
-                        .events
-                        .with_label_values(&[type_label, "rejected"])
-                        .inc();
-                    self.metrics
-                        .invalid_input
-                        .with_label_values(&["Track", e.reason.as_str()])
-                        .inc();
-                    results.push(pb::EventResult {
-                        event_id,
-                        status: pb::EventStatus::Rejected.into(),
-                        error: Some(convert::field_error(&e)),
-                        scores: Vec::new(),
-                    });
-                    continue;
+    type TrackStreamStream =
+        Pin<Box<dyn Stream<Item = Result<pb::TrackStreamResponse, Status>> + Send + 'static>>;
+
+    async fn track_stream(
+        &self,
+        request: Request<Streaming<pb::TrackStreamRequest>>,
+    ) -> Result<Response<Self::TrackStreamStream>, Status> {
+        let api = self.clone();
+        // A few batches in flight per stream, answered in order; a failed batch (overload,
+        // store failure) ends the stream with its status, and the caller resends from the
+        // first batch it has no acknowledgement for.
+        let acks = request
+            .into_inner()
+            .map(move |message| {
+                let api = api.clone();
+                async move {
+                    let pb::TrackStreamRequest { sequence, events } = message?;
+                    let results = api.track_batch("TrackStream", events).await?;
+                    Ok(pb::TrackStreamResponse { sequence, results })
                 }
-            }
-            results.push(pb::EventResult {
-                event_id,
-                status: pb::EventStatus::Accepted.into(),
-                error: None,
-                scores: Vec::new(),
-            });
-        }
+            })
+            .buffered(STREAM_IN_FLIGHT);
+        Ok(Response::new(Box::pin(acks)))
+    }
 
-        let kinds: Vec<(usize, &'static str)> =
-            valid.iter().map(|(i, e)| (*i, e.kind.as_str())).collect();
-        let tracked = self
+    async fn identify(
+        &self,
+        request: Request<pb::IdentifyRequest>,
+    ) -> Result<Response<pb::IdentifyResponse>, Status> {
+        let pb::IdentifyRequest {
+            anonymous_id,
+            user_id,
+        } = request.into_inner();
+        for (field, id) in [("anonymous_id", &anonymous_id), ("user_id", &user_id)] {
+            if id.is_empty() {
+                return Err(self
+                    .refuse(
+                        "Identify",
+                        FieldError::new(field, Reason::Missing, "is required"),
+                    )
+                    .into());
+            }
+        }
+        convert::person_key(&user_id, &anonymous_id).map_err(|e| self.refuse("Identify", e))?;
+        let anonymous = self
+            .pseudonymizer
+            .person(PersonKey::Anonymous(anonymous_id));
+        let user = self.pseudonymizer.person(PersonKey::User(user_id));
+        let merged = self
             .engine
-            .track(valid, now)
+            .merge(anonymous, user)
             .await
             .map_err(ApiError::from)?;
-        for (_, kind) in &kinds {
-            self.metrics
-                .events
-                .with_label_values(&[kind, "accepted"])
-                .inc();
-        }
-        for (i, scores) in tracked {
-            // The event is applied; a model that failed is logged and counted, and the
-            // event still answers with the scores that succeeded.
-            results[i].scores = scores
-                .into_iter()
-                .filter_map(|s| match s {
-                    Ok(s) => Some(model_score(&s.model, s.probability)),
-                    Err((model, error)) => {
-                        tracing::error!(model = %model.manifest.name, %error, "scoring after an event failed");
-                        None
-                    }
-                })
-                .collect();
-        }
-        Ok(Response::new(pb::TrackResponse { results }))
+        Ok(Response::new(pb::IdentifyResponse {
+            merged: merged == Merge::Merged,
+        }))
+    }
+
+    async fn delete_user(
+        &self,
+        request: Request<pb::DeleteUserRequest>,
+    ) -> Result<Response<pb::DeleteUserResponse>, Status> {
+        let pb::DeleteUserRequest { person } = request.into_inner();
+        let person = self.person("DeleteUser", person)?;
+        let existed = self.engine.erase(person).await.map_err(ApiError::from)?;
+        Ok(Response::new(pb::DeleteUserResponse { existed }))
     }
 
     async fn score(
@@ -291,9 +376,12 @@ impl pb::nudge_service_server::NudgeService for NudgeApi {
         &self,
         request: Request<pb::GetProfileRequest>,
     ) -> Result<Response<pb::GetProfileResponse>, Status> {
-        let now = self.clock.now();
-        let pb::GetProfileRequest { person } = request.into_inner();
-        let person = convert::person(person, "person").map_err(|e| self.refuse("GetProfile", e))?;
+        let pb::GetProfileRequest { person, as_of } = request.into_inner();
+        let person = self.person("GetProfile", person)?;
+        let now = match as_of {
+            Some(t) => convert::time("as_of", &t).map_err(|e| self.refuse("GetProfile", e))?,
+            None => self.clock.now(),
+        };
         let profile = self
             .engine
             .profile(person)

@@ -374,6 +374,7 @@ mod tests {
         Event {
             id: "e".into(),
             person: PersonKey::User("u".into()),
+            linked: None,
             kind,
             time: at,
             properties: Properties {

@@ -28,7 +28,6 @@ pub struct Session {
     pub product_views: u32,
     pub distinct_products: u32,
     /// Hashes of the distinct products, sorted; kept for the latest session only.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub products: Vec<u64>,
     /// Time on product pages counted so far.
     pub product_time_ms: i64,

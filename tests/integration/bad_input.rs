@@ -88,6 +88,7 @@ async fn each_bad_event_is_reported_on_its_own_and_the_good_ones_apply() {
     let missing = client
         .get_profile(pb::GetProfileRequest {
             person: person("u"),
+            as_of: None,
         })
         .await
         .unwrap_err();

@@ -147,7 +147,10 @@ async fn scripted_session_moves_features_to_exact_values() {
     assert_feature(&f, "visit_trend", 1.0 / 3.0);
 
     let profile = client
-        .get_profile(pb::GetProfileRequest { person: person(u) })
+        .get_profile(pb::GetProfileRequest {
+            person: person(u),
+            as_of: None,
+        })
         .await
         .unwrap()
         .into_inner();

@@ -29,6 +29,7 @@ async fn metrics_cover_requests_events_models_and_never_a_person() {
     let _ = client
         .get_profile(pb::GetProfileRequest {
             person: person("nobody"),
+            as_of: None,
         })
         .await;
     let text = server.metrics().await;
@@ -214,6 +215,7 @@ fn free_port() -> u16 {
 #[tokio::test]
 async fn the_binary_serves_and_exits_zero_on_sigterm() {
     let (grpc, metrics) = (free_port(), free_port());
+    let data = tempfile::tempdir().unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_nudge"))
         .args([
             "serve",
@@ -225,6 +227,7 @@ async fn the_binary_serves_and_exits_zero_on_sigterm() {
             &format!("127.0.0.1:{metrics}"),
         ])
         .current_dir(repo_path(""))
+        .env("NUDGE__STORE__DIR", data.path())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()

@@ -33,6 +33,8 @@ pub fn test_config() -> Config {
 }
 
 pub struct TestServer {
+    /// The store's directory, when the server made its own.
+    _data: Option<tempfile::TempDir>,
     pub grpc_addr: std::net::SocketAddr,
     pub metrics_addr: std::net::SocketAddr,
     pub clock: Arc<ManualClock>,
@@ -45,7 +47,13 @@ impl TestServer {
         TestServer::start_with(test_config()).await
     }
 
-    pub async fn start_with(config: Config) -> TestServer {
+    /// Starts a server; unless the config names a store directory, it gets a fresh one.
+    pub async fn start_with(mut config: Config) -> TestServer {
+        let data = (config.store.dir == Config::default().store.dir).then(|| {
+            let dir = tempfile::tempdir().unwrap();
+            config.store.dir = dir.path().to_owned();
+            dir
+        });
         let clock = Arc::new(ManualClock::new(T0));
         let server = Server::bind(config, clock.clone())
             .await
@@ -57,6 +65,7 @@ impl TestServer {
             let _ = stopped.await;
         }));
         TestServer {
+            _data: data,
             grpc_addr,
             metrics_addr,
             clock,
@@ -153,6 +162,7 @@ pub async fn features(
     client
         .get_profile(pb::GetProfileRequest {
             person: person(user),
+            as_of: None,
         })
         .await
         .expect("profile exists")

@@ -117,6 +117,7 @@ mod tests {
         Event {
             id: "e".into(),
             person: PersonKey::User("u".into()),
+            linked: None,
             kind,
             time: t,
             properties: Properties::default(),

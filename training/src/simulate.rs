@@ -272,6 +272,7 @@ impl PersonSim {
         self.events.push(Event {
             id,
             person: self.person.clone(),
+            linked: None,
             kind,
             time,
             properties,
@@ -423,7 +424,8 @@ mod tests {
             assert!(x.events.windows(2).all(|w| w[0].time <= w[1].time));
             let end = config().start.plus_ms(config().days * DAY_MS);
             for e in &x.events {
-                e.validate(end).expect("simulated events are valid");
+                e.validate(end, 400 * DAY_MS)
+                    .expect("simulated events are valid");
             }
         }
     }
