@@ -49,6 +49,12 @@ enum Command {
         #[arg(long)]
         onnxruntime_library: Option<PathBuf>,
     },
+    /// Rewrite the store with only its live data, so that erased people leave the files at
+    /// once. Offline: stop the server first.
+    Compact {
+        #[arg(long, default_value = "config/nudge.toml")]
+        config: PathBuf,
+    },
     /// Print the FeatureSpec: names, or names with definitions as Markdown or JSON.
     Features {
         #[arg(long, value_enum, default_value = "names")]
@@ -94,6 +100,18 @@ fn main() -> anyhow::Result<()> {
             dir,
             onnxruntime_library,
         } => check_models(&dir, onnxruntime_library),
+        Command::Compact { config } => {
+            let config = load_config(&config)?;
+            let before = dir_size(&config.store.dir);
+            nudge::store::Store::vacuum(&config.store.dir)
+                .with_context(|| format!("compacting {}", config.store.dir.display()))?;
+            println!(
+                "compacted {}: {before} -> {} bytes",
+                config.store.dir.display(),
+                dir_size(&config.store.dir)
+            );
+            Ok(())
+        }
         Command::Features { format } => {
             print_features(format);
             Ok(())
@@ -170,6 +188,21 @@ fn check_models(dir: &std::path::Path, library: Option<PathBuf>) -> anyhow::Resu
     } else {
         anyhow::bail!("{} model(s) refused", failures.len())
     }
+}
+
+fn dir_size(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| match e.metadata() {
+                    Ok(m) if m.is_dir() => dir_size(&e.path()),
+                    Ok(m) => m.len(),
+                    Err(_) => 0,
+                })
+                .sum()
+        })
+        .unwrap_or(0)
 }
 
 fn print_features(format: FeaturesFormat) {

@@ -109,6 +109,11 @@ fn prefix(person: &PersonKey) -> Vec<u8> {
     p
 }
 
+/// Where a vacuum puts the old database while it swaps in the new one.
+fn aside_path(dir: &Path) -> std::path::PathBuf {
+    dir.with_extension("vacuum-old")
+}
+
 fn seen_key(person: &PersonKey, event_id: &str) -> Vec<u8> {
     let mut k = prefix(person);
     k.extend_from_slice(event_id.as_bytes());
@@ -118,6 +123,11 @@ fn seen_key(person: &PersonKey, event_id: &str) -> Vec<u8> {
 impl Store {
     /// Opens (or creates) the database in `dir`, replaying its journal.
     pub fn open(dir: &Path, sync: SyncMode) -> Result<Store, StoreError> {
+        // A vacuum that stopped between its two renames left the old database aside.
+        let aside = aside_path(dir);
+        if !dir.exists() && aside.exists() {
+            std::fs::rename(&aside, dir)?;
+        }
         std::fs::create_dir_all(dir)?;
         let db = Database::builder(dir).open()?;
         let open = |name: &str| db.keyspace(name, KeyspaceCreateOptions::default);
@@ -270,6 +280,42 @@ impl Store {
             keyspace.major_compact()?;
         }
         self.sync_now()
+    }
+
+    /// Rewrites the database in `dir` with only its live data, like SQLite's VACUUM: the
+    /// files afterwards hold nothing that was deleted, whatever the journal still held.
+    /// Offline: nothing else may have the database open.
+    pub fn vacuum(dir: &Path) -> Result<(), StoreError> {
+        let fresh_dir = dir.with_extension("vacuum");
+        if fresh_dir.exists() {
+            std::fs::remove_dir_all(&fresh_dir)?;
+        }
+        {
+            let old = Store::open(dir, SyncMode::Always)?;
+            let fresh = Store::open(&fresh_dir, SyncMode::Always)?;
+            for (from, to) in [
+                (&old.profiles, &fresh.profiles),
+                (&old.aliases, &fresh.aliases),
+                (&old.members, &fresh.members),
+                (&old.seen, &fresh.seen),
+            ] {
+                let mut batch = fresh.db.batch();
+                for item in from.iter() {
+                    let (k, v) = item.into_inner()?;
+                    batch.insert(to, k, v);
+                    if batch.len() >= 10_000 {
+                        std::mem::replace(&mut batch, fresh.db.batch()).commit()?;
+                    }
+                }
+                batch.commit()?;
+            }
+            fresh.compact()?;
+        }
+        let aside = aside_path(dir);
+        std::fs::rename(dir, &aside)?;
+        std::fs::rename(&fresh_dir, dir)?;
+        std::fs::remove_dir_all(&aside)?;
+        Ok(())
     }
 
     pub fn disk_space(&self) -> u64 {

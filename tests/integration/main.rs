@@ -1,7 +1,9 @@
 //! Nudge's integration tests: one binary, real gRPC over loopback sockets, real models.
 
 mod bad_input;
+mod durability;
 mod features;
+mod identity;
 mod models;
 mod operations;
 mod parity;
