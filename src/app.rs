@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
 use crate::api::{layer::MetricsLayer, Limits, NudgeApi};
@@ -216,7 +216,13 @@ impl Server {
                 .add_service(reflection)
                 .add_service(reflection_alpha)
                 .add_service(nudge)
-                .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), grpc_stop),
+                .serve_with_incoming_shutdown(
+                    // Small HTTP/2 frames (acknowledgements) must not wait for Nagle.
+                    TcpIncoming::from(grpc)
+                        .with_nodelay(Some(true))
+                        .with_keepalive(Some(Duration::from_secs(60))),
+                    grpc_stop,
+                ),
         );
 
         shutdown.await;

@@ -238,7 +238,7 @@ impl Store {
             }
         }
         let batch = match self.sync {
-            SyncMode::Always => batch.durability(Some(PersistMode::SyncAll)),
+            SyncMode::Always => batch.durability(Some(PersistMode::SyncData)),
             SyncMode::Interval(_) => batch,
         };
         batch.commit()?;

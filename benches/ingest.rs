@@ -1,0 +1,289 @@
+//! Ingest benchmark, through the real gRPC server on loopback with the default durable mode
+//! (fsync before every acknowledgement, group commit) and both default models scoring:
+//!
+//! 1. sustained TrackStream throughput: several streams send batches as fast as flow
+//!    control lets them, for a fixed time;
+//! 2. acknowledgement latency at half that rate: batches paced evenly, p50/p99 from send
+//!    to acknowledgement;
+//! 3. memory per person: resident memory growth after loading `NUDGE_BENCH_PEOPLE` people
+//!    (default 1,000,000) through the engine, divided by people;
+//! 4. time from start to SERVING with those people stored.
+//!
+//! `cargo bench --bench ingest` (or `scripts/bench.sh ingest`). Set NUDGE_BENCH_PEOPLE lower
+//! for a quick run.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nudge::app::Server;
+use nudge::config::Config;
+use nudge::pb::{self, nudge_service_client::NudgeServiceClient};
+use nudge::time::{Clock, SystemClock, Time, MINUTE_MS};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+
+const STREAMS: usize = 4;
+const BATCH: usize = 100;
+const THROUGHPUT_SECONDS: u64 = 15;
+const LATENCY_SECONDS: u64 = 15;
+
+fn config(dir: &std::path::Path) -> Config {
+    let mut config = Config::default();
+    config.server.grpc_addr = "127.0.0.1:0".parse().unwrap();
+    config.server.metrics_addr = "127.0.0.1:0".parse().unwrap();
+    config.models.dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+    config.store.dir = dir.to_owned();
+    config.engine.queue_capacity = 4096;
+    config
+}
+
+/// A realistic mix for `person`, the `i`-th event overall.
+fn event(i: u64, person: u64, now: Time) -> pb::Event {
+    let kinds = [
+        pb::EventType::PageView,
+        pb::EventType::ProductView,
+        pb::EventType::ProductView,
+        pb::EventType::Search,
+        pb::EventType::ProductView,
+        pb::EventType::AddToCart,
+        pb::EventType::CheckoutStarted,
+        pb::EventType::Purchase,
+    ];
+    pb::Event {
+        event_id: format!("b{i}"),
+        user_id: format!("bench-{person}"),
+        anonymous_id: String::new(),
+        r#type: kinds[(i % kinds.len() as u64) as usize].into(),
+        event_time: Some(nudge::api::convert::timestamp(now.plus_ms(-MINUTE_MS))),
+        properties: Some(pb::EventProperties {
+            product_id: Some(format!("sku-{}", i % 500)),
+            category: Some(format!("cat-{}", i % 12)),
+            price: Some(10.0 + (i % 90) as f64),
+            order_value: Some(60.0),
+            dwell_seconds: (i % 2 == 0).then_some(20.0),
+            ..Default::default()
+        }),
+        attributes: Default::default(),
+    }
+}
+
+fn percentile(sorted: &[Duration], q: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e3
+}
+
+fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+async fn start(
+    dir: &std::path::Path,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+    String,
+    Duration,
+) {
+    let started = Instant::now();
+    let server = Server::bind(config(dir), Arc::new(SystemClock))
+        .await
+        .unwrap();
+    let addr = format!("http://{}", server.grpc_addr());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(server.run(async {
+        let _ = stopped.await;
+    }));
+    // SERVING: the health check answers.
+    loop {
+        if let Ok(channel) = tonic::transport::Channel::from_shared(addr.clone())
+            .unwrap()
+            .connect()
+            .await
+        {
+            let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+            let request = tonic_health::pb::HealthCheckRequest {
+                service: "nudge.v1.NudgeService".into(),
+            };
+            if health
+                .check(request)
+                .await
+                .is_ok_and(|r| r.into_inner().status == 1)
+            {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    (stop, task, addr, started.elapsed())
+}
+
+/// One stream: sends batches from `next` at `pace` (or flat out), returns ack latencies.
+async fn stream(
+    addr: String,
+    stream_id: u64,
+    until: Instant,
+    pace: Option<Duration>,
+) -> Vec<Duration> {
+    let mut client = NudgeServiceClient::connect(addr).await.unwrap();
+    let (tx, rx) = mpsc::channel::<pb::TrackStreamRequest>(16);
+    let sent_at = Arc::new(std::sync::Mutex::new(std::collections::HashMap::<
+        u64,
+        Instant,
+    >::new()));
+    let sender = {
+        let sent_at = sent_at.clone();
+        tokio::spawn(async move {
+            let mut seq = 0u64;
+            let mut tick = pace.map(tokio::time::interval);
+            while Instant::now() < until {
+                if let Some(tick) = tick.as_mut() {
+                    tick.tick().await;
+                }
+                let now = SystemClock.now();
+                let base = (stream_id << 40) + seq * BATCH as u64;
+                let events = (0..BATCH as u64)
+                    .map(|k| event(base + k, (base + k) % 50_000, now))
+                    .collect();
+                sent_at.lock().unwrap().insert(seq, Instant::now());
+                if tx
+                    .send(pb::TrackStreamRequest {
+                        sequence: seq,
+                        events,
+                    })
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                seq += 1;
+            }
+        })
+    };
+    let mut acks = client
+        .track_stream(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut latencies = Vec::new();
+    while let Some(ack) = acks.next().await {
+        let ack = ack.expect("no batch is refused at this load");
+        if let Some(sent) = sent_at.lock().unwrap().remove(&ack.sequence) {
+            latencies.push(sent.elapsed());
+        }
+    }
+    sender.await.unwrap();
+    latencies
+}
+
+async fn run(
+    streams: usize,
+    seconds: u64,
+    pace: Option<Duration>,
+    addr: &str,
+) -> (f64, Vec<Duration>) {
+    let until = Instant::now() + Duration::from_secs(seconds);
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..streams)
+        .map(|s| {
+            tokio::spawn(stream(
+                addr.to_owned(),
+                s as u64 + if pace.is_some() { 100 } else { 0 },
+                until,
+                pace,
+            ))
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    for t in tasks {
+        latencies.extend(t.await.unwrap());
+    }
+    let rate = (latencies.len() * BATCH) as f64 / started.elapsed().as_secs_f64();
+    latencies.sort();
+    (rate, latencies)
+}
+
+fn main() {
+    let people: u64 = std::env::var("NUDGE_BENCH_PEOPLE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let (stop, task, addr, _) = start(dir.path()).await;
+        println!("Ingest over TrackStream: {STREAMS} streams, {BATCH} events per batch, default durable mode (fsync per group commit), purchase + churn scoring");
+        let (rate, latencies) = run(STREAMS, THROUGHPUT_SECONDS, None, &addr).await;
+        println!(
+            "  sustained: {rate:>9.0} events/s over {THROUGHPUT_SECONDS} s (ack p50 {:.1} ms, p99 {:.1} ms at full load)",
+            percentile(&latencies, 0.5),
+            percentile(&latencies, 0.99)
+        );
+        for (label, target) in [("half rate", rate / 2.0), ("10,000/s", 10_000.0)] {
+            let per_stream_batches = target / BATCH as f64 / STREAMS as f64;
+            let pace = Duration::from_secs_f64(1.0 / per_stream_batches);
+            let (paced_rate, latencies) = run(STREAMS, LATENCY_SECONDS, Some(pace), &addr).await;
+            println!(
+                "  at {label:<9}: {paced_rate:>9.0} events/s: ack latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} batches)",
+                percentile(&latencies, 0.5),
+                percentile(&latencies, 0.99),
+                percentile(&latencies, 1.0),
+                latencies.len()
+            );
+        }
+        let _ = stop.send(());
+        task.await.unwrap().unwrap();
+
+        // Memory per person: load people through a fresh server, one batch per 100 people.
+        let dir = tempfile::tempdir().unwrap();
+        let (stop, task, addr, _) = start(dir.path()).await;
+        let rss_before = rss_bytes();
+        let started = Instant::now();
+        let mut client = NudgeServiceClient::connect(addr.clone()).await.unwrap();
+        let (tx, rx) = mpsc::channel::<pb::TrackStreamRequest>(16);
+        let feeder = tokio::spawn(async move {
+            let now = SystemClock.now();
+            for chunk in 0..people.div_ceil(100) {
+                let events = (0..300u64)
+                    .map(|k| {
+                        let person = chunk * 100 + k / 3;
+                        event(person * 3 + k % 3 + (1 << 50), person + (1 << 40), now)
+                    })
+                    .collect();
+                if tx.send(pb::TrackStreamRequest { sequence: chunk, events }).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let mut acks = client.track_stream(ReceiverStream::new(rx)).await.unwrap().into_inner();
+        let mut acked = 0u64;
+        while let Some(ack) = acks.next().await {
+            ack.unwrap();
+            acked += 1;
+        }
+        feeder.await.unwrap();
+        let load_time = started.elapsed();
+        let rss_after = rss_bytes();
+        println!(
+            "  loaded {people} people (3 events each, {acked} batches) in {:.1} s: resident memory {:.0} MiB -> {:.0} MiB, {:.0} bytes per person",
+            load_time.as_secs_f64(),
+            rss_before as f64 / 1048576.0,
+            rss_after as f64 / 1048576.0,
+            (rss_after.saturating_sub(rss_before)) as f64 / people as f64
+        );
+        let _ = stop.send(());
+        task.await.unwrap().unwrap();
+
+        let (stop, task, _, to_serving) = start(dir.path()).await;
+        println!("  start to SERVING with {people} people stored: {:.2} s", to_serving.as_secs_f64());
+        let _ = stop.send(());
+        task.await.unwrap().unwrap();
+    });
+}
