@@ -43,9 +43,20 @@ fn file_containing(dir: &Path, needle: &[u8]) -> Option<std::path::PathBuf> {
 
 #[tokio::test]
 async fn acknowledged_events_survive_a_restart() {
+    survive_a_restart(nudge::config::SyncPolicy::Always).await;
+}
+
+#[tokio::test]
+async fn acknowledged_events_survive_a_restart_in_interval_mode() {
+    survive_a_restart(nudge::config::SyncPolicy::Interval).await;
+}
+
+async fn survive_a_restart(sync: nudge::config::SyncPolicy) {
     let data = tempfile::tempdir().unwrap();
     let mut config = test_config();
     config.store.dir = data.path().to_owned();
+    config.store.sync = sync;
+    config.store.sync_interval_ms = 20;
 
     let server = TestServer::start_with(config.clone()).await;
     let mut client = server.client().await;
