@@ -15,7 +15,8 @@ use crate::config::Config;
 use crate::engine::{Engine, EngineOptions};
 use crate::identity::{Identities, Pseudonymizer};
 use crate::metrics::Metrics;
-use crate::model::{LoadOptions, ModelRegistry, ModelSet};
+use crate::model::reload::{self, Reloader};
+use crate::model::{LoadOptions, ModelRegistry};
 use crate::pb;
 use crate::pb::nudge_service_server::NudgeServiceServer;
 use crate::store::{Store, SyncMode};
@@ -69,8 +70,14 @@ impl Server {
             max_file_bytes: config.models.max_file_bytes,
             onnxruntime_library: config.onnxruntime_library(),
         };
-        let (set, failures) = ModelSet::load_dir(&config.models.dir, &options, clock.now())
-            .with_context(|| format!("loading models from {}", config.models.dir.display()))?;
+        let (models, failures) = {
+            let dir = config.models.dir.clone();
+            let now = clock.now();
+            tokio::task::spawn_blocking(move || ModelRegistry::open(&dir, options, now))
+                .await?
+                .with_context(|| format!("loading models from {}", config.models.dir.display()))?
+        };
+        let set = models.current();
         for failure in &failures {
             tracing::error!(
                 manifest = %failure.manifest.display(),
@@ -98,7 +105,7 @@ impl Server {
             config,
             clock,
             metrics,
-            models: Arc::new(ModelRegistry::new(set)),
+            models: Arc::new(models),
             store: Arc::new(store),
             identities,
             pseudonymizer,
@@ -150,6 +157,26 @@ impl Server {
         ));
         // Live as soon as it listens; ready to score once a model is loaded.
         let ready = !models.current().is_empty();
+        let (health, health_service) = tonic_health::server::health_reporter();
+        let reloader = Arc::new(Reloader::new(
+            models.clone(),
+            metrics.clone(),
+            clock.clone(),
+            {
+                let health = health.clone();
+                move |ready| {
+                    let health = health.clone();
+                    tokio::spawn(async move {
+                        let status = if ready {
+                            ServingStatus::Serving
+                        } else {
+                            ServingStatus::NotServing
+                        };
+                        health.set_service_status(SERVICE_NAME, status).await;
+                    });
+                }
+            },
+        ));
         let api = NudgeApi {
             engine: engine.clone(),
             models,
@@ -161,9 +188,8 @@ impl Server {
                 retention_ms: config.store.retention_days as i64 * DAY_MS,
             },
             pseudonymizer,
+            reloader: reloader.clone(),
         };
-
-        let (health, health_service) = tonic_health::server::health_reporter();
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -197,6 +223,20 @@ impl Server {
         let metrics_addr = metrics_listener.local_addr()?;
         tracing::info!(%grpc_addr, %metrics_addr, "serving");
 
+        // Reloads: on file changes, SIGHUP and ReloadModels, one at a time.
+        let (triggers, trigger_rx) = tokio::sync::mpsc::channel(1);
+        let _watcher = match config.models.watch {
+            true => match reload::watch(&config.models.dir, triggers.clone()) {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot watch the models directory; reload with SIGHUP or ReloadModels");
+                    None
+                }
+            },
+            false => None,
+        };
+        tokio::spawn(reloader.clone().run(trigger_rx));
+        let hangups = tokio::spawn(reload_on_hangup(triggers, wait_for_stop(stop_rx.clone())));
         let maintenance = tokio::spawn(maintain(
             store.clone(),
             clock.clone(),
@@ -247,6 +287,7 @@ impl Server {
             Err(_) => tracing::warn!("engine still referenced at shutdown; not joining shards"),
         }
         let _ = maintenance.await;
+        let _ = hangups.await;
         tokio::task::spawn_blocking(move || store.sync_now())
             .await?
             .context("syncing the store at shutdown")?;
@@ -300,6 +341,30 @@ async fn maintain(
                     Ok(Err(e)) => tracing::error!(error = %e, "expiring idempotency records failed"),
                     Err(e) => tracing::error!(error = %e, "expiring idempotency records panicked"),
                 }
+            }
+        }
+    }
+}
+
+/// Sends a reload trigger on every SIGHUP until `stop`.
+async fn reload_on_hangup(
+    triggers: tokio::sync::mpsc::Sender<&'static str>,
+    stop: impl Future<Output = ()>,
+) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP");
+            return;
+        }
+    };
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            Some(()) = hangups.recv() => {
+                let _ = triggers.try_send("SIGHUP");
             }
         }
     }

@@ -85,6 +85,8 @@ pub struct ModelsConfig {
     pub dir: PathBuf,
     /// The largest model file accepted, in bytes.
     pub max_file_bytes: u64,
+    /// Reload when files in `dir` change (SIGHUP and ReloadModels work either way).
+    pub watch: bool,
     /// The ONNX Runtime shared library; when empty, `ORT_DYLIB_PATH`, then
     /// `libonnxruntime.so` on the library path. Only read once an ONNX model loads.
     pub onnxruntime_library: String,
@@ -145,6 +147,7 @@ impl Default for ModelsConfig {
         ModelsConfig {
             dir: PathBuf::from("models"),
             max_file_bytes: 256 * 1024 * 1024,
+            watch: true,
             onnxruntime_library: String::new(),
         }
     }

@@ -49,6 +49,14 @@ enum Command {
         #[arg(long)]
         onnxruntime_library: Option<PathBuf>,
     },
+    /// Serve a model's previous version again (swaps its manifest with the kept previous
+    /// one; a running server picks it up). Run again to undo.
+    Rollback {
+        /// The model's name.
+        name: String,
+        #[arg(long, default_value = "models")]
+        models: PathBuf,
+    },
     /// Rewrite the store with only its live data, so that erased people leave the files at
     /// once. Offline: stop the server first.
     Compact {
@@ -100,6 +108,12 @@ fn main() -> anyhow::Result<()> {
             dir,
             onnxruntime_library,
         } => check_models(&dir, onnxruntime_library),
+        Command::Rollback { name, models } => {
+            let (from, to) = nudge::model::publish::rollback(&models, &name)
+                .with_context(|| format!("rolling back {name} in {}", models.display()))?;
+            println!("{name}: {from} -> {to}");
+            Ok(())
+        }
         Command::Compact { config } => {
             let config = load_config(&config)?;
             let before = dir_size(&config.store.dir);

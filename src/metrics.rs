@@ -48,6 +48,8 @@ pub struct Metrics {
     pub store_commit_duration: Histogram,
     /// Store commits that failed.
     pub store_errors: IntCounter,
+    /// Model reloads by outcome: ok, refused (some file was refused), failed.
+    pub model_reloads: IntCounterVec,
 }
 
 impl Metrics {
@@ -156,6 +158,11 @@ impl Metrics {
                     .expect("unique metric");
                 c
             },
+            model_reloads: counter(
+                "nudge_model_reloads_total",
+                "Model reloads by outcome (ok, refused, failed).",
+                &["outcome"],
+            ),
             registry,
         };
         // Zero-valued series for the closed label sets, so dashboards and alerts see them

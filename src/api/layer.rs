@@ -23,6 +23,7 @@ const RPCS: &[&str] = &[
     "Score",
     "GetProfile",
     "ListModels",
+    "ReloadModels",
 ];
 
 #[derive(Clone)]

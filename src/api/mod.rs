@@ -19,7 +19,8 @@ use crate::event::{FieldError, Reason};
 use crate::features::{self, FeatureRow, FeatureSpec};
 use crate::identity::Pseudonymizer;
 use crate::metrics::Metrics;
-use crate::model::{Model, ModelRegistry};
+use crate::model::reload::Reloader;
+use crate::model::{LoadFailure, Model, ModelRegistry, ModelSet};
 use crate::pb;
 use crate::time::Clock;
 pub use error::ApiError;
@@ -45,6 +46,7 @@ pub struct NudgeApi {
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
     pub pseudonymizer: Pseudonymizer,
+    pub reloader: Arc<Reloader>,
 }
 
 impl NudgeApi {
@@ -444,29 +446,62 @@ impl pb::nudge_service_server::NudgeService for NudgeApi {
         _request: Request<pb::ListModelsRequest>,
     ) -> Result<Response<pb::ListModelsResponse>, Status> {
         let spec = FeatureSpec::current();
-        let models = self
-            .models
-            .current()
-            .iter()
-            .map(|m| {
-                let pb_manifest = &m.manifest;
-                pb::ModelInfo {
-                    name: pb_manifest.name.clone(),
-                    version: pb_manifest.version.clone(),
-                    format: pb_manifest.format.as_str().to_owned(),
-                    predicts: pb_manifest.predicts.clone(),
-                    features: pb_manifest.features.clone(),
-                    sha256: pb_manifest.sha256.clone(),
-                    loaded_at: Some(convert::timestamp(m.loaded_at)),
-                }
-            })
-            .collect();
         Ok(Response::new(pb::ListModelsResponse {
-            models,
+            models: model_infos(&self.models.current()),
             feature_spec_version: spec.version.to_owned(),
             feature_spec_hash: spec.hash.clone(),
+            errors: load_errors(&self.models.failures()),
         }))
     }
+
+    async fn reload_models(
+        &self,
+        _request: Request<pb::ReloadModelsRequest>,
+    ) -> Result<Response<pb::ReloadModelsResponse>, Status> {
+        let report = self.reloader.reload("ReloadModels").await.map_err(|e| {
+            Status::unavailable(format!(
+                "reload failed; the current models keep serving: {e}"
+            ))
+        })?;
+        Ok(Response::new(pb::ReloadModelsResponse {
+            models: model_infos(&report.set),
+            changed: report.changed,
+            errors: load_errors(&self.models.failures()),
+        }))
+    }
+}
+
+fn model_infos(set: &ModelSet) -> Vec<pb::ModelInfo> {
+    set.iter()
+        .map(|m| {
+            let manifest = &m.manifest;
+            pb::ModelInfo {
+                name: manifest.name.clone(),
+                version: manifest.version.clone(),
+                format: manifest.format.as_str().to_owned(),
+                predicts: manifest.predicts.clone(),
+                features: manifest.features.clone(),
+                sha256: manifest.sha256.clone(),
+                loaded_at: Some(convert::timestamp(m.loaded_at)),
+            }
+        })
+        .collect()
+}
+
+fn load_errors(failures: &[LoadFailure]) -> Vec<pb::ModelLoadError> {
+    failures
+        .iter()
+        .map(|f| pb::ModelLoadError {
+            manifest: f
+                .manifest
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            reason: f.error.reason().to_owned(),
+            message: f.error.to_string(),
+            at: Some(convert::timestamp(f.at)),
+        })
+        .collect()
 }
 
 /// Scores every row with every model, one backend call per model.

@@ -10,6 +10,8 @@
 pub mod lightgbm;
 pub mod manifest;
 pub mod onnx;
+pub mod publish;
+pub mod reload;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -142,9 +144,9 @@ impl std::fmt::Debug for Model {
 }
 
 impl Model {
-    /// Checks `manifest` against the FeatureSpec and the model bytes, builds the backend and
-    /// warms it up.
-    pub fn load(
+    /// Checks `manifest` against the FeatureSpec and the model bytes (whose hash
+    /// [`read_manifest`] has checked), builds the backend and warms it up.
+    fn load(
         manifest: Manifest,
         bytes: &[u8],
         options: &LoadOptions,
@@ -152,14 +154,6 @@ impl Model {
     ) -> Result<Model, LoadError> {
         let spec = FeatureSpec::current();
         let columns = map_columns(&manifest, spec)?;
-        let actual = manifest::sha256_hex(bytes);
-        if !actual.eq_ignore_ascii_case(&manifest.sha256) {
-            return Err(LoadError::HashMismatch {
-                file: manifest.file.clone(),
-                expected: manifest.sha256.clone(),
-                actual,
-            });
-        }
         let scorer: Box<dyn Scorer> = match manifest.format {
             ModelFormat::Lightgbm => {
                 let text = std::str::from_utf8(bytes).map_err(|e| {
@@ -200,21 +194,7 @@ impl Model {
         options: &LoadOptions,
         now: Time,
     ) -> Result<Model, LoadError> {
-        let text = std::fs::read_to_string(path).map_err(|e| io_error(path, e))?;
-        let manifest = Manifest::parse(&text).map_err(|e| LoadError::Manifest(e.to_string()))?;
-        check_manifest_fields(&manifest)?;
-        let dir = path.parent().unwrap_or(Path::new("."));
-        let file = dir.join(&manifest.file);
-        let size = std::fs::metadata(&file)
-            .map_err(|e| io_error(&file, e))?
-            .len();
-        if size > options.max_file_bytes {
-            return Err(LoadError::TooLarge {
-                size,
-                limit: options.max_file_bytes,
-            });
-        }
-        let bytes = std::fs::read(&file).map_err(|e| io_error(&file, e))?;
+        let (manifest, bytes) = read_manifest(path, options)?;
         Model::load(manifest, &bytes, options, now)
     }
 
@@ -256,6 +236,60 @@ impl Model {
             None => Ok(()),
         }
     }
+}
+
+/// Reads and checks a manifest, and reads the model file it names, checking its size and
+/// hash: everything short of parsing the model.
+fn read_manifest(path: &Path, options: &LoadOptions) -> Result<(Manifest, Vec<u8>), LoadError> {
+    let text = std::fs::read_to_string(path).map_err(|e| io_error(path, e))?;
+    let manifest = Manifest::parse(&text).map_err(|e| LoadError::Manifest(e.to_string()))?;
+    check_manifest_fields(&manifest)?;
+    if name_of(path) != Some(manifest.name.as_str()) {
+        return Err(LoadError::Manifest(format!(
+            "a manifest for {:?} must be named {:?}",
+            manifest.name,
+            format!("{}{}", manifest.name, manifest::MANIFEST_SUFFIX)
+        )));
+    }
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let file = dir.join(&manifest.file);
+    let size = std::fs::metadata(&file)
+        .map_err(|e| io_error(&file, e))?
+        .len();
+    if size > options.max_file_bytes {
+        return Err(LoadError::TooLarge {
+            size,
+            limit: options.max_file_bytes,
+        });
+    }
+    let bytes = std::fs::read(&file).map_err(|e| io_error(&file, e))?;
+    let actual = manifest::sha256_hex(&bytes);
+    if !actual.eq_ignore_ascii_case(&manifest.sha256) {
+        return Err(LoadError::HashMismatch {
+            file: manifest.file.clone(),
+            expected: manifest.sha256.clone(),
+            actual,
+        });
+    }
+    Ok((manifest, bytes))
+}
+
+/// The model name a manifest path is for: `purchase.manifest.toml` → `purchase`.
+fn name_of(path: &Path) -> Option<&str> {
+    path.file_name()?
+        .to_str()?
+        .strip_suffix(manifest::MANIFEST_SUFFIX)
+}
+
+/// The manifests in a directory, in name order.
+fn manifests_in(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
+    let mut manifests: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| io_error(dir, e))?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|p| name_of(p).is_some())
+        .collect();
+    manifests.sort();
+    Ok(manifests)
 }
 
 fn io_error(path: &Path, e: std::io::Error) -> LoadError {
@@ -361,6 +395,8 @@ fn describe_name_diff(manifest: &[String], model: &[String]) -> Option<String> {
 pub struct LoadFailure {
     pub manifest: PathBuf,
     pub error: LoadError,
+    /// When the load was tried.
+    pub at: Time,
 }
 
 /// The models being served, by name.
@@ -377,32 +413,46 @@ impl ModelSet {
         options: &LoadOptions,
         now: Time,
     ) -> Result<(ModelSet, Vec<LoadFailure>), LoadError> {
-        let mut manifests: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map_err(|e| io_error(dir, e))?
-            .filter_map(|entry| entry.ok().map(|e| e.path()))
-            .filter(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.ends_with(manifest::MANIFEST_SUFFIX))
-            })
-            .collect();
-        manifests.sort();
+        ModelSet::reload(dir, options, now, &ModelSet::default())
+    }
+
+    /// Loads every manifest in `dir` into a new set. A model whose manifest and file are
+    /// unchanged from `current` is reused as it is. A model that fails a check is reported,
+    /// and if `current` serves a model of that name, that one keeps serving. A model whose
+    /// manifest is gone is no longer served.
+    pub fn reload(
+        dir: &Path,
+        options: &LoadOptions,
+        now: Time,
+        current: &ModelSet,
+    ) -> Result<(ModelSet, Vec<LoadFailure>), LoadError> {
         let mut set = ModelSet::default();
         let mut failures = Vec::new();
-        for path in manifests {
-            let loaded = Model::load_from_manifest(&path, options, now).and_then(|model| {
-                if set.get(model.name()).is_some() {
-                    Err(LoadError::DuplicateName(model.manifest.name.clone()))
-                } else {
-                    Ok(model)
+        for path in manifests_in(dir)? {
+            let loaded = read_manifest(&path, options).and_then(|(manifest, bytes)| {
+                if set.get(&manifest.name).is_some() {
+                    return Err(LoadError::DuplicateName(manifest.name));
+                }
+                match current.get(&manifest.name) {
+                    Some(serving) if serving.manifest == manifest => Ok(serving.clone()),
+                    _ => Model::load(manifest, &bytes, options, now).map(Arc::new),
                 }
             });
             match loaded {
-                Ok(model) => set.models.push(Arc::new(model)),
-                Err(error) => failures.push(LoadFailure {
-                    manifest: path,
-                    error,
-                }),
+                Ok(model) => set.models.push(model),
+                Err(error) => {
+                    let name = name_of(&path).unwrap_or_default();
+                    if let Some(serving) = current.get(name) {
+                        if set.get(name).is_none() {
+                            set.models.push(serving.clone());
+                        }
+                    }
+                    failures.push(LoadFailure {
+                        manifest: path,
+                        error,
+                        at: now,
+                    });
+                }
             }
         }
         Ok((set, failures))
@@ -444,17 +494,72 @@ impl ModelSet {
 }
 
 /// The current model set, swappable while requests are in flight: each request keeps the
-/// `Arc` it started with.
+/// `Arc` it started with. Reloads read the models directory again and swap in the new set
+/// in one step; a model that fails its checks leaves the one it would replace serving.
 #[derive(Debug, Default)]
 pub struct ModelRegistry {
     current: ArcSwap<ModelSet>,
+    source: Option<(PathBuf, LoadOptions)>,
+    reloads: std::sync::Mutex<ReloadState>,
+}
+
+#[derive(Debug, Default)]
+struct ReloadState {
+    /// The manifests failing as of the last reload, with a fingerprint of what failed, so a
+    /// file that is still the same bad file is neither retried in the logs nor recounted.
+    failing: Vec<(LoadFailure, Vec<u8>)>,
+}
+
+/// What a reload did.
+#[derive(Debug)]
+pub struct ReloadReport {
+    pub set: Arc<ModelSet>,
+    /// Models that now serve a different manifest than before (or are new, or are gone).
+    pub changed: Vec<String>,
+    /// Failures that are new since the last reload.
+    pub new_failures: Vec<LoadFailure>,
+}
+
+/// What identifies a manifest and its file's state: the manifest's bytes and the file's
+/// size and modification time.
+fn fingerprint(manifest: &Path) -> Vec<u8> {
+    let mut print = std::fs::read(manifest).unwrap_or_default();
+    if let Some(file) = std::str::from_utf8(&print)
+        .ok()
+        .and_then(|t| Manifest::parse(t).ok())
+        .map(|m| manifest.parent().unwrap_or(Path::new(".")).join(m.file))
+    {
+        if let Ok(meta) = std::fs::metadata(file) {
+            print.extend(meta.len().to_le_bytes());
+            if let Ok(modified) = meta.modified() {
+                print.extend(format!("{modified:?}").bytes());
+            }
+        }
+    }
+    print
 }
 
 impl ModelRegistry {
+    /// A registry serving a fixed set (tests, benchmarks).
     pub fn new(set: ModelSet) -> ModelRegistry {
         ModelRegistry {
             current: ArcSwap::from_pointee(set),
+            ..ModelRegistry::default()
         }
+    }
+
+    /// A registry that serves the models of `dir` and can reload them.
+    pub fn open(
+        dir: &Path,
+        options: LoadOptions,
+        now: Time,
+    ) -> Result<(ModelRegistry, Vec<LoadFailure>), LoadError> {
+        let registry = ModelRegistry {
+            source: Some((dir.to_owned(), options)),
+            ..ModelRegistry::default()
+        };
+        let report = registry.reload(now)?;
+        Ok((registry, report.new_failures))
     }
 
     pub fn current(&self) -> Arc<ModelSet> {
@@ -463,5 +568,59 @@ impl ModelRegistry {
 
     pub fn replace(&self, set: ModelSet) {
         self.current.store(Arc::new(set));
+    }
+
+    /// Reads the models directory again and swaps in the result. Blocking: model files are
+    /// parsed on the calling thread. Reloads run one at a time.
+    pub fn reload(&self, now: Time) -> Result<ReloadReport, LoadError> {
+        let Some((dir, options)) = &self.source else {
+            return Ok(ReloadReport {
+                set: self.current(),
+                changed: Vec::new(),
+                new_failures: Vec::new(),
+            });
+        };
+        let mut state = self.reloads.lock().unwrap_or_else(|e| e.into_inner());
+        let before = self.current();
+        let (set, failures) = ModelSet::reload(dir, options, now, &before)?;
+        let mut new_failures = Vec::new();
+        let mut failing = Vec::new();
+        for failure in failures {
+            let print = fingerprint(&failure.manifest);
+            let known = state
+                .failing
+                .iter()
+                .find(|(f, p)| f.manifest == failure.manifest && *p == print);
+            match known {
+                Some((first, _)) => failing.push((first.clone(), print)),
+                None => {
+                    new_failures.push(failure.clone());
+                    failing.push((failure, print));
+                }
+            }
+        }
+        state.failing = failing;
+        let version = |s: &ModelSet, name: &str| s.get(name).map(|m| m.manifest.clone());
+        let mut changed: Vec<String> = set
+            .iter()
+            .map(|m| m.manifest.name.clone())
+            .chain(before.iter().map(|m| m.manifest.name.clone()))
+            .filter(|name| version(&set, name) != version(&before, name))
+            .collect();
+        changed.sort();
+        changed.dedup();
+        let set = Arc::new(set);
+        self.current.store(set.clone());
+        Ok(ReloadReport {
+            set,
+            changed,
+            new_failures,
+        })
+    }
+
+    /// The manifests that failed to load at the last reload, and why.
+    pub fn failures(&self) -> Vec<LoadFailure> {
+        let state = self.reloads.lock().unwrap_or_else(|e| e.into_inner());
+        state.failing.iter().map(|(f, _)| f.clone()).collect()
     }
 }

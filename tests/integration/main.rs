@@ -4,6 +4,7 @@ mod bad_input;
 mod crash;
 mod durability;
 mod features;
+mod hotswap;
 mod identity;
 mod models;
 mod operations;

@@ -22,10 +22,10 @@ type Edit<'a> = &'a dyn Fn(&mut Manifest, &mut Vec<u8>);
 fn directory(cases: &[(&str, Edit)]) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let models = repo_path("models");
-    let text = std::fs::read(models.join("purchase.txt")).unwrap();
     let manifest =
         Manifest::parse(&std::fs::read_to_string(models.join("purchase.manifest.toml")).unwrap())
             .unwrap();
+    let text = std::fs::read(models.join(&manifest.file)).unwrap();
     let write = |name: &str, manifest: &Manifest, bytes: &[u8]| {
         std::fs::write(dir.path().join(&manifest.file), bytes).unwrap();
         std::fs::write(
@@ -98,7 +98,7 @@ fn each_disagreement_is_refused_with_its_reason() {
                 .collect();
             rehash(m, b);
         }),
-        ("traversal", &|m, _| m.file = "../purchase.txt".into()),
+        ("traversal", &|m, _| m.file = "../purchase-sim-1.txt".into()),
     ]);
     let got = failures(dir.path());
     let reasons: Vec<(&str, &str)> = got.iter().map(|(n, r, _)| (n.as_str(), *r)).collect();

@@ -1,7 +1,6 @@
 //! LightGBM training through `lightgbm3`, holdout evaluation, and atomic publishing of a
 //! model file with its manifest.
 
-use std::io::Write;
 use std::path::Path;
 
 use anyhow::Context as _;
@@ -9,7 +8,8 @@ use lightgbm3::{Booster, Dataset};
 use serde_json::json;
 
 use nudge::features::{FeatureSpec, FEATURE_COUNT};
-use nudge::model::manifest::{sha256_hex, Manifest, ModelFormat};
+use nudge::model::manifest::{Manifest, ModelFormat};
+use nudge::model::publish;
 
 use crate::dataset::{Examples, Target};
 
@@ -136,13 +136,9 @@ pub fn auc(scores: &[f64], labels: &[bool]) -> f64 {
     (rank_sum - positives * (positives + 1.0) / 2.0) / (positives * negatives)
 }
 
-/// Writes the model and then its manifest into `dir`, each atomically (temporary file,
-/// fsync, rename), manifest last so a server never sees a manifest without its model.
+/// Publishes the model into `dir` (versioned model file, manifest last, previous version
+/// kept for rollback), through the same code operators use.
 pub fn publish(dir: &Path, trained: &Trained, version: &str) -> anyhow::Result<Manifest> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let name = trained.target.model_name();
-    let file = format!("{name}.txt");
-    write_atomically(&dir.join(&file), trained.model.as_bytes())?;
     let spec = FeatureSpec::current();
     let mut training = toml::Table::new();
     training.insert("train_rows".into(), (trained.train_rows as i64).into());
@@ -153,31 +149,18 @@ pub fn publish(dir: &Path, trained: &Trained, version: &str) -> anyhow::Result<M
     );
     training.insert("feature_spec_hash".into(), spec.hash.clone().into());
     let manifest = Manifest {
-        name: name.to_owned(),
+        name: trained.target.model_name().to_owned(),
         version: version.to_owned(),
         format: ModelFormat::Lightgbm,
-        file,
-        sha256: sha256_hex(trained.model.as_bytes()),
+        file: String::new(),
+        sha256: String::new(),
         predicts: trained.target.description().to_owned(),
         features: spec.names().map(str::to_owned).collect(),
         feature_spec_version: Some(spec.version.to_owned()),
         training,
     };
-    write_atomically(&Manifest::path_in(dir, name), manifest.to_toml().as_bytes())?;
-    Ok(manifest)
-}
-
-fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f =
-        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming onto {}", path.display()))?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
+    publish::publish(dir, manifest, trained.model.as_bytes(), "txt")
+        .with_context(|| format!("publishing into {}", dir.display()))
 }
 
 #[cfg(test)]
