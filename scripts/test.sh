@@ -37,4 +37,7 @@ kill -TERM $server
 wait $server
 trap - EXIT
 rm -rf nudge-client-check.log "$data"
+
+# A model trained in Python on the exported table is served, and scores like the Rust one.
+bash scripts/python_workflow.sh
 echo "all checks passed"

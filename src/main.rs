@@ -49,6 +49,27 @@ enum Command {
         #[arg(long)]
         onnxruntime_library: Option<PathBuf>,
     },
+    /// Write the manifest for a model file (for example one trained in Python) into the
+    /// file's directory, so the server can load it.
+    Manifest {
+        /// The model file; its directory is where the manifest goes.
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        version: String,
+        /// What the model predicts, for people.
+        #[arg(long)]
+        predicts: String,
+        /// lightgbm or onnx (default: from the file's extension, .onnx or else lightgbm).
+        #[arg(long)]
+        format: Option<String>,
+        /// The FeatureSpec names of the model's columns, in order, comma-separated. A
+        /// LightGBM file's own column names are used when this is not given.
+        #[arg(long, value_delimiter = ',')]
+        features: Vec<String>,
+    },
     /// Serve a model's previous version again (swaps its manifest with the kept previous
     /// one; a running server picks it up). Run again to undo.
     Rollback {
@@ -108,6 +129,14 @@ fn main() -> anyhow::Result<()> {
             dir,
             onnxruntime_library,
         } => check_models(&dir, onnxruntime_library),
+        Command::Manifest {
+            model,
+            name,
+            version,
+            predicts,
+            format,
+            features,
+        } => write_manifest(&model, name, version, predicts, format, features),
         Command::Rollback { name, models } => {
             let (from, to) = nudge::model::publish::rollback(&models, &name)
                 .with_context(|| format!("rolling back {name} in {}", models.display()))?;
@@ -202,6 +231,60 @@ fn check_models(dir: &std::path::Path, library: Option<PathBuf>) -> anyhow::Resu
     } else {
         anyhow::bail!("{} model(s) refused", failures.len())
     }
+}
+
+fn write_manifest(
+    model: &std::path::Path,
+    name: String,
+    version: String,
+    predicts: String,
+    format: Option<String>,
+    features: Vec<String>,
+) -> anyhow::Result<()> {
+    use nudge::model::manifest::{sha256_hex, Manifest, ModelFormat};
+    let bytes = std::fs::read(model).with_context(|| format!("reading {}", model.display()))?;
+    let format = match format.as_deref() {
+        Some("lightgbm") => ModelFormat::Lightgbm,
+        Some("onnx") => ModelFormat::Onnx,
+        Some(other) => anyhow::bail!("format {other:?} is neither lightgbm nor onnx"),
+        None if model.extension().is_some_and(|e| e == "onnx") => ModelFormat::Onnx,
+        None => ModelFormat::Lightgbm,
+    };
+    let features = match (features.is_empty(), format) {
+        (false, _) => features,
+        (true, ModelFormat::Lightgbm) => {
+            let text = std::str::from_utf8(&bytes).context("a LightGBM text model is UTF-8")?;
+            text.lines()
+                .find_map(|l| l.strip_prefix("feature_names="))
+                .context("the model file names no features; pass --features")?
+                .split(' ')
+                .map(str::to_owned)
+                .collect()
+        }
+        (true, ModelFormat::Onnx) => {
+            anyhow::bail!("ONNX files carry no feature names; pass --features")
+        }
+    };
+    let manifest = Manifest {
+        file: model
+            .file_name()
+            .context("the model path has no file name")?
+            .to_string_lossy()
+            .into_owned(),
+        sha256: sha256_hex(&bytes),
+        name,
+        version,
+        format,
+        predicts,
+        features,
+        feature_spec_version: Some(nudge::features::SPEC_VERSION.to_owned()),
+        training: Default::default(),
+    };
+    let dir = model.parent().unwrap_or(std::path::Path::new("."));
+    let path = Manifest::path_in(dir, &manifest.name);
+    nudge::model::publish::write_atomically(&path, manifest.to_toml().as_bytes())?;
+    println!("wrote {}", path.display());
+    Ok(())
 }
 
 fn dir_size(dir: &std::path::Path) -> u64 {

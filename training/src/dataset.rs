@@ -1,13 +1,25 @@
-//! Examples from histories: replay each person's events through the server's own
-//! `Profile`/`features` code, taking a feature row after every event with the event's time
-//! as `now`, and label it from that person's later events only.
+//! Point-in-time examples: replay each person's events, in time order, through the
+//! server's own `Profile::apply` and `features::extract` with the event's time as `now`,
+//! take examples, and label each from that person's later events only.
+//!
+//! Input streams: only the profiles, the examples and the examples still waiting for their
+//! label's horizon to pass are held. Each person's events must be in time order; people may
+//! interleave.
+//!
+//! Sampling: purchase examples after every event (its score is read live, during
+//! sessions); churn examples at the last event of every session (a question about a person
+//! between visits — examples at every click would drown it in the most active people).
 
-use nudge::event::{Event, EventKind};
+use std::collections::{HashMap, VecDeque};
+
+use anyhow::bail;
+
+use nudge::event::{Event, EventKind, PersonKey};
 use nudge::features::{self, FeatureRow};
 use nudge::profile::{Profile, SESSION_TIMEOUT_MS};
 use nudge::time::{Time, DAY_MS, HOUR_MS};
 
-use crate::simulate::History;
+use crate::input::GivenLabel;
 
 /// What a model predicts, as a label over a person's future.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,107 +56,384 @@ impl Target {
             Target::Churn30d => 30 * DAY_MS,
         }
     }
-
-    /// Whether examples are taken at every event, or only where a session ends. Purchase
-    /// scores are read live during sessions; churn is a question about a person between
-    /// visits, and examples at every click would drown it in the most active people.
-    pub const fn at_session_ends_only(self) -> bool {
-        matches!(self, Target::Churn30d)
-    }
-
-    /// The label at `t` from the events strictly after it (`future`, in time order), or
-    /// `None` when the history ends before the label's horizon does (censored).
-    pub fn label(self, t: Time, future: &[Event], history_end: Time) -> Option<bool> {
-        let until = t.plus_ms(self.horizon_ms());
-        if until > history_end {
-            return None;
-        }
-        let within = future.iter().take_while(|e| e.time <= until);
-        Some(match self {
-            Target::Purchase24h => within.clone().any(|e| e.kind == EventKind::Purchase),
-            Target::Churn30d => !within.clone().any(|e| e.kind.is_visit()),
-        })
-    }
 }
 
-/// Feature rows with one label per target, and who each row belongs to.
+/// One point-in-time example: features as of `time` from events up to `time`, and the label
+/// from events after it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Example {
+    /// The index of the person, in order of first appearance.
+    pub person: usize,
+    pub time: Time,
+    pub row: FeatureRow,
+    pub label: bool,
+}
+
+/// An example still waiting for its label.
+struct Waiting {
+    time: Time,
+    row: FeatureRow,
+}
+
 #[derive(Default)]
-pub struct Examples {
-    pub rows: Vec<FeatureRow>,
-    /// `labels[target][i]` for `Target::ALL`, `None` where censored.
-    pub labels: [Vec<Option<bool>>; 2],
-    /// The index of the history each row came from.
-    pub person: Vec<usize>,
-    /// Whether the row was taken at the last event of a session.
-    pub session_end: Vec<bool>,
+struct PersonState {
+    index: usize,
+    profile: Profile,
+    last: Option<Time>,
+    last_visit: Option<Time>,
+    /// Purchase examples within 24 hours of the latest event, oldest first.
+    purchase: VecDeque<Waiting>,
+    /// The latest session's last event, a churn example once the session has ended.
+    session_end: Option<Waiting>,
 }
 
-/// Replays every history and takes an example after each event.
-pub fn examples(histories: &[History], history_end: Time) -> Examples {
-    let mut out = Examples::default();
-    for (p, history) in histories.iter().enumerate() {
-        let mut profile = Profile::default();
-        for (i, event) in history.events.iter().enumerate() {
-            profile.apply(event);
-            // Several events can share a timestamp; the label looks only past all of them.
-            let future_start = history.events[i + 1..]
-                .iter()
-                .position(|e| e.time > event.time)
-                .map_or(history.events.len(), |k| i + 1 + k);
-            let future = &history.events[future_start..];
-            out.rows.push(features::extract(&profile, event.time));
-            for (k, target) in Target::ALL.iter().enumerate() {
-                out.labels[k].push(target.label(event.time, future, history_end));
-            }
-            out.person.push(p);
-            let next_visit = future.iter().find(|e| e.kind.is_visit());
-            out.session_end.push(
-                event.kind.is_visit()
-                    && next_visit.is_none_or(|n| n.time.since(event.time) >= SESSION_TIMEOUT_MS),
+/// Builds examples for both derived targets from one pass over the events.
+#[derive(Default)]
+pub struct Builder {
+    people: HashMap<PersonKey, PersonState>,
+    pub purchase: Vec<Example>,
+    pub churn: Vec<Example>,
+    latest: Option<Time>,
+    pub events: usize,
+}
+
+impl Builder {
+    pub fn push(&mut self, event: &Event) -> anyhow::Result<()> {
+        let next = self.people.len();
+        let st = self
+            .people
+            .entry(event.person.clone())
+            .or_insert_with(|| PersonState {
+                index: next,
+                ..PersonState::default()
+            });
+        let t = event.time;
+        if st.last.is_some_and(|last| t < last) {
+            bail!(
+                "event {:?} is older than the person's previous event: each person's events must be in time order",
+                event.id
             );
         }
+        // Purchase examples whose 24 hours have passed without a purchase.
+        while st
+            .purchase
+            .front()
+            .is_some_and(|w| t.since(w.time) > Target::Purchase24h.horizon_ms())
+        {
+            let w = st.purchase.pop_front().expect("checked");
+            self.purchase.push(Example {
+                person: st.index,
+                time: w.time,
+                row: w.row,
+                label: false,
+            });
+        }
+        if event.kind == EventKind::Purchase {
+            // Strictly later than the example: a purchase at the same instant is its past.
+            while st.purchase.front().is_some_and(|w| w.time < t) {
+                let w = st.purchase.pop_front().expect("checked");
+                self.purchase.push(Example {
+                    person: st.index,
+                    time: w.time,
+                    row: w.row,
+                    label: true,
+                });
+            }
+        }
+        if event.kind.is_visit() {
+            let ended = st
+                .last_visit
+                .is_some_and(|v| t.since(v) >= SESSION_TIMEOUT_MS);
+            if ended {
+                if let Some(w) = st.session_end.take() {
+                    let churned = t.since(w.time) > Target::Churn30d.horizon_ms();
+                    self.churn.push(Example {
+                        person: st.index,
+                        time: w.time,
+                        row: w.row,
+                        label: churned,
+                    });
+                }
+            }
+        }
+        st.profile.apply(event);
+        let row = features::extract(&st.profile, t);
+        st.purchase.push_back(Waiting { time: t, row });
+        if event.kind.is_visit() {
+            st.session_end = Some(Waiting { time: t, row });
+            st.last_visit = Some(t);
+        }
+        st.last = Some(t);
+        self.latest = self.latest.max(Some(t));
+        self.events += 1;
+        Ok(())
     }
-    out
+
+    /// Labels what is still waiting as of `history_end` (default: the latest event) and
+    /// drops the examples whose horizon reaches past it (censored).
+    pub fn finish(mut self, history_end: Option<Time>) -> (Vec<Example>, Vec<Example>) {
+        let end = history_end.or(self.latest).unwrap_or_default();
+        for st in self.people.into_values() {
+            for w in st.purchase {
+                if end.since(w.time) >= Target::Purchase24h.horizon_ms() {
+                    self.purchase.push(Example {
+                        person: st.index,
+                        time: w.time,
+                        row: w.row,
+                        label: false,
+                    });
+                }
+            }
+            if let Some(w) = st.session_end {
+                if end.since(w.time) >= Target::Churn30d.horizon_ms() {
+                    self.churn.push(Example {
+                        person: st.index,
+                        time: w.time,
+                        row: w.row,
+                        label: true,
+                    });
+                }
+            }
+        }
+        // Censoring: an example whose horizon reaches past the end of history is dropped
+        // whatever its label. Keeping the ones whose outcome happened to show early (a
+        // purchase, a return visit) would bias the latest examples — the test set.
+        for (examples, target) in [
+            (&mut self.purchase, Target::Purchase24h),
+            (&mut self.churn, Target::Churn30d),
+        ] {
+            examples.retain(|e| end.since(e.time) >= target.horizon_ms());
+            examples.sort_by_key(|e| (e.time, e.person));
+        }
+        (self.purchase, self.churn)
+    }
+}
+
+/// Examples at the times of given labels: features as of each label's time, from the
+/// person's events up to it.
+pub fn examples_for_labels(
+    events: impl Iterator<Item = anyhow::Result<Event>>,
+    labels: Vec<GivenLabel>,
+) -> anyhow::Result<Vec<Example>> {
+    let mut by_person: HashMap<PersonKey, VecDeque<GivenLabel>> = HashMap::new();
+    let mut sorted = labels;
+    sorted.sort_by_key(|l| l.time);
+    for l in sorted {
+        by_person.entry(l.person.clone()).or_default().push_back(l);
+    }
+    let mut profiles: HashMap<PersonKey, (usize, Profile, Time)> = HashMap::new();
+    let mut out = Vec::new();
+    for event in events {
+        let event = event?;
+        let next = profiles.len();
+        let (index, profile, last) = profiles
+            .entry(event.person.clone())
+            .or_insert_with(|| (next, Profile::default(), Time(i64::MIN)));
+        if event.time < *last {
+            bail!(
+                "event {:?} is older than the person's previous event",
+                event.id
+            );
+        }
+        if let Some(waiting) = by_person.get_mut(&event.person) {
+            while waiting.front().is_some_and(|l| l.time < event.time) {
+                let l = waiting.pop_front().expect("checked");
+                out.push(Example {
+                    person: *index,
+                    time: l.time,
+                    row: features::extract(profile, l.time),
+                    label: l.label,
+                });
+            }
+        }
+        profile.apply(&event);
+        *last = event.time;
+    }
+    for (person, waiting) in by_person {
+        let (index, profile) = match profiles.get(&person) {
+            Some((index, profile, _)) => (*index, profile.clone()),
+            None => (usize::MAX, Profile::default()),
+        };
+        for l in waiting {
+            out.push(Example {
+                person: index,
+                time: l.time,
+                row: features::extract(&profile, l.time),
+                label: l.label,
+            });
+        }
+    }
+    out.sort_by_key(|e| (e.time, e.person));
+    Ok(out)
+}
+
+/// A split by time: the earliest examples train, later ones validate, the latest test.
+pub struct Split<'a> {
+    pub train: Vec<&'a Example>,
+    pub valid: Vec<&'a Example>,
+    pub test: Vec<&'a Example>,
+}
+
+impl<'a> Split<'a> {
+    /// `examples` must be sorted by time. 70% / 15% / 15% by count, cut at time
+    /// boundaries so that no two examples of the same instant fall on both sides.
+    pub fn by_time(examples: &'a [Example]) -> Split<'a> {
+        let cut = |share: f64| {
+            let at = ((examples.len() as f64) * share) as usize;
+            let t = examples.get(at).map(|e| e.time);
+            examples.partition_point(|e| Some(e.time) < t)
+        };
+        let (a, b) = (cut(0.70), cut(0.85));
+        Split {
+            train: examples[..a].iter().collect(),
+            valid: examples[a..b].iter().collect(),
+            test: examples[b..].iter().collect(),
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nudge::event::{PersonKey, Properties};
+    use nudge::event::Properties;
     use nudge::time::MINUTE_MS;
 
-    fn at(kind: EventKind, t: Time) -> Event {
+    const T: Time = Time(1_772_445_600_000);
+
+    fn at(id: &str, person: &str, kind: EventKind, t: Time) -> Event {
         Event {
-            id: "e".into(),
-            person: PersonKey::User("u".into()),
+            id: id.into(),
+            person: PersonKey::User(person.into()),
             linked: None,
             kind,
             time: t,
-            properties: Properties::default(),
+            properties: Properties {
+                order_value: Some(10.0),
+                ..Properties::default()
+            },
             attributes: Default::default(),
         }
     }
 
+    fn build(events: &[Event], end: Time) -> (Vec<Example>, Vec<Example>) {
+        let mut b = Builder::default();
+        events.iter().for_each(|e| b.push(e).unwrap());
+        b.finish(Some(end))
+    }
+
     #[test]
     fn labels_look_only_forward_and_censor_at_the_end() {
-        let t = Time(1_772_445_600_000);
-        let end = t.plus_ms(60 * DAY_MS);
-        let buy_soon = [at(EventKind::Purchase, t.plus_ms(23 * HOUR_MS))];
-        let buy_late = [at(EventKind::Purchase, t.plus_ms(25 * HOUR_MS))];
-        assert_eq!(Target::Purchase24h.label(t, &buy_soon, end), Some(true));
-        assert_eq!(Target::Purchase24h.label(t, &buy_late, end), Some(false));
-        let email_only = [at(EventKind::EmailOpen, t.plus_ms(DAY_MS))];
-        let visit = [at(EventKind::PageView, t.plus_ms(29 * DAY_MS))];
-        assert_eq!(Target::Churn30d.label(t, &email_only, end), Some(true));
-        assert_eq!(Target::Churn30d.label(t, &visit, end), Some(false));
-        // The horizon runs past the end of history: no label.
+        let events = [
+            at("1", "a", EventKind::PageView, T),
+            at("2", "a", EventKind::PageView, T.plus_ms(MINUTE_MS)),
+            at("3", "a", EventKind::Purchase, T.plus_ms(23 * HOUR_MS)),
+            // A visit 40 days later: the session before it churned (40 > 30).
+            at("4", "a", EventKind::PageView, T.plus_ms(40 * DAY_MS)),
+            at("5", "a", EventKind::PageView, T.plus_ms(50 * DAY_MS)),
+        ];
+        let (purchase, churn) = build(&events, T.plus_ms(60 * DAY_MS));
+        let labels: Vec<(i64, bool)> = purchase
+            .iter()
+            .map(|e| (e.time.since(T) / MINUTE_MS, e.label))
+            .collect();
+        // Both page views see the purchase within 24 hours; the purchase itself does not
+        // see itself; the later views see none.
         assert_eq!(
-            Target::Churn30d.label(t.plus_ms(31 * DAY_MS), &[], end),
-            None
+            labels,
+            [
+                (0, true),
+                (1, true),
+                (23 * 60, false),
+                (40 * 1440, false),
+                (50 * 1440, false)
+            ]
         );
+        let churn: Vec<(i64, bool)> = churn
+            .iter()
+            .map(|e| (e.time.since(T) / DAY_MS, e.label))
+            .collect();
+        // Sessions end at minute 1 (the purchase visit 23 hours later: no churn), at hour 23
+        // (next visit day 40: churned), day 40 and day 50. The last two are censored — 30
+        // days after them pass the end of history (day 60) — even though the visit on day 50
+        // already shows that day 40 did not churn: keeping only outcomes that showed early
+        // would bias the latest examples.
+        assert_eq!(churn, [(0, false), (0, true)]);
+    }
+
+    #[test]
+    fn events_after_t_never_change_an_example_taken_at_t() {
+        let history: Vec<Event> = (0..200)
+            .map(|i| {
+                let kind = [
+                    EventKind::PageView,
+                    EventKind::ProductView,
+                    EventKind::AddToCart,
+                    EventKind::Purchase,
+                ][i % 4];
+                let mut e = at(
+                    &i.to_string(),
+                    ["a", "b", "c"][i % 3],
+                    kind,
+                    T.plus_ms(i as i64 * 37 * MINUTE_MS),
+                );
+                e.properties.product_id = Some(format!("p{}", i % 7));
+                e
+            })
+            .collect();
+        let cut = T.plus_ms(100 * 37 * MINUTE_MS);
+        let end = T.plus_ms(200 * DAY_MS);
+        // The history up to t, then the same with 99 more events after t.
+        let (before, _) = build(&history[..101], end);
+        let (after, _) = build(&history, end);
+        let upto = |xs: &[Example]| {
+            xs.iter()
+                .filter(|e| e.time <= cut)
+                .map(|e| (e.person, e.time, e.row.0.map(f64::to_bits)))
+                .collect::<Vec<_>>()
+        };
+        assert!(!upto(&before).is_empty());
         assert_eq!(
-            Target::Purchase24h.label(end.plus_ms(-MINUTE_MS), &[], end),
-            None
+            upto(&before),
+            upto(&after),
+            "features at t depend only on events up to t"
         );
+    }
+
+    #[test]
+    fn out_of_order_events_of_a_person_are_refused() {
+        let mut b = Builder::default();
+        b.push(&at("1", "a", EventKind::PageView, T)).unwrap();
+        b.push(&at("2", "b", EventKind::PageView, T.plus_ms(-1)))
+            .unwrap();
+        assert!(b
+            .push(&at("3", "a", EventKind::PageView, T.plus_ms(-1)))
+            .is_err());
+    }
+
+    #[test]
+    fn given_labels_take_features_as_of_their_time() {
+        let events = vec![
+            Ok(at("1", "a", EventKind::PageView, T)),
+            Ok(at("2", "a", EventKind::Purchase, T.plus_ms(HOUR_MS))),
+        ];
+        let labels = vec![
+            GivenLabel {
+                person: PersonKey::User("a".into()),
+                time: T.plus_ms(MINUTE_MS),
+                label: true,
+            },
+            GivenLabel {
+                person: PersonKey::User("a".into()),
+                time: T.plus_ms(2 * HOUR_MS),
+                label: false,
+            },
+        ];
+        let examples = examples_for_labels(events.into_iter(), labels).unwrap();
+        let purchases = nudge::features::Feature::LifetimePurchases;
+        let seen: Vec<(bool, f64)> = examples
+            .iter()
+            .map(|e| (e.label, e.row.get(purchases)))
+            .collect();
+        assert_eq!(seen, [(true, 0.0), (false, 1.0)]);
     }
 }

@@ -1,11 +1,16 @@
-//! Nudge's trainer: simulated (and later real) histories in, LightGBM models and manifests
-//! out — through the same `Profile::apply` and `features::extract` the server runs, with
-//! each event's own time as `now`.
+//! Nudge's trainer: labeled history in, LightGBM models, reports and manifests out —
+//! through the same `Profile::apply` and `features::extract` the server runs, with each
+//! event's own time as `now`.
 //!
-//! - [`simulate`]: the clickstream simulator.
-//! - [`dataset`]: point-in-time examples and labels from histories.
-//! - [`train`]: LightGBM training, evaluation and publishing.
+//! - [`input`]: events as JSON Lines (the `Track` shape) or CSV; labels as CSV.
+//! - [`simulate`]: the clickstream simulator behind the shipped default models.
+//! - [`dataset`]: point-in-time examples and labels, streamed; the split by time.
+//! - [`train`]: LightGBM with early stopping, comparison with the published model,
+//!   reports, publishing.
+//! - [`evaluate`]: AUC, PR AUC, log loss, calibration, precision and recall at thresholds.
 
 pub mod dataset;
+pub mod evaluate;
+pub mod input;
 pub mod simulate;
 pub mod train;

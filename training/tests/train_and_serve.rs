@@ -1,36 +1,58 @@
 //! A small end-to-end training run: simulate, replay, train, publish — and the server's own
-//! loader accepts what was published, with every check, and it scores.
+//! loader accepts what was published, with every check, and it scores. A worse candidate
+//! is refused by the comparison unless forced.
 
 use nudge::features::FeatureRow;
 use nudge::model::{LoadOptions, ModelSet};
 use nudge::time::{Time, DAY_MS};
-use nudge_training::dataset::{self, Target};
+use nudge_training::dataset::{Builder, Split, Target};
 use nudge_training::simulate::{self, SimConfig};
 use nudge_training::train::{self, TrainOptions};
 
 #[test]
 fn published_models_load_in_the_server_and_beat_chance() {
     let config = SimConfig {
-        people: 600,
-        days: 75,
+        people: 1500,
+        days: 120,
         start: Time(1_767_571_200_000),
         seed: 3,
     };
-    let histories = simulate::simulate(&config);
-    let examples = dataset::examples(&histories, config.start.plus_ms(config.days * DAY_MS));
+    let mut builder = Builder::default();
+    for h in simulate::simulate(&config) {
+        for e in &h.events {
+            builder.push(e).unwrap();
+        }
+    }
+    let (purchase, churn) = builder.finish(Some(config.start.plus_ms(config.days * DAY_MS)));
     let options = TrainOptions {
-        rounds: 40,
+        rounds: 60,
         ..TrainOptions::default()
     };
     let dir = tempfile::tempdir().unwrap();
-    for target in Target::ALL {
-        let trained = train::train_target(&examples, target, |p| p % 5 == 0, &options).unwrap();
+    for (target, examples) in [(Target::Purchase24h, &purchase), (Target::Churn30d, &churn)] {
+        let split = Split::by_time(examples);
+        assert!(split.train.last().unwrap().time <= split.valid[0].time);
+        assert!(split.valid.last().unwrap().time <= split.test[0].time);
+        let candidate =
+            train::train(&split, target.model_name(), target.description(), &options).unwrap();
         assert!(
-            trained.holdout_auc > 0.7,
+            candidate.test.auc > 0.7,
             "{target:?}: AUC {}",
-            trained.holdout_auc
+            candidate.test.auc
         );
-        train::publish(dir.path(), &trained, "test-1").unwrap();
+        assert!(candidate.rounds <= 60);
+        train::publish(dir.path(), &candidate, "test-1").unwrap();
+        // The published model, scored by the server's code on the same test rows, gives
+        // the same AUC the trainer measured.
+        let (version, published) =
+            train::evaluate_published(dir.path(), target.model_name(), &split.test).unwrap();
+        assert_eq!(version, "test-1");
+        assert!((published.auc - candidate.test.auc).abs() < 1e-12);
+        let report = train::report(&candidate, "test-1", Some(&(version, published)));
+        assert!(
+            report.contains("| 0.75 |") && report.contains("## Calibration"),
+            "{report}"
+        );
     }
     let load = LoadOptions {
         max_file_bytes: 1 << 30,
@@ -46,11 +68,10 @@ fn published_models_load_in_the_server_and_beat_chance() {
         .score(&[FeatureRow::missing()])
         .unwrap();
     assert!((0.0..=1.0).contains(&p[0]));
-    // No temporary files are left behind by the atomic publish.
     let leftovers: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()
         .filter_map(|e| e.ok())
         .filter(|e| e.path().extension().is_some_and(|x| x == "tmp"))
         .collect();
-    assert!(leftovers.is_empty());
+    assert!(leftovers.is_empty(), "no temporary files are left behind");
 }
