@@ -23,7 +23,11 @@ fn request() -> pb::ScoreRequest {
         subject: Some(Subject::FeatureRows(pb::FeatureRows {
             rows: (0..10)
                 .map(|i| pb::FeatureRow {
-                    values: [("cart_value".to_owned(), i as f64 * 9.0), ("sessions_7d".to_owned(), 2.0)].into(),
+                    values: [
+                        ("cart_value".to_owned(), i as f64 * 9.0),
+                        ("sessions_7d".to_owned(), 2.0),
+                    ]
+                    .into(),
                 })
                 .collect(),
         })),
@@ -48,13 +52,20 @@ async fn load(addr: String, stop: Arc<AtomicBool>) -> (Vec<Duration>, usize) {
     (latencies, failures)
 }
 
-async fn run(addr: &str, publish_every: Option<(Duration, std::path::PathBuf)>) -> (Vec<Duration>, usize, Vec<Duration>) {
+async fn run(
+    addr: &str,
+    publish_every: Option<(Duration, std::path::PathBuf)>,
+) -> (Vec<Duration>, usize, Vec<Duration>) {
     let stop = Arc::new(AtomicBool::new(false));
-    let clients: Vec<_> = (0..CLIENTS).map(|_| tokio::spawn(load(addr.to_owned(), stop.clone()))).collect();
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| tokio::spawn(load(addr.to_owned(), stop.clone())))
+        .collect();
     let mut to_serving = Vec::new();
     let until = Instant::now() + Duration::from_secs(SECONDS);
     if let Some((every, dir)) = publish_every {
-        let shipped = Manifest::parse(&std::fs::read_to_string(Manifest::path_in(&dir, "purchase")).unwrap()).unwrap();
+        let shipped =
+            Manifest::parse(&std::fs::read_to_string(Manifest::path_in(&dir, "purchase")).unwrap())
+                .unwrap();
         let bytes = std::fs::read(dir.join(&shipped.file)).unwrap();
         let mut client = NudgeServiceClient::connect(addr.to_owned()).await.unwrap();
         let mut n = 0;
@@ -65,7 +76,11 @@ async fn run(addr: &str, publish_every: Option<(Duration, std::path::PathBuf)>) 
             let published = Instant::now();
             publish::publish(&dir, m, &bytes, "txt").unwrap();
             loop {
-                let list = client.list_models(pb::ListModelsRequest {}).await.unwrap().into_inner();
+                let list = client
+                    .list_models(pb::ListModelsRequest {})
+                    .await
+                    .unwrap()
+                    .into_inner();
                 if list.models.iter().any(|m| m.version == format!("swap-{n}")) {
                     to_serving.push(published.elapsed());
                     break;
@@ -90,7 +105,10 @@ async fn run(addr: &str, publish_every: Option<(Duration, std::path::PathBuf)>) 
 }
 
 fn main() {
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     runtime.block_on(async {
         let models = tempfile::tempdir().unwrap();
         let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models");

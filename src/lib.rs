@@ -11,7 +11,9 @@
 //! - [`store`]: durable profiles, aliases and idempotency records (fjall).
 //! - [`profile`]: a person's behavioral state, updated by `Profile::apply`.
 //! - [`features`]: the FeatureSpec and `extract(&Profile, now)`.
-//! - [`model`]: the `Scorer` trait, LightGBM and ONNX backends, manifests, the served set.
+//! - [`model`]: the `Scorer` trait, LightGBM and ONNX backends, manifests, the served set,
+//!   hot swap and publishing.
+//! - [`segments`]: published k-means segments and rule-based segments.
 //! - [`metrics`]: the Prometheus registry and the `/metrics` endpoint.
 //! - [`config`]: the TOML config with `NUDGE__` overrides.
 //! - [`app`]: builds every part from the config, serves, drains on shutdown.
@@ -27,6 +29,7 @@ pub mod identity;
 pub mod metrics;
 pub mod model;
 pub mod profile;
+pub mod segments;
 pub mod store;
 pub mod time;
 

@@ -438,6 +438,18 @@ impl pb::nudge_service_server::NudgeService for NudgeApi {
                 .top_category(now)
                 .map(|(name, _)| name.to_owned())
                 .unwrap_or_default(),
+            segment: self
+                .models
+                .segments()
+                .as_ref()
+                .as_ref()
+                .and_then(|s| s.assign(&row))
+                .map(|s| s.name.clone())
+                .unwrap_or_default(),
+            rule_segments: crate::segments::rule_segments(&row)
+                .into_iter()
+                .map(str::to_owned)
+                .collect(),
         }))
     }
 

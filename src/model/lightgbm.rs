@@ -25,9 +25,12 @@ unsafe impl Send for SyncBooster {}
 unsafe impl Sync for SyncBooster {}
 
 impl LightgbmScorer {
-    /// Parses a model from its text.
+    /// Parses a model from its text, after checking that the text is whole.
     pub fn from_text(text: &str) -> Result<LightgbmScorer, LoadError> {
-        let booster = Booster::from_string(text).map_err(|e| LoadError::Parse(e.to_string()))?;
+        check_complete(text).map_err(LoadError::Parse)?;
+        let booster = guard(|| Booster::from_string(text))
+            .map_err(LoadError::Parse)?
+            .map_err(|e| LoadError::Parse(e.to_string()))?;
         if booster.num_classes() != 1 {
             return Err(LoadError::Parse(format!(
                 "the model has {} outputs per row; Nudge serves binary classifiers (1 output)",
@@ -46,15 +49,47 @@ impl LightgbmScorer {
     }
 }
 
+/// Checks that a LightGBM text model is whole before LightGBM parses it. LightGBM reads
+/// trees at the offsets its `tree_sizes` header gives, so a truncated file makes it read
+/// past the end of the text (seen here as garbage in its error messages, and as truncated
+/// files that sometimes loaded).
+fn check_complete(text: &str) -> Result<(), String> {
+    if !text.contains("\nend of trees") {
+        return Err("the file is incomplete: it has no \"end of trees\" line (truncated?)".into());
+    }
+    if let Some(sizes) = text.lines().find_map(|l| l.strip_prefix("tree_sizes=")) {
+        let total = sizes
+            .split(' ')
+            .map(|n| {
+                n.parse::<usize>()
+                    .map_err(|_| format!("tree_sizes has {n:?}, not a size"))
+            })
+            .sum::<Result<usize, String>>()?;
+        if total > text.len() {
+            return Err(format!(
+                "the header's tree_sizes add up to {total} bytes, more than the {} the file has",
+                text.len()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Runs a `lightgbm3` call, turning a panic into an error. `lightgbm3` panics when
+/// LightGBM's error message is not UTF-8, which a malformed model file can cause (LightGBM
+/// quotes the offending bytes); a bad file must be refused, not take the caller down.
+fn guard<T>(call: impl FnOnce() -> T) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(call))
+        .map_err(|_| "LightGBM failed with an unreadable error message".to_owned())
+}
+
 impl Scorer for LightgbmScorer {
     fn predict(&self, rows: &[f64], n_columns: usize) -> Result<Vec<f64>, ScoreError> {
         if rows.is_empty() {
             return Ok(Vec::new());
         }
-        // One row runs in the calling thread; batches use LightGBM's own OpenMP threads.
-        self.booster
-            .0
-            .predict(rows, n_columns as i32, true)
+        guard(|| self.booster.0.predict(rows, n_columns as i32, true))
+            .map_err(ScoreError::Backend)?
             .map_err(|e| ScoreError::Backend(e.to_string()))
     }
 
@@ -71,5 +106,34 @@ impl Scorer for LightgbmScorer {
             .enumerate()
             .all(|(i, n)| *n == format!("Column_{i}"));
         (!unnamed).then(|| self.feature_names.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_truncated_model_is_refused_before_lightgbm_reads_it() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+        let manifest = crate::model::Manifest::parse(
+            &std::fs::read_to_string(dir.join("purchase.manifest.toml")).unwrap(),
+        )
+        .unwrap();
+        let text = std::fs::read_to_string(dir.join(&manifest.file)).unwrap();
+        assert!(LightgbmScorer::from_text(&text).is_ok());
+        for cut in [text.len() / 3, text.len() / 2, text.len() - 200] {
+            let Err(LoadError::Parse(message)) = LightgbmScorer::from_text(&text[..cut]) else {
+                panic!("a model cut at {cut} bytes loaded");
+            };
+            assert!(
+                message.contains("incomplete") || message.contains("tree_sizes"),
+                "{message}"
+            );
+        }
+        let lying = text.replacen("tree_sizes=", "tree_sizes=99999999 ", 1);
+        assert!(
+            matches!(LightgbmScorer::from_text(&lying), Err(LoadError::Parse(m)) if m.contains("tree_sizes"))
+        );
     }
 }

@@ -79,11 +79,13 @@ pub enum LoadError {
     BadOutput(String),
     #[error("another manifest already serves a model named {0:?}")]
     DuplicateName(String),
+    #[error("invalid segments file: {0}")]
+    Segments(String),
 }
 
 impl LoadError {
     /// Every `reason` label, so the metric shows each at zero before the first failure.
-    pub const REASONS: [&'static str; 11] = [
+    pub const REASONS: [&'static str; 12] = [
         "io",
         "manifest",
         "too_large",
@@ -95,6 +97,7 @@ impl LoadError {
         "runtime",
         "bad_output",
         "duplicate_name",
+        "segments",
     ];
 
     /// The metric label for this failure.
@@ -111,6 +114,7 @@ impl LoadError {
             LoadError::Runtime(_) => "runtime",
             LoadError::BadOutput(_) => "bad_output",
             LoadError::DuplicateName(_) => "duplicate_name",
+            LoadError::Segments(_) => "segments",
         }
     }
 }
@@ -499,6 +503,8 @@ impl ModelSet {
 #[derive(Debug, Default)]
 pub struct ModelRegistry {
     current: ArcSwap<ModelSet>,
+    /// The published behavioral segments, if the models directory has them.
+    segments: ArcSwap<Option<crate::segments::Segments>>,
     source: Option<(PathBuf, LoadOptions)>,
     reloads: std::sync::Mutex<ReloadState>,
 }
@@ -582,7 +588,19 @@ impl ModelRegistry {
         };
         let mut state = self.reloads.lock().unwrap_or_else(|e| e.into_inner());
         let before = self.current();
-        let (set, failures) = ModelSet::reload(dir, options, now, &before)?;
+        let (set, mut failures) = ModelSet::reload(dir, options, now, &before)?;
+        let segments_path = dir.join(crate::segments::SEGMENTS_FILE);
+        if segments_path.exists() {
+            match crate::segments::Segments::load(&segments_path) {
+                Ok(segments) => self.segments.store(Arc::new(Some(segments))),
+                // The segments in force, if any, stay.
+                Err(e) => failures.push(LoadFailure {
+                    manifest: segments_path,
+                    error: LoadError::Segments(e),
+                    at: now,
+                }),
+            }
+        }
         let mut new_failures = Vec::new();
         let mut failing = Vec::new();
         for failure in failures {
@@ -616,6 +634,11 @@ impl ModelRegistry {
             changed,
             new_failures,
         })
+    }
+
+    /// The behavioral segments in force, if any.
+    pub fn segments(&self) -> Arc<Option<crate::segments::Segments>> {
+        self.segments.load_full()
     }
 
     /// The manifests that failed to load at the last reload, and why.

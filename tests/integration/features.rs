@@ -155,6 +155,10 @@ async fn scripted_session_moves_features_to_exact_values() {
         .unwrap()
         .into_inner();
     assert_eq!(profile.top_category, "shoes");
+    // A past buyer whose visits fell to a third week on week is at risk; the shipped
+    // segments place everyone somewhere.
+    assert_eq!(profile.rule_segments, ["at_risk"]);
+    assert!(!profile.segment.is_empty());
     assert!(profile.session.is_none());
     assert_eq!(profile.first_seen, Some(nudge::api::convert::timestamp(T0)));
     assert!(profile.features.iter().all(|f| !f.description.is_empty()));

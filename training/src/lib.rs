@@ -7,10 +7,12 @@
 //! - [`dataset`]: point-in-time examples and labels, streamed; the split by time.
 //! - [`train`]: LightGBM with early stopping, comparison with the published model,
 //!   reports, publishing.
+//! - [`segments`]: k-means behavioral segments (linfa) for the server to assign people to.
 //! - [`evaluate`]: AUC, PR AUC, log loss, calibration, precision and recall at thresholds.
 
 pub mod dataset;
 pub mod evaluate;
 pub mod input;
+pub mod segments;
 pub mod simulate;
 pub mod train;

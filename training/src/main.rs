@@ -76,6 +76,21 @@ enum Command {
         #[arg(long)]
         manifest: PathBuf,
     },
+    /// Fit k behavioral segments (k-means over people's metrics as of the end of history)
+    /// and write the segments file the server assigns people with.
+    Segments {
+        #[arg(long)]
+        events: PathBuf,
+        #[arg(long, default_value_t = 5)]
+        k: usize,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        #[arg(long, default_value = "1")]
+        segments_version: String,
+        /// The file to write, normally models/segments.toml.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Regenerate the shipped default models: simulate with a fixed seed, train, publish.
     Defaults {
         #[arg(long, default_value = "models")]
@@ -210,6 +225,37 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Segments {
+            events,
+            k,
+            seed,
+            segments_version,
+            out,
+        } => {
+            let rows = nudge_training::segments::people(input::read_events(&events)?, None)?;
+            let segments = nudge_training::segments::fit(&rows, k, seed, &segments_version)?;
+            for s in &segments.segments {
+                let centroid: Vec<String> = segments
+                    .features
+                    .iter()
+                    .zip(&s.centroid)
+                    .map(|(f, v)| format!("{f}={v:.2}"))
+                    .collect();
+                println!(
+                    "segment {} ({} people): {}\n    {}",
+                    s.id,
+                    s.size,
+                    s.name,
+                    centroid.join(" ")
+                );
+            }
+            nudge::model::publish::write_atomically(
+                &out,
+                toml::to_string_pretty(&segments)?.as_bytes(),
+            )?;
+            println!("wrote {}", out.display());
+            Ok(())
+        }
         Command::Defaults {
             out,
             people,
@@ -230,6 +276,22 @@ fn main() -> anyhow::Result<()> {
                 builder.events
             );
             let end = config.start.plus_ms(days * DAY_MS);
+            let people = nudge_training::segments::people(
+                histories
+                    .iter()
+                    .flat_map(|h| h.events.iter().cloned().map(Ok)),
+                Some(end),
+            )?;
+            let segments = nudge_training::segments::fit(&people, 5, seed, &model_version)?;
+            nudge::model::publish::write_atomically(
+                &out.join(nudge::segments::SEGMENTS_FILE),
+                toml::to_string_pretty(&segments)?.as_bytes(),
+            )?;
+            println!(
+                "wrote {} segments to {}",
+                segments.segments.len(),
+                out.join(nudge::segments::SEGMENTS_FILE).display()
+            );
             let (purchase, churn) = builder.finish(Some(end));
             let options = TrainOptions {
                 seed,
