@@ -4,7 +4,6 @@
 //! exactly once. Acknowledged events are never lost and never counted twice.
 
 use std::collections::BTreeMap;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nudge::features::{self, FEATURES};
@@ -37,34 +36,6 @@ impl Rng {
     fn below(&mut self, n: u64) -> u64 {
         self.next() % n
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn spawn(data: &std::path::Path, grpc: u16) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_nudge"))
-        .args([
-            "serve",
-            "--config",
-            repo_path("config/nudge.toml").to_str().unwrap(),
-            "--grpc-addr",
-            &format!("127.0.0.1:{grpc}"),
-            "--metrics-addr",
-            &format!("127.0.0.1:{}", free_port()),
-        ])
-        .current_dir(repo_path(""))
-        .env("NUDGE__STORE__DIR", data)
-        .env("NUDGE__ENGINE__SHARDS", "2")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
 }
 
 /// Waits until the binary reports SERVING; returns a connected channel.
@@ -155,7 +126,7 @@ async fn sigkill_loses_nothing_acknowledged_and_counts_nothing_twice() {
     let mut worst_recovery = Duration::ZERO;
     for cycle in 0..=CYCLES {
         let grpc = free_port();
-        let mut child = spawn(data.path(), grpc);
+        let mut child = spawn_nudge(data.path(), grpc);
         let (channel, recovery) = until_serving(grpc).await;
         worst_recovery = worst_recovery.max(recovery);
         let mut client = pb::nudge_service_client::NudgeServiceClient::new(channel);

@@ -1,7 +1,7 @@
 //! Operations: /metrics content, health, reflection, and graceful shutdown — in process and
 //! of the real binary under SIGTERM.
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use tokio_stream::StreamExt;
@@ -204,34 +204,11 @@ async fn reflection_lists_the_services() {
     server.stop().await.unwrap();
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[tokio::test]
 async fn the_binary_serves_and_exits_zero_on_sigterm() {
-    let (grpc, metrics) = (free_port(), free_port());
+    let grpc = free_port();
     let data = tempfile::tempdir().unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_nudge"))
-        .args([
-            "serve",
-            "--config",
-            repo_path("config/nudge.toml").to_str().unwrap(),
-            "--grpc-addr",
-            &format!("127.0.0.1:{grpc}"),
-            "--metrics-addr",
-            &format!("127.0.0.1:{metrics}"),
-        ])
-        .current_dir(repo_path(""))
-        .env("NUDGE__STORE__DIR", data.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn_nudge(data.path(), grpc);
 
     let endpoint = format!("http://127.0.0.1:{grpc}");
     let mut health = None;

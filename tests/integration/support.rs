@@ -195,3 +195,33 @@ pub fn metric_value(text: &str, series: &str) -> Option<f64> {
             .and_then(|rest| rest.trim().parse().ok())
     })
 }
+
+/// A free port on loopback (free when asked; the binary binds it right after).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The real `nudge` binary serving on `grpc` with the shipped config and models, its store
+/// in `data`; stderr (the log) piped.
+pub fn spawn_nudge(data: &std::path::Path, grpc: u16) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_nudge"))
+        .args([
+            "serve",
+            "--config",
+            repo_path("config/nudge.toml").to_str().unwrap(),
+            "--grpc-addr",
+            &format!("127.0.0.1:{grpc}"),
+            "--metrics-addr",
+            &format!("127.0.0.1:{}", free_port()),
+        ])
+        .current_dir(repo_path(""))
+        .env("NUDGE__STORE__DIR", data)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}

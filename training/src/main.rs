@@ -29,12 +29,8 @@ struct Cli {
 enum Command {
     /// Write simulated clickstream histories as JSON Lines (the Track shape).
     Simulate {
-        #[arg(long, default_value_t = 4000)]
-        people: usize,
-        #[arg(long, default_value_t = 120)]
-        days: i64,
-        #[arg(long, default_value_t = 42)]
-        seed: u64,
+        #[command(flatten)]
+        sim: SimArgs,
         #[arg(long)]
         out: PathBuf,
     },
@@ -95,15 +91,34 @@ enum Command {
     Defaults {
         #[arg(long, default_value = "models")]
         out: PathBuf,
-        #[arg(long, default_value_t = 4000)]
-        people: usize,
-        #[arg(long, default_value_t = 120)]
-        days: i64,
-        #[arg(long, default_value_t = 42)]
-        seed: u64,
+        #[command(flatten)]
+        sim: SimArgs,
         #[arg(long, default_value = "sim-2")]
         model_version: String,
     },
+}
+
+/// What to simulate: a population over some days, from a seed.
+#[derive(clap::Args)]
+struct SimArgs {
+    #[arg(long, default_value_t = 4000)]
+    people: usize,
+    #[arg(long, default_value_t = 120)]
+    days: i64,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+}
+
+impl SimArgs {
+    fn config(&self) -> SimConfig {
+        // A fixed start keeps regeneration byte-for-byte reproducible: 2026-01-05, a Monday.
+        SimConfig {
+            people: self.people,
+            days: self.days,
+            start: Time(1_767_571_200_000),
+            seed: self.seed,
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -165,13 +180,8 @@ impl LightgbmArgs {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Simulate {
-            people,
-            days,
-            seed,
-            out,
-        } => {
-            let histories = simulate::simulate(&sim_config(people, days, seed));
+        Command::Simulate { sim, out } => {
+            let histories = simulate::simulate(&sim.config());
             let mut file = std::io::BufWriter::new(std::fs::File::create(&out)?);
             let mut n = 0;
             for h in &histories {
@@ -179,7 +189,11 @@ fn main() -> anyhow::Result<()> {
                 n += h.events.len();
             }
             file.flush()?;
-            println!("wrote {n} events of {people} people to {}", out.display());
+            println!(
+                "wrote {n} events of {} people to {}",
+                sim.people,
+                out.display()
+            );
             Ok(())
         }
         Command::Train {
@@ -258,12 +272,12 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Defaults {
             out,
-            people,
-            days,
-            seed,
+            sim,
             model_version,
         } => {
-            let config = sim_config(people, days, seed);
+            std::fs::create_dir_all(&out)?;
+            let config = sim.config();
+            let (days, seed) = (sim.days, sim.seed);
             let histories = simulate::simulate(&config);
             let mut builder = Builder::default();
             for h in &histories {
@@ -272,8 +286,8 @@ fn main() -> anyhow::Result<()> {
                 }
             }
             println!(
-                "simulated {people} people, {} events over {days} days",
-                builder.events
+                "simulated {} people, {} events over {days} days",
+                sim.people, builder.events
             );
             let end = config.start.plus_ms(days * DAY_MS);
             let people = nudge_training::segments::people(
@@ -305,16 +319,6 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-    }
-}
-
-fn sim_config(people: usize, days: i64, seed: u64) -> SimConfig {
-    // A fixed start keeps regeneration byte-for-byte reproducible: 2026-01-05, a Monday.
-    SimConfig {
-        people,
-        days,
-        start: Time(1_767_571_200_000),
-        seed,
     }
 }
 

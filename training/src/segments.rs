@@ -1,7 +1,7 @@
 //! Fitting behavioral segments: k-means (linfa) over people's behavioral metrics as of the
 //! end of history, written as a segments file the server assigns people with.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 use anyhow::Context as _;
 use linfa::prelude::*;
@@ -21,7 +21,8 @@ pub fn people(
     events: impl Iterator<Item = anyhow::Result<Event>>,
     end: Option<Time>,
 ) -> anyhow::Result<Vec<FeatureRow>> {
-    let mut profiles: HashMap<PersonKey, Profile> = HashMap::new();
+    // Ordered, so that the rows (and k-means' start) do not depend on hashing.
+    let mut profiles: BTreeMap<PersonKey, Profile> = BTreeMap::new();
     let mut latest = Time(i64::MIN);
     for event in events {
         let event = event?;
