@@ -8,11 +8,13 @@
 //! - [`train`]: LightGBM with early stopping, comparison with the published model,
 //!   reports, publishing.
 //! - [`segments`]: k-means behavioral segments (linfa) for the server to assign people to.
+//! - [`plots`]: the report's SVG plots (ROC, calibration, importance).
 //! - [`evaluate`]: AUC, PR AUC, log loss, calibration, precision and recall at thresholds.
 
 pub mod dataset;
 pub mod evaluate;
 pub mod input;
+pub mod plots;
 pub mod segments;
 pub mod simulate;
 pub mod train;

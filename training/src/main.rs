@@ -380,11 +380,16 @@ fn conclude(
     force: bool,
 ) -> anyhow::Result<()> {
     let published = train::evaluate_published(out, &candidate.name, &split.test);
-    let report = train::report(candidate, version, published.as_ref());
+    let mut report = train::report(candidate, version, published.as_ref());
     println!("{report}");
     std::fs::create_dir_all(out)?;
     // Not `<name>-…`: publishing removes unreferenced files of that pattern.
-    let report_path = out.join(format!("{}.{version}.report.md", candidate.name));
+    let stem = format!("{}.{version}", candidate.name);
+    report += "\n## Plots\n\n";
+    for file in train::plots(out, &stem, candidate)? {
+        report += &format!("![{file}]({file})\n");
+    }
+    let report_path = out.join(format!("{stem}.report.md"));
     std::fs::write(&report_path, &report)?;
     if let Some((v, p)) = &published {
         if p.auc > candidate.test.auc && !force {

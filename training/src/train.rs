@@ -59,6 +59,8 @@ pub struct Candidate {
     pub test: Evaluation,
     /// Total gain per feature, largest first.
     pub importance: Vec<(String, f64)>,
+    /// The ROC curve on the test part.
+    pub roc: Vec<(f64, f64)>,
 }
 
 fn matrix(examples: &[&Example]) -> (Vec<f64>, Vec<f32>) {
@@ -133,6 +135,7 @@ pub fn train(
         valid_rows: split.valid.len(),
         test: evaluate(&p, &labels, THRESHOLDS),
         importance,
+        roc: crate::plots::roc_points(&p, &labels),
     })
 }
 
@@ -187,6 +190,32 @@ pub fn publish(dir: &Path, candidate: &Candidate, version: &str) -> anyhow::Resu
     };
     publish::publish(dir, manifest, candidate.model.as_bytes(), "txt")
         .with_context(|| format!("publishing into {}", dir.display()))
+}
+
+/// Writes the report's plots beside it (`<stem>.roc.svg`, `.calibration.svg`,
+/// `.importance.svg`) and returns their file names.
+pub fn plots(dir: &Path, stem: &str, candidate: &Candidate) -> anyhow::Result<Vec<String>> {
+    let title = |what: &str| format!("{} {what}", candidate.name);
+    let files = [
+        format!("{stem}.roc.svg"),
+        format!("{stem}.calibration.svg"),
+        format!("{stem}.importance.svg"),
+    ];
+    let err = |e: Box<dyn std::error::Error>| anyhow::anyhow!("drawing a plot: {e}");
+    crate::plots::roc(&dir.join(&files[0]), &title("ROC (test)"), &candidate.roc).map_err(err)?;
+    crate::plots::calibration(
+        &dir.join(&files[1]),
+        &title("calibration (test)"),
+        &candidate.test,
+    )
+    .map_err(err)?;
+    crate::plots::importance(
+        &dir.join(&files[2]),
+        &title("feature importance"),
+        &candidate.importance,
+    )
+    .map_err(err)?;
+    Ok(files.to_vec())
 }
 
 /// The evaluation as Markdown, beside the published model's on the same test rows.
