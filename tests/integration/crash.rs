@@ -126,7 +126,7 @@ async fn sigkill_loses_nothing_acknowledged_and_counts_nothing_twice() {
     let mut worst_recovery = Duration::ZERO;
     for cycle in 0..=CYCLES {
         let grpc = free_port();
-        let mut child = spawn_nudge(data.path(), grpc);
+        let mut child = spawn_nudge(data.path(), grpc, &[]);
         let (channel, recovery) = until_serving(grpc).await;
         worst_recovery = worst_recovery.max(recovery);
         let mut client = pb::nudge_service_client::NudgeServiceClient::new(channel);

@@ -278,3 +278,51 @@ async fn without_a_model_not_ready_until_one_is_published() {
     }
     server.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn the_binary_reloads_on_sighup() {
+    let models = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let (_, good) = shipped();
+    publish::publish(models.path(), versioned("before-hup"), &good, "txt").unwrap();
+    let grpc = free_port();
+    let env = [
+        ("NUDGE__MODELS__DIR", models.path().display().to_string()),
+        ("NUDGE__MODELS__WATCH", "false".to_owned()),
+    ];
+    let mut child = spawn_nudge(data.path(), grpc, &env);
+    let endpoint = format!("http://127.0.0.1:{grpc}");
+    let mut client = loop {
+        match pb::nudge_service_client::NudgeServiceClient::connect(endpoint.clone()).await {
+            Ok(c) => break c,
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    let version =
+        |client: &mut pb::nudge_service_client::NudgeServiceClient<tonic::transport::Channel>| {
+            let mut client = client.clone();
+            async move {
+                client.score(rows()).await.unwrap().into_inner().rows[0].scores[0]
+                    .version
+                    .clone()
+            }
+        };
+    assert_eq!(version(&mut client).await, "before-hup");
+    // With watching off, a new file changes nothing until SIGHUP.
+    publish::publish(models.path(), versioned("after-hup"), &good, "txt").unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(version(&mut client).await, "before-hup");
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    let mut waited = Duration::ZERO;
+    while version(&mut client).await != "after-hup" {
+        assert!(waited < Duration::from_secs(10), "SIGHUP did not reload");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        waited += Duration::from_millis(50);
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

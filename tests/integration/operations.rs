@@ -208,7 +208,7 @@ async fn reflection_lists_the_services() {
 async fn the_binary_serves_and_exits_zero_on_sigterm() {
     let grpc = free_port();
     let data = tempfile::tempdir().unwrap();
-    let child = spawn_nudge(data.path(), grpc);
+    let child = spawn_nudge(data.path(), grpc, &[]);
 
     let endpoint = format!("http://127.0.0.1:{grpc}");
     let mut health = None;

@@ -206,8 +206,12 @@ pub fn free_port() -> u16 {
 }
 
 /// The real `nudge` binary serving on `grpc` with the shipped config and models, its store
-/// in `data`; stderr (the log) piped.
-pub fn spawn_nudge(data: &std::path::Path, grpc: u16) -> std::process::Child {
+/// in `data`, and `env` overrides; stderr (the log) piped.
+pub fn spawn_nudge(
+    data: &std::path::Path,
+    grpc: u16,
+    env: &[(&str, String)],
+) -> std::process::Child {
     std::process::Command::new(env!("CARGO_BIN_EXE_nudge"))
         .args([
             "serve",
@@ -220,6 +224,7 @@ pub fn spawn_nudge(data: &std::path::Path, grpc: u16) -> std::process::Child {
         ])
         .current_dir(repo_path(""))
         .env("NUDGE__STORE__DIR", data)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
