@@ -34,10 +34,6 @@ impl Pseudonymizer {
         Pseudonymizer { key }
     }
 
-    pub fn is_enabled(&self) -> bool {
-        self.key.is_some()
-    }
-
     fn hash(&self, id: &str) -> Option<String> {
         let key = self.key.as_ref()?;
         let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes keys of any length");

@@ -317,10 +317,6 @@ impl Store {
         std::fs::remove_dir_all(&aside)?;
         Ok(())
     }
-
-    pub fn disk_space(&self) -> u64 {
-        self.db.disk_space().unwrap_or(0)
-    }
 }
 
 #[cfg(test)]

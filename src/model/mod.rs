@@ -462,12 +462,6 @@ impl ModelSet {
         Ok((set, failures))
     }
 
-    pub fn from_models(models: Vec<Model>) -> ModelSet {
-        ModelSet {
-            models: models.into_iter().map(Arc::new).collect(),
-        }
-    }
-
     pub fn get(&self, name: &str) -> Option<&Arc<Model>> {
         self.models.iter().find(|m| m.name() == name)
     }
@@ -570,10 +564,6 @@ impl ModelRegistry {
 
     pub fn current(&self) -> Arc<ModelSet> {
         self.current.load_full()
-    }
-
-    pub fn replace(&self, set: ModelSet) {
-        self.current.store(Arc::new(set));
     }
 
     /// Reads the models directory again and swaps in the result. Blocking: model files are

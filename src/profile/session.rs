@@ -208,11 +208,6 @@ impl Sessions {
         at - expired
     }
 
-    /// Whether an event at `t` would land in an existing session.
-    pub fn reaches(&self, t: Time) -> bool {
-        self.list.iter().any(|s| s.reaches(t))
-    }
-
     pub fn latest(&self) -> Option<&Session> {
         self.list.last()
     }
