@@ -83,6 +83,24 @@ fn publish_bad(dir: &std::path::Path, kind: usize, version: &str) -> &'static st
     }
 }
 
+type Client = pb::nudge_service_client::NudgeServiceClient<tonic::transport::Channel>;
+
+/// The purchase version that answers a Score now.
+async fn version(client: &mut Client) -> String {
+    let answer = client.score(rows()).await.unwrap().into_inner();
+    answer.rows[0].scores[0].version.clone()
+}
+
+/// Waits (up to 10 s) until `target` answers.
+async fn wait_for_version(client: &mut Client, target: &str) {
+    let mut waited = Duration::ZERO;
+    while version(client).await != target {
+        assert!(waited < Duration::from_secs(10), "never served {target}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        waited += Duration::from_millis(50);
+    }
+}
+
 fn rows() -> pb::ScoreRequest {
     pb::ScoreRequest {
         subject: Some(Subject::FeatureRows(pb::FeatureRows {
@@ -256,25 +274,11 @@ async fn without_a_model_not_ready_until_one_is_published() {
 
     // A rollback is one command (here, the function it runs) and the server follows.
     publish::publish(dir.path(), versioned("second"), &good, "txt").unwrap();
-    let version =
-        |client: &mut pb::nudge_service_client::NudgeServiceClient<tonic::transport::Channel>| {
-            let mut client = client.clone();
-            async move {
-                client.score(rows()).await.unwrap().into_inner().rows[0].scores[0]
-                    .version
-                    .clone()
-            }
-        };
     for target in ["second", "first"] {
         if target == "first" {
             publish::rollback(dir.path(), "purchase").unwrap();
         }
-        let mut waited = Duration::ZERO;
-        while version(&mut client).await != target {
-            assert!(waited < Duration::from_secs(10), "never served {target}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            waited += Duration::from_millis(50);
-        }
+        wait_for_version(&mut client, target).await;
     }
     server.stop().await.unwrap();
 }
@@ -298,15 +302,6 @@ async fn the_binary_reloads_on_sighup() {
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     };
-    let version =
-        |client: &mut pb::nudge_service_client::NudgeServiceClient<tonic::transport::Channel>| {
-            let mut client = client.clone();
-            async move {
-                client.score(rows()).await.unwrap().into_inner().rows[0].scores[0]
-                    .version
-                    .clone()
-            }
-        };
     assert_eq!(version(&mut client).await, "before-hup");
     // With watching off, a new file changes nothing until SIGHUP.
     publish::publish(models.path(), versioned("after-hup"), &good, "txt").unwrap();
@@ -317,12 +312,7 @@ async fn the_binary_reloads_on_sighup() {
         .status()
         .unwrap();
     assert!(hup.success());
-    let mut waited = Duration::ZERO;
-    while version(&mut client).await != "after-hup" {
-        assert!(waited < Duration::from_secs(10), "SIGHUP did not reload");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        waited += Duration::from_millis(50);
-    }
+    wait_for_version(&mut client, "after-hup").await;
     child.kill().unwrap();
     child.wait().unwrap();
 }

@@ -32,7 +32,15 @@ pub fn roc_points(scores: &[f64], labels: &[bool]) -> Vec<(f64, f64)> {
 
 type Result = std::result::Result<(), Box<dyn std::error::Error>>;
 
-pub fn roc(path: &Path, title: &str, points: &[(f64, f64)]) -> Result {
+/// A curve on the unit square with the diagonal for reference (ROC, calibration).
+fn unit_square(
+    path: &Path,
+    title: &str,
+    (x_desc, y_desc): (&str, &str),
+    points: &[(f64, f64)],
+    color: RGBColor,
+    markers: bool,
+) -> Result {
     let root = SVGBackend::new(path, (560, 480)).into_drawing_area();
     root.fill(&WHITE)?;
     let mut chart = ChartBuilder::on(&root)
@@ -43,40 +51,38 @@ pub fn roc(path: &Path, title: &str, points: &[(f64, f64)]) -> Result {
         .build_cartesian_2d(0.0..1.0, 0.0..1.0)?;
     chart
         .configure_mesh()
-        .x_desc("false positive rate")
-        .y_desc("true positive rate")
+        .x_desc(x_desc)
+        .y_desc(y_desc)
         .draw()?;
     chart.draw_series(LineSeries::new([(0.0, 0.0), (1.0, 1.0)], &BLACK.mix(0.3)))?;
-    chart.draw_series(LineSeries::new(points.iter().copied(), &BLUE))?;
+    chart.draw_series(LineSeries::new(points.iter().copied(), &color))?;
+    if markers {
+        chart.draw_series(points.iter().map(|&p| Circle::new(p, 4, color.filled())))?;
+    }
     root.present()?;
     Ok(())
 }
 
+pub fn roc(path: &Path, title: &str, points: &[(f64, f64)]) -> Result {
+    let axes = ("false positive rate", "true positive rate");
+    unit_square(path, title, axes, points, BLUE, false)
+}
+
 pub fn calibration(path: &Path, title: &str, e: &Evaluation) -> Result {
-    let root = SVGBackend::new(path, (560, 480)).into_drawing_area();
-    root.fill(&WHITE)?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 18))
-        .margin(12)
-        .x_label_area_size(36)
-        .y_label_area_size(44)
-        .build_cartesian_2d(0.0..1.0, 0.0..1.0)?;
-    chart
-        .configure_mesh()
-        .x_desc("mean predicted")
-        .y_desc("observed rate")
-        .draw()?;
-    chart.draw_series(LineSeries::new([(0.0, 0.0), (1.0, 1.0)], &BLACK.mix(0.3)))?;
     let points: Vec<(f64, f64)> = e
         .calibration
         .iter()
         .filter(|b| b.count > 0)
         .map(|b| (b.mean_predicted, b.observed_rate))
         .collect();
-    chart.draw_series(LineSeries::new(points.iter().copied(), &RED))?;
-    chart.draw_series(points.iter().map(|&p| Circle::new(p, 4, RED.filled())))?;
-    root.present()?;
-    Ok(())
+    unit_square(
+        path,
+        title,
+        ("mean predicted", "observed rate"),
+        &points,
+        RED,
+        true,
+    )
 }
 
 pub fn importance(path: &Path, title: &str, importance: &[(String, f64)]) -> Result {
