@@ -24,6 +24,7 @@ use nudge::model::{LoadOptions, ModelRegistry, ModelSet, Scorer};
 use nudge::profile::Profile;
 use nudge::store::{Store, SyncMode};
 use nudge::time::{Time, MINUTE_MS};
+use nudge::trigger::Triggers;
 
 const BATCH_ROWS: usize = 10_000;
 const BATCH_REPS: usize = 7;
@@ -242,11 +243,16 @@ fn track_per_event() {
             queue_capacity: 1024,
             dedup_horizon_ms: 24 * 3_600_000,
         },
-        store,
+        store.clone(),
         Arc::new(Identities::default()),
         Arc::new(ModelRegistry::new(set)),
+        Arc::new(
+            Triggers::open(PathBuf::new(), store, Arc::new(Metrics::new()))
+                .expect("opening the outbox"),
+        ),
         Arc::new(Metrics::new()),
-    );
+    )
+    .expect("starting the engine");
     let stream = events(1000, 4_000);
     let now = stream.last().unwrap().time;
     let (mut samples, elapsed) = runtime.block_on(async {

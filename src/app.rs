@@ -21,6 +21,7 @@ use crate::pb;
 use crate::pb::nudge_service_server::NudgeServiceServer;
 use crate::store::{Store, SyncMode};
 use crate::time::{Clock, DAY_MS, HOUR_MS};
+use crate::trigger::{webhook, Triggers};
 
 /// A server with its listeners bound and its models loaded, ready to run.
 pub struct Server {
@@ -31,6 +32,7 @@ pub struct Server {
     store: Arc<Store>,
     identities: Arc<Identities>,
     pseudonymizer: Pseudonymizer,
+    triggers: Arc<Triggers>,
     grpc: TcpListener,
     metrics_listener: TcpListener,
 }
@@ -94,6 +96,19 @@ impl Server {
             tracing::warn!(dir = %config.models.dir.display(), "no model loaded; Score answers UNAVAILABLE");
         }
         metrics.record_models(&set, &failures);
+        let store = Arc::new(store);
+        let triggers = Arc::new(
+            Triggers::open(
+                config.triggers.rules.clone(),
+                store.clone(),
+                metrics.clone(),
+            )
+            .context("loading the trigger rules")?,
+        );
+        {
+            let rules = triggers.rules.load();
+            tracing::info!(version = %rules.version, rules = rules.rules.len(), file = %config.triggers.rules.display(), "rules loaded");
+        }
 
         let grpc = TcpListener::bind(config.server.grpc_addr)
             .await
@@ -106,9 +121,10 @@ impl Server {
             clock,
             metrics,
             models: Arc::new(models),
-            store: Arc::new(store),
+            store,
             identities,
             pseudonymizer,
+            triggers,
             grpc,
             metrics_listener,
         })
@@ -140,6 +156,7 @@ impl Server {
             store,
             identities,
             pseudonymizer,
+            triggers,
             grpc,
             metrics_listener,
         } = self;
@@ -153,8 +170,9 @@ impl Server {
             store.clone(),
             identities,
             models.clone(),
+            triggers.clone(),
             metrics.clone(),
-        ));
+        )?);
         // Live as soon as it listens; ready to score once a model is loaded.
         let ready = !models.current().is_empty();
         let (health, health_service) = tonic_health::server::health_reporter();
@@ -189,6 +207,7 @@ impl Server {
             },
             pseudonymizer,
             reloader: reloader.clone(),
+            triggers: triggers.clone(),
         };
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -224,9 +243,9 @@ impl Server {
         tracing::info!(%grpc_addr, %metrics_addr, "serving");
 
         // Reloads: on file changes, SIGHUP and ReloadModels, one at a time.
-        let (triggers, trigger_rx) = tokio::sync::mpsc::channel(1);
+        let (reload_tx, trigger_rx) = tokio::sync::mpsc::channel(1);
         let _watcher = match config.models.watch {
-            true => match reload::watch(&config.models.dir, triggers.clone()) {
+            true => match reload::watch(&config.models.dir, reload_tx.clone()) {
                 Ok(w) => Some(w),
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot watch the models directory; reload with SIGHUP or ReloadModels");
@@ -236,13 +255,71 @@ impl Server {
             false => None,
         };
         tokio::spawn(reloader.clone().run(trigger_rx));
-        let hangups = tokio::spawn(reload_on_hangup(triggers, wait_for_stop(stop_rx.clone())));
+        // The rules file is watched through its directory, so an editor's rename counts.
+        let (rules_tx, rules_rx) = tokio::sync::mpsc::channel(1);
+        let rules_dir = triggers
+            .rules_path()
+            .parent()
+            .map(|d| {
+                if d.as_os_str().is_empty() {
+                    std::path::Path::new(".")
+                } else {
+                    d
+                }
+            })
+            .filter(|_| !triggers.rules_path().as_os_str().is_empty());
+        let rules_watcher = rules_dir.and_then(|dir| match reload::watch(dir, rules_tx.clone()) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch the rules file; reload with SIGHUP or ReloadRules");
+                None
+            }
+        });
+        let rules_reloads = tokio::spawn(reload_rules(triggers.clone(), rules_rx));
+        let hangups = tokio::spawn(reload_on_hangup(
+            vec![reload_tx, rules_tx],
+            wait_for_stop(stop_rx.clone()),
+        ));
         let maintenance = tokio::spawn(maintain(
             store.clone(),
             clock.clone(),
             dedup_horizon_ms,
             wait_for_stop(stop_rx.clone()),
         ));
+        let ticker = tokio::spawn(tick(
+            engine.clone(),
+            clock.clone(),
+            Duration::from_millis(config.triggers.tick_ms),
+            wait_for_stop(stop_rx.clone()),
+        ));
+        let endpoints: Vec<String> = config
+            .triggers
+            .webhooks
+            .iter()
+            .map(|w| w.name.clone())
+            .collect();
+        let outbox_upkeep = tokio::spawn(trim_outbox(
+            triggers.clone(),
+            clock.clone(),
+            config.triggers.outbox_retention_hours as i64 * HOUR_MS,
+            endpoints,
+            wait_for_stop(stop_rx.clone()),
+        ));
+        let mut webhooks = Vec::new();
+        for w in &config.triggers.webhooks {
+            // Checked by Config::validate.
+            let endpoint = w
+                .endpoint()
+                .map_err(|e| anyhow::anyhow!("webhook {}: {e}", w.name))?;
+            tracing::info!(endpoint = %endpoint.name, url = %endpoint.url, "delivering webhooks");
+            webhooks.push(tokio::spawn(webhook::run(
+                endpoint,
+                triggers.outbox.clone(),
+                store.clone(),
+                metrics.clone(),
+                wait_for_stop(stop_rx.clone()),
+            )));
+        }
         let metrics_task = tokio::spawn(crate::metrics::serve(
             metrics_listener,
             metrics.clone(),
@@ -288,6 +365,15 @@ impl Server {
         }
         let _ = maintenance.await;
         let _ = hangups.await;
+        // The last sender of rule reloads goes with the watcher; the task then ends and
+        // lets go of the store.
+        drop(rules_watcher);
+        let _ = rules_reloads.await;
+        let _ = ticker.await;
+        let _ = outbox_upkeep.await;
+        for w in webhooks {
+            let _ = w.await;
+        }
         tokio::task::spawn_blocking(move || store.sync_now())
             .await?
             .context("syncing the store at shutdown")?;
@@ -346,9 +432,66 @@ async fn maintain(
     }
 }
 
-/// Sends a reload trigger on every SIGHUP until `stop`.
+/// Asks the engine to fire due timers every `every` until `stop`.
+async fn tick(
+    engine: Arc<Engine>,
+    clock: Arc<dyn Clock>,
+    every: Duration,
+    stop: impl Future<Output = ()>,
+) {
+    let mut interval = tokio::time::interval(every);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = interval.tick() => engine.tick(clock.now()),
+        }
+    }
+}
+
+/// Trims the outbox every hour until `stop`.
+async fn trim_outbox(
+    triggers: Arc<Triggers>,
+    clock: Arc<dyn Clock>,
+    retention_ms: i64,
+    endpoints: Vec<String>,
+    stop: impl Future<Output = ()>,
+) {
+    let mut hourly = tokio::time::interval(Duration::from_secs(3600));
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = hourly.tick() => {
+                let (triggers, endpoints, now) = (triggers.clone(), endpoints.clone(), clock.now());
+                match tokio::task::spawn_blocking(move || triggers.trim_outbox(now, retention_ms, &endpoints)).await {
+                    Ok(Ok(n)) => tracing::debug!(trimmed = n, "outbox trimmed"),
+                    Ok(Err(e)) => tracing::error!(error = %e, "trimming the outbox failed"),
+                    Err(e) => tracing::error!(error = %e, "trimming the outbox panicked"),
+                }
+            }
+        }
+    }
+}
+
+/// Reloads the rules on each trigger, letting bursts settle, until the channel closes.
+async fn reload_rules(
+    triggers: Arc<Triggers>,
+    mut changes: tokio::sync::mpsc::Receiver<&'static str>,
+) {
+    while let Some(cause) = changes.recv().await {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        while changes.try_recv().is_ok() {}
+        let triggers = triggers.clone();
+        // Errors are logged and counted inside.
+        let _ = tokio::task::spawn_blocking(move || triggers.reload_rules(cause)).await;
+    }
+}
+
+/// Sends a reload trigger to each of `targets` on every SIGHUP until `stop`.
 async fn reload_on_hangup(
-    triggers: tokio::sync::mpsc::Sender<&'static str>,
+    targets: Vec<tokio::sync::mpsc::Sender<&'static str>>,
     stop: impl Future<Output = ()>,
 ) {
     use tokio::signal::unix::{signal, SignalKind};
@@ -364,7 +507,9 @@ async fn reload_on_hangup(
         tokio::select! {
             _ = &mut stop => return,
             Some(()) = hangups.recv() => {
-                let _ = triggers.try_send("SIGHUP");
+                for target in &targets {
+                    let _ = target.try_send("SIGHUP");
+                }
             }
         }
     }

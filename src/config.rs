@@ -17,6 +17,7 @@ pub struct Config {
     pub store: StoreConfig,
     pub identity: IdentityConfig,
     pub models: ModelsConfig,
+    pub triggers: TriggersConfig,
     pub log: LogConfig,
 }
 
@@ -94,6 +95,97 @@ pub struct ModelsConfig {
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
+pub struct TriggersConfig {
+    /// The rules file; empty for none. Reloaded when it changes, on SIGHUP and on
+    /// ReloadRules; a file with problems is refused and the running rules stay.
+    pub rules: PathBuf,
+    /// How often due timers are looked for, in milliseconds.
+    pub tick_ms: u64,
+    /// Delivered triggers stay in the outbox this long for subscribers to resume from
+    /// (longer while a webhook endpoint has not taken care of them).
+    pub outbox_retention_hours: u64,
+    pub webhooks: Vec<WebhookConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// A name for logs, metrics and the endpoint's cursor; keep it when the URL changes.
+    pub name: String,
+    pub url: String,
+    /// The signing secret, `whsec_` + base64 (Standard Webhooks); or `secret_file`.
+    #[serde(default)]
+    pub secret: String,
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
+    /// Only these rules' triggers; all when empty.
+    #[serde(default)]
+    pub rules: Vec<String>,
+    #[serde(default = "defaults::concurrency")]
+    pub concurrency: usize,
+    #[serde(default = "defaults::rate_per_second")]
+    pub rate_per_second: f64,
+    #[serde(default = "defaults::max_attempts")]
+    pub max_attempts: u32,
+    #[serde(default = "defaults::initial_backoff_ms")]
+    pub initial_backoff_ms: u64,
+    #[serde(default = "defaults::max_backoff_ms")]
+    pub max_backoff_ms: u64,
+    #[serde(default = "defaults::timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+mod defaults {
+    pub fn concurrency() -> usize {
+        4
+    }
+    pub fn rate_per_second() -> f64 {
+        50.0
+    }
+    pub fn max_attempts() -> u32 {
+        12
+    }
+    pub fn initial_backoff_ms() -> u64 {
+        1000
+    }
+    pub fn max_backoff_ms() -> u64 {
+        600_000
+    }
+    pub fn timeout_ms() -> u64 {
+        10_000
+    }
+}
+
+impl WebhookConfig {
+    /// The endpoint's delivery settings, with its secret read and decoded.
+    pub fn endpoint(&self) -> Result<crate::trigger::webhook::Endpoint, String> {
+        let secret = match &self.secret_file {
+            Some(path) => std::fs::read_to_string(path)
+                .map_err(|e| format!("{}: {e}", path.display()))?
+                .trim()
+                .to_owned(),
+            None => self.secret.clone(),
+        };
+        if secret.is_empty() {
+            return Err("give a secret or a secret_file".into());
+        }
+        Ok(crate::trigger::webhook::Endpoint {
+            name: self.name.clone(),
+            url: self.url.clone(),
+            secret: crate::trigger::webhook::secret_key(&secret)?,
+            rules: self.rules.clone(),
+            concurrency: self.concurrency,
+            rate_per_second: self.rate_per_second,
+            max_attempts: self.max_attempts,
+            initial_backoff: std::time::Duration::from_millis(self.initial_backoff_ms),
+            max_backoff: std::time::Duration::from_millis(self.max_backoff_ms),
+            timeout: std::time::Duration::from_millis(self.timeout_ms),
+        })
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
     /// A tracing filter, such as `info` or `nudge=debug,info`; `RUST_LOG` wins if set.
     pub level: String,
@@ -149,6 +241,17 @@ impl Default for ModelsConfig {
             max_file_bytes: 256 * 1024 * 1024,
             watch: true,
             onnxruntime_library: String::new(),
+        }
+    }
+}
+
+impl Default for TriggersConfig {
+    fn default() -> Self {
+        TriggersConfig {
+            rules: PathBuf::from("config/rules.toml"),
+            tick_ms: 1000,
+            outbox_retention_hours: 168,
+            webhooks: Vec::new(),
         }
     }
 }
@@ -263,6 +366,39 @@ impl Config {
         }
         if self.models.max_file_bytes == 0 {
             problems.push("models.max_file_bytes must be at least 1".to_owned());
+        }
+        let t = &self.triggers;
+        if !(10..=60_000).contains(&t.tick_ms) {
+            problems.push("triggers.tick_ms must be between 10 and 60000".to_owned());
+        }
+        if t.outbox_retention_hours == 0 {
+            problems.push("triggers.outbox_retention_hours must be at least 1".to_owned());
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for (i, w) in t.webhooks.iter().enumerate() {
+            let at = format!("triggers.webhooks[{i}] ({:?})", w.name);
+            if w.name.is_empty() || !names.insert(w.name.clone()) {
+                problems.push(format!("{at}: name must be set and unique"));
+            }
+            if !(w.url.starts_with("http://") || w.url.starts_with("https://")) {
+                problems.push(format!("{at}: url must start with http:// or https://"));
+            }
+            if w.concurrency == 0 || w.max_attempts == 0 {
+                problems.push(format!(
+                    "{at}: concurrency and max_attempts must be at least 1"
+                ));
+            }
+            if !(w.rate_per_second.is_finite() && w.rate_per_second > 0.0) {
+                problems.push(format!("{at}: rate_per_second must be positive"));
+            }
+            if w.initial_backoff_ms == 0 || w.max_backoff_ms < w.initial_backoff_ms {
+                problems.push(format!(
+                    "{at}: initial_backoff_ms must be at least 1 and at most max_backoff_ms"
+                ));
+            }
+            if let Err(e) = w.endpoint() {
+                problems.push(format!("{at}: {e}"));
+            }
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             problems.push(format!("log.level {:?}: {e}", self.log.level));

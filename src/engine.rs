@@ -16,21 +16,24 @@
 //! has the user's shard fold the anonymous profile in and commit the profile, the alias,
 //! the deletion and the moved idempotency records in one batch.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::event::{Event, PersonKey};
+use crate::event::{Event, EventKind, PersonKey};
 use crate::features::{self, FeatureRow};
 use crate::identity::Identities;
 use crate::metrics::Metrics;
 use crate::model::{Model, ModelRegistry, ScoreError};
 use crate::profile::Profile;
-use crate::store::{Store, StoreError, Write};
+use crate::segments;
+use crate::store::{OutcomeTotals, Store, StoreError, Write};
 use crate::time::Time;
+use crate::trigger::rules::RuleSet;
+use crate::trigger::{self, Contribution, Firing, Outcome as Decision, TriggerState, Triggers};
 
 /// How the engine is laid out.
 #[derive(Debug, Clone)]
@@ -45,6 +48,8 @@ pub struct EngineOptions {
 
 /// The most commands one shard folds into one commit.
 const MAX_GROUP: usize = 512;
+/// The most people whose timers one tick handles (the rest wait for the next tick).
+const MAX_TIMERS_PER_TICK: usize = 2048;
 
 /// Why the engine could not do what was asked.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -97,7 +102,15 @@ enum Command {
     Track {
         events: Vec<(usize, Event)>,
         now: Time,
+        received: Instant,
         reply: Reply<Vec<(usize, Outcome)>>,
+    },
+    /// Fire the timers due at `now`.
+    Tick { now: Time },
+    /// A person's trigger state (decisions, timers), for explaining.
+    Explain {
+        person: PersonKey,
+        reply: Reply<Option<TriggerState>>,
     },
     Score {
         person: PersonKey,
@@ -148,17 +161,37 @@ impl Engine {
         store: Arc<Store>,
         identities: Arc<Identities>,
         models: Arc<ModelRegistry>,
+        triggers: Arc<Triggers>,
         metrics: Arc<Metrics>,
-    ) -> Engine {
+    ) -> Result<Engine, EngineError> {
         let count = options.shards.max(1);
         let mut shards = Vec::with_capacity(count);
         let mut threads = Vec::with_capacity(count);
-        for i in 0..count {
+        // Each shard takes its own people's timers and its own experiment totals.
+        let mut timers = vec![BTreeSet::new(); count];
+        for (due, person) in store.timer_index()? {
+            timers[(person.stable_hash() % count as u64) as usize].insert((due, person));
+        }
+        metrics
+            .timers_pending
+            .set(timers.iter().map(BTreeSet::len).sum::<usize>() as i64);
+        let mut outcomes = vec![BTreeMap::new(); count];
+        for (rule, variant, shard, totals) in store.outcomes()? {
+            if let Some(o) = outcomes.get_mut(usize::from(shard)) {
+                o.insert((rule, variant), totals);
+            }
+        }
+        for (i, (timers, outcomes)) in timers.into_iter().zip(outcomes).enumerate() {
             let (tx, rx) = mpsc::channel(options.queue_capacity.max(1));
             let shard = Shard {
+                index: i as u16,
                 profiles: HashMap::new(),
+                states: HashMap::new(),
+                timers,
+                outcomes,
                 store: store.clone(),
                 models: models.clone(),
+                triggers: triggers.clone(),
                 metrics: metrics.clone(),
                 dedup_horizon_ms: options.dedup_horizon_ms,
             };
@@ -169,13 +202,13 @@ impl Engine {
             shards.push(tx);
             threads.push(thread);
         }
-        Engine {
+        Ok(Engine {
             shards,
             threads,
             identities,
             merges: tokio::sync::Mutex::new(()),
             metrics,
-        }
+        })
     }
 
     fn shard_of(&self, person: &PersonKey) -> usize {
@@ -191,6 +224,7 @@ impl Engine {
         events: Vec<(usize, Event)>,
         now: Time,
     ) -> Result<Vec<(usize, Outcome)>, EngineError> {
+        let received = Instant::now();
         for (_, event) in &events {
             if let Some(anonymous) = &event.linked {
                 // Most events that carry both ids belong to a link made long ago: check
@@ -226,7 +260,12 @@ impl Engine {
             }
             for (permit, events) in permits {
                 let (reply, answer) = oneshot::channel();
-                permit.send(Command::Track { events, now, reply });
+                permit.send(Command::Track {
+                    events,
+                    now,
+                    received,
+                    reply,
+                });
                 replies.push(answer);
             }
         }
@@ -252,6 +291,20 @@ impl Engine {
             reply,
         })
         .await
+    }
+
+    /// Asks every shard to fire the timers due at `now`. A shard whose queue is full
+    /// skips this tick; its timers fire at the next one.
+    pub fn tick(&self, now: Time) {
+        for shard in &self.shards {
+            let _ = shard.try_send(Command::Tick { now });
+        }
+    }
+
+    /// A person's trigger state: recent decisions with reasons, pending timers.
+    pub async fn explain(&self, person: PersonKey) -> Result<Option<TriggerState>, EngineError> {
+        self.ask(&person, |person, reply| Command::Explain { person, reply })
+            .await
     }
 
     /// A copy of a person's profile; `None` if Nudge has no events for them.
@@ -406,6 +459,7 @@ impl<T> Answer<T> {
 
 enum Pending {
     Track(Answer<Vec<(usize, Outcome)>>),
+    Explain(Answer<Option<TriggerState>>),
     Score(Answer<Option<Scores>>),
     Profile(Answer<Option<Profile>>),
     Absorbed(Answer<()>),
@@ -416,6 +470,7 @@ impl Pending {
     fn send(self, committed: &Result<(), EngineError>) {
         match self {
             Pending::Track(a) => a.send(committed),
+            Pending::Explain(a) => a.send(committed),
             Pending::Score(a) => a.send(committed),
             Pending::Profile(a) => a.send(committed),
             Pending::Absorbed(a) => a.send(committed),
@@ -433,13 +488,29 @@ struct Group {
     dirty: HashSet<PersonKey>,
     /// Event ids recorded in this group, not yet in the store.
     seen: HashSet<(PersonKey, String)>,
+    /// People whose trigger state changed.
+    dirty_states: HashSet<PersonKey>,
+    /// Delivered triggers for the outbox, with when their event was received.
+    delivered: Vec<(trigger::Trigger, Option<Instant>)>,
+    /// Experiment totals that changed.
+    dirty_outcomes: HashSet<(String, String)>,
+    /// Timer index entries taken out of memory, put back if the commit fails.
+    unindexed: Vec<(Time, PersonKey)>,
 }
 
-/// One shard: the profiles of its people, and the work loop.
+/// One shard: the profiles and trigger states of its people, their timers, and the work
+/// loop.
 struct Shard {
+    index: u16,
     profiles: HashMap<PersonKey, Profile>,
+    states: HashMap<PersonKey, TriggerState>,
+    /// (due, person) for every pending timer of this shard's people.
+    timers: BTreeSet<(Time, PersonKey)>,
+    /// This shard's share of each (rule, variant)'s experiment totals.
+    outcomes: BTreeMap<(String, String), OutcomeTotals>,
     store: Arc<Store>,
     models: Arc<ModelRegistry>,
+    triggers: Arc<Triggers>,
     metrics: Arc<Metrics>,
     dedup_horizon_ms: i64,
 }
@@ -480,14 +551,35 @@ impl Shard {
 
     fn handle(&mut self, command: Command, group: &mut Group) {
         let pending = match command {
-            Command::Track { events, now, reply } => {
+            Command::Track {
+                events,
+                now,
+                received,
+                reply,
+            } => {
                 let models: Vec<Arc<Model>> = self.models.current().iter().cloned().collect();
+                let rules = self.triggers.rules.load_full();
                 let value = events
                     .into_iter()
-                    .map(|(index, event)| Ok((index, self.track(&event, &models, now, group)?)))
+                    .map(|(index, event)| {
+                        Ok((
+                            index,
+                            self.track(&event, &models, &rules, now, received, group)?,
+                        ))
+                    })
                     .collect();
                 Pending::Track(Answer { reply, value })
             }
+            Command::Tick { now } => {
+                if let Err(e) = self.fire_timers(now, group) {
+                    tracing::error!(error = %e, "firing timers failed; they stay pending");
+                }
+                return;
+            }
+            Command::Explain { person, reply } => Pending::Explain(Answer {
+                reply,
+                value: self.read_state(&person),
+            }),
             Command::Score {
                 person,
                 models,
@@ -530,8 +622,267 @@ impl Shard {
             .writes
             .retain(|w| !matches!(w, Write::Seen(p, _, _) if *p == person));
         group.writes.push(Write::DeleteProfile(person.clone()));
+        let state = self.take_state(&person)?;
+        self.unindex(&person, &state.dues(), group);
+        group.dirty_states.remove(&person);
+        group
+            .writes
+            .push(Write::Triggers(person.clone(), Box::default()));
         group.writes.push(Write::Forget(person));
         Ok(existed)
+    }
+
+    /// The person's trigger state, from memory or the store, without caching it.
+    fn read_state(&self, person: &PersonKey) -> Result<Option<TriggerState>, EngineError> {
+        match self.states.get(person) {
+            Some(s) => Ok(Some(s.clone())),
+            None => Ok(self.store.load_triggers(person)?),
+        }
+    }
+
+    /// The person's trigger state for writing, loaded into memory.
+    fn load_state(&mut self, person: &PersonKey) -> Result<&mut TriggerState, EngineError> {
+        if !self.states.contains_key(person) {
+            let stored = self.store.load_triggers(person)?.unwrap_or_default();
+            self.states.insert(person.clone(), stored);
+        }
+        Ok(self.states.get_mut(person).expect("just inserted"))
+    }
+
+    /// Removes the person's trigger state from memory, returning it (from the store if it
+    /// was not in memory).
+    fn take_state(&mut self, person: &PersonKey) -> Result<TriggerState, EngineError> {
+        match self.states.remove(person) {
+            Some(s) => Ok(s),
+            None => Ok(self.store.load_triggers(person)?.unwrap_or_default()),
+        }
+    }
+
+    fn index(&mut self, person: &PersonKey, dues: &[Time], group: &mut Group) {
+        for due in dues {
+            if self.timers.insert((*due, person.clone())) {
+                self.metrics.timers_pending.inc();
+            }
+            group
+                .writes
+                .push(Write::TimerIndex(*due, person.clone(), true));
+        }
+    }
+
+    fn unindex(&mut self, person: &PersonKey, dues: &[Time], group: &mut Group) {
+        for due in dues {
+            let entry = (*due, person.clone());
+            if self.timers.remove(&entry) {
+                self.metrics.timers_pending.dec();
+                group.unindexed.push(entry);
+            }
+            group
+                .writes
+                .push(Write::TimerIndex(*due, person.clone(), false));
+        }
+    }
+
+    /// Evaluates the rules for an event just applied.
+    #[allow(clippy::too_many_arguments)]
+    fn on_event(
+        &mut self,
+        event: &Event,
+        row: &FeatureRow,
+        scores: &Scores,
+        last_purchase: Option<Time>,
+        models: &[Arc<Model>],
+        rules: &RuleSet,
+        now: Time,
+        received: Instant,
+        group: &mut Group,
+    ) -> Result<(), EngineError> {
+        self.evaluate(
+            &event.person,
+            row,
+            scores,
+            last_purchase,
+            models,
+            rules,
+            now,
+            group,
+            |rules, state, facts| {
+                let mut firings = trigger::evaluate_event(rules, state, facts, event);
+                let conversions = if event.kind == EventKind::Purchase {
+                    trigger::record_purchase(state, event.time)
+                } else {
+                    Vec::new()
+                };
+                for f in &mut firings {
+                    f.trigger.time_ms = now.millis();
+                }
+                (firings, conversions, Some(received))
+            },
+        )
+        .map(|_| ())
+    }
+
+    /// Fires the timers due at `now`, person by person.
+    fn fire_timers(&mut self, now: Time, group: &mut Group) -> Result<(), EngineError> {
+        let mut due: Vec<(Time, PersonKey)> = Vec::new();
+        while let Some(first) = self.timers.first() {
+            if first.0 > now || due.len() >= MAX_TIMERS_PER_TICK {
+                break;
+            }
+            due.push(self.timers.pop_first().expect("just seen"));
+            self.metrics.timers_pending.dec();
+        }
+        if due.is_empty() {
+            return Ok(());
+        }
+        let models: Vec<Arc<Model>> = self.models.current().iter().cloned().collect();
+        let rules = self.triggers.rules.load_full();
+        let mut people: Vec<PersonKey> = due.iter().map(|(_, p)| p.clone()).collect();
+        people.sort_unstable();
+        people.dedup();
+        group.unindexed.extend(due.iter().cloned());
+        for person in people {
+            let profile = self.read(&person)?;
+            let row = profile
+                .as_ref()
+                .map_or(FeatureRow::missing(), |p| features::extract(p, now));
+            let scores = score_row(&self.metrics, &models, &row);
+            let last_purchase = profile.as_ref().and_then(Profile::last_purchase);
+            let remaining = self.evaluate(
+                &person,
+                &row,
+                &scores,
+                last_purchase,
+                &models,
+                &rules,
+                now,
+                group,
+                |rules, state, facts| {
+                    (
+                        trigger::evaluate_timers(rules, state, facts),
+                        Vec::new(),
+                        None,
+                    )
+                },
+            )?;
+            // Index entries that came due and no longer match a timer leave the store.
+            for (at, _) in due.iter().filter(|(_, p)| *p == person) {
+                if !remaining.contains(at) {
+                    group
+                        .writes
+                        .push(Write::TimerIndex(*at, person.clone(), false));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `decide` on the person's trigger state and turns its firings into metrics,
+    /// experiment totals, timer index changes and outbox entries. Returns the pending
+    /// timers' due times.
+    #[allow(clippy::too_many_arguments)]
+    fn evaluate(
+        &mut self,
+        person: &PersonKey,
+        row: &FeatureRow,
+        scores: &Scores,
+        last_purchase: Option<Time>,
+        models: &[Arc<Model>],
+        rules: &RuleSet,
+        now: Time,
+        group: &mut Group,
+        decide: impl FnOnce(
+            &RuleSet,
+            &mut TriggerState,
+            &trigger::Facts<'_>,
+        ) -> (Vec<Firing>, Vec<(String, String)>, Option<Instant>),
+    ) -> Result<Vec<Time>, EngineError> {
+        let named: Vec<(String, f64)> = scores
+            .iter()
+            .filter_map(|s| s.as_ref().ok())
+            .map(|s| (s.model.name().to_owned(), s.probability))
+            .collect();
+        let segment_set = self.models.segments();
+        let segment = segment_set
+            .as_ref()
+            .as_ref()
+            .and_then(|s| s.assign(row))
+            .map(|s| s.name.as_str());
+        let rule_segments = segments::rule_segments(row);
+        let explain = |model: &str| -> Vec<Contribution> {
+            models
+                .iter()
+                .find(|m| m.name() == model)
+                .map(|m| {
+                    m.contributions(row, trigger::TOP_CONTRIBUTIONS)
+                        .into_iter()
+                        .map(|(feature, value)| Contribution {
+                            feature: feature.to_owned(),
+                            value,
+                        })
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let facts = trigger::Facts {
+            person,
+            row,
+            scores: &named,
+            segment,
+            segments: &rule_segments,
+            last_purchase,
+            explain: &explain,
+            now,
+        };
+        let state = self.load_state(person)?;
+        let before = state.dues();
+        let (firings, conversions, received) = decide(rules, state, &facts);
+        let after = state.dues();
+        let removed: Vec<Time> = before
+            .iter()
+            .filter(|d| !after.contains(d))
+            .copied()
+            .collect();
+        let added: Vec<Time> = after
+            .iter()
+            .filter(|d| !before.contains(d))
+            .copied()
+            .collect();
+        self.unindex(person, &removed, group);
+        self.index(person, &added, group);
+        // Latches and the audit move on most evaluations; the state is small.
+        group.dirty_states.insert(person.clone());
+        for Firing { trigger, outcome } in firings {
+            self.metrics
+                .triggers
+                .with_label_values(&[trigger.rule.as_str(), outcome.as_str()])
+                .inc();
+            if matches!(outcome, Decision::Delivered | Decision::Holdout) {
+                if let Some(variant) = &trigger.variant {
+                    let key = (trigger.rule.clone(), variant.clone());
+                    self.metrics
+                        .exposures
+                        .with_label_values(&[&key.0, &key.1])
+                        .inc();
+                    self.outcomes.entry(key.clone()).or_default().exposures += 1;
+                    group.dirty_outcomes.insert(key);
+                }
+            }
+            if received.is_none() {
+                self.metrics.timers_fired.inc();
+            }
+            if outcome == Decision::Delivered {
+                group.delivered.push((trigger, received));
+            }
+        }
+        for key in conversions {
+            self.metrics
+                .conversions
+                .with_label_values(&[&key.0, &key.1])
+                .inc();
+            self.outcomes.entry(key.clone()).or_default().conversions += 1;
+            group.dirty_outcomes.insert(key);
+        }
+        Ok(after)
     }
 
     /// The person's profile, from memory or the store, without creating one.
@@ -571,11 +922,14 @@ impl Shard {
             .is_some_and(|at| now.since(at) < self.dedup_horizon_ms))
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn track(
         &mut self,
         event: &Event,
         models: &[Arc<Model>],
+        rules: &RuleSet,
         now: Time,
+        received: Instant,
         group: &mut Group,
     ) -> Result<Outcome, EngineError> {
         let duplicate = self.is_duplicate(event, now, group)?;
@@ -592,7 +946,22 @@ impl Shard {
         group
             .writes
             .push(Write::Seen(event.person.clone(), event.id.clone(), now));
-        Ok(Outcome::Accepted(score_row(&metrics, models, &row)))
+        let last_purchase = profile.last_purchase();
+        let scores = score_row(&metrics, models, &row);
+        if !rules.rules.is_empty() {
+            self.on_event(
+                event,
+                &row,
+                &scores,
+                last_purchase,
+                models,
+                rules,
+                now,
+                received,
+                group,
+            )?;
+        }
+        Ok(Outcome::Accepted(scores))
     }
 
     fn absorb(
@@ -627,6 +996,32 @@ impl Shard {
             profile.merge(absorbed);
         }
         group.dirty.insert(into.clone());
+        // The visitor's timers and decisions become the user's. The visitor's shard may
+        // still hold index entries in memory; they find no state and are dropped.
+        let from_state = self.take_state(from)?;
+        if !from_state.is_empty() {
+            let from_dues = from_state.dues();
+            for due in &from_dues {
+                self.timers.remove(&(*due, from.clone()));
+                group
+                    .writes
+                    .push(Write::TimerIndex(*due, from.clone(), false));
+            }
+            let state = self.load_state(into)?;
+            let before = state.dues();
+            state.merge(from_state);
+            let added: Vec<Time> = state
+                .dues()
+                .into_iter()
+                .filter(|d| !before.contains(d))
+                .collect();
+            self.index(into, &added, group);
+            group.dirty_states.insert(into.clone());
+        }
+        group.dirty_states.remove(from);
+        group
+            .writes
+            .push(Write::Triggers(from.clone(), Box::default()));
         group.writes.push(Write::DeleteProfile(from.clone()));
         group.writes.push(Write::MoveSeen {
             from: from.clone(),
@@ -650,16 +1045,59 @@ impl Shard {
                     .push(Write::Profile(person.clone(), Box::new(profile.clone())));
             }
         }
+        for person in &group.dirty_states {
+            if let Some(state) = self.states.get(person) {
+                group
+                    .writes
+                    .push(Write::Triggers(person.clone(), Box::new(state.clone())));
+            }
+        }
+        for key in &group.dirty_outcomes {
+            group.writes.push(Write::Outcome {
+                rule: key.0.clone(),
+                variant: key.1.clone(),
+                shard: self.index,
+                totals: self.outcomes.get(key).copied().unwrap_or_default(),
+            });
+        }
+        let reservation = self.triggers.outbox.reserve(group.delivered.len());
+        for (seq, (trigger, _)) in reservation.numbers().zip(&group.delivered) {
+            match serde_json::to_vec(trigger) {
+                Ok(bytes) => group.writes.push(Write::Outbox(seq, bytes)),
+                Err(e) => tracing::error!(error = %e, "a trigger does not encode; dropped"),
+            }
+        }
         let started = Instant::now();
         let result = self.store.commit(group.writes).map_err(EngineError::from);
         self.metrics
             .store_commit_duration
             .observe(started.elapsed().as_secs_f64());
-        if let Err(e) = &result {
-            tracing::error!(error = %e, "store commit failed; answering UNAVAILABLE");
-            self.metrics.store_errors.inc();
-            for person in &group.dirty {
-                self.evict(person);
+        self.triggers.outbox.complete(reservation);
+        match &result {
+            Ok(()) => {
+                for (_, received) in &group.delivered {
+                    if let Some(received) = received {
+                        self.metrics
+                            .trigger_latency
+                            .observe(received.elapsed().as_secs_f64());
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "store commit failed; answering UNAVAILABLE");
+                self.metrics.store_errors.inc();
+                for person in &group.dirty {
+                    self.evict(person);
+                }
+                // The store still has the states and timers as they were before the group.
+                for person in &group.dirty_states {
+                    self.states.remove(person);
+                }
+                for entry in group.unindexed {
+                    if self.timers.insert(entry) {
+                        self.metrics.timers_pending.inc();
+                    }
+                }
             }
         }
         for pending in group.pending {

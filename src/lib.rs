@@ -32,6 +32,7 @@ pub mod profile;
 pub mod segments;
 pub mod store;
 pub mod time;
+pub mod trigger;
 
 /// Generated protocol types for `nudge.v1`. Only [`api`] and clients use these.
 pub mod pb {

@@ -84,6 +84,12 @@ enum Command {
         #[arg(long, default_value = "config/nudge.toml")]
         config: PathBuf,
     },
+    /// Check a trigger rules file without starting the server: every problem is listed,
+    /// and the exit status is non-zero if there is one.
+    CheckRules {
+        #[arg(default_value = "config/rules.toml")]
+        file: PathBuf,
+    },
     /// Print the FeatureSpec: names, or names with definitions as Markdown or JSON.
     Features {
         #[arg(long, value_enum, default_value = "names")]
@@ -119,6 +125,25 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()?
                 .block_on(serve(config))
+        }
+        Command::CheckRules { file } => {
+            let rules = nudge::trigger::rules::RuleSet::load(&file)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            println!(
+                "{}: {} rules, version {}",
+                file.display(),
+                rules.rules.len(),
+                rules.version
+            );
+            for rule in &rules.rules {
+                println!(
+                    "  {:<28} priority {:>3}  {}",
+                    rule.name,
+                    rule.priority,
+                    rule.describe()
+                );
+            }
+            Ok(())
         }
         Command::CheckConfig { config } => {
             let config = load_config(&config)?;

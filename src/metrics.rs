@@ -50,6 +50,25 @@ pub struct Metrics {
     pub store_errors: IntCounter,
     /// Model reloads by outcome: ok, refused (some file was refused), failed.
     pub model_reloads: IntCounterVec,
+    /// Trigger decisions by rule and outcome: delivered, holdout, or a suppression reason.
+    pub triggers: IntCounterVec,
+    /// From receiving an event to its trigger being committed to the outbox.
+    pub trigger_latency: Histogram,
+    /// Absence timers pending, and timers that came due.
+    pub timers_pending: IntGauge,
+    pub timers_fired: IntCounter,
+    /// Experiment exposures (delivered or held out) and conversions, by rule and variant.
+    pub exposures: IntCounterVec,
+    pub conversions: IntCounterVec,
+    /// Rules-file reloads by outcome (ok, refused), and the rules running.
+    pub rules_reloads: IntCounterVec,
+    pub rules_loaded: IntGauge,
+    /// Webhook delivery attempts by endpoint and result (delivered, retried, dead_letter).
+    pub webhook_deliveries: IntCounterVec,
+    /// Triggers an endpoint has not yet taken care of.
+    pub outbox_depth: IntGaugeVec,
+    /// Subscribers connected to SubscribeTriggers.
+    pub subscribers: IntGauge,
 }
 
 impl Metrics {
@@ -117,14 +136,7 @@ impl Metrics {
                 "Models refused at load, by reason.",
                 &["reason"],
             ),
-            profiles: {
-                let g = IntGauge::new("nudge_profiles", "People with a profile in memory.")
-                    .expect("valid metric");
-                registry
-                    .register(Box::new(g.clone()))
-                    .expect("unique metric");
-                g
-            },
+            profiles: gauge(&registry, "nudge_profiles", "People with a profile in memory."),
             merges: counter(
                 "nudge_identity_merges_total",
                 "Identity merges by outcome.",
@@ -162,6 +174,72 @@ impl Metrics {
                 "nudge_model_reloads_total",
                 "Model reloads by outcome (ok, refused, failed).",
                 &["outcome"],
+            ),
+            triggers: counter(
+                "nudge_triggers_total",
+                "Trigger decisions by rule and outcome: delivered, holdout, or why it was suppressed.",
+                &["rule", "outcome"],
+            ),
+            trigger_latency: {
+                let opts = HistogramOpts::new(
+                    "nudge_trigger_latency_seconds",
+                    "From receiving an event to its trigger being committed to the outbox.",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec());
+                let h = Histogram::with_opts(opts).expect("valid metric");
+                registry
+                    .register(Box::new(h.clone()))
+                    .expect("unique metric");
+                h
+            },
+            timers_pending: gauge(&registry, "nudge_timers_pending", "Absence timers pending."),
+            timers_fired: {
+                let c = IntCounter::new("nudge_timers_fired_total", "Absence timers that came due.")
+                    .expect("valid metric");
+                registry
+                    .register(Box::new(c.clone()))
+                    .expect("unique metric");
+                c
+            },
+            exposures: counter(
+                "nudge_experiment_exposures_total",
+                "Triggers delivered or held out in an experiment, by rule and variant.",
+                &["rule", "variant"],
+            ),
+            conversions: counter(
+                "nudge_experiment_conversions_total",
+                "Purchases within the conversion window after an exposure, by rule and variant.",
+                &["rule", "variant"],
+            ),
+            rules_reloads: counter(
+                "nudge_rules_reloads_total",
+                "Rules-file reloads by outcome (ok, refused).",
+                &["outcome"],
+            ),
+            rules_loaded: gauge(&registry, "nudge_rules_loaded", "Trigger rules running."),
+            webhook_deliveries: counter(
+                "nudge_webhook_deliveries_total",
+                "Webhook delivery attempts by endpoint and result (delivered, retried, dead_letter).",
+                &["endpoint", "result"],
+            ),
+            outbox_depth: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "nudge_outbox_depth",
+                        "Triggers in the outbox an endpoint has not yet taken care of.",
+                    ),
+                    &["endpoint"],
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(g.clone()))
+                    .expect("unique metric");
+                g
+            },
+            subscribers: gauge(
+                &registry,
+                "nudge_trigger_subscribers",
+                "Streams connected to SubscribeTriggers.",
             ),
             registry,
         };
@@ -220,6 +298,14 @@ impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
     }
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("valid metric");
+    registry
+        .register(Box::new(g.clone()))
+        .expect("unique metric");
+    g
 }
 
 /// Serves `GET /metrics` on `listener` until `shutdown` resolves.

@@ -21,6 +21,7 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use crate::event::PersonKey;
 use crate::profile::Profile;
 use crate::time::Time;
+use crate::trigger::TriggerState;
 
 /// The version byte in front of every stored profile.
 const PROFILE_FORMAT: u8 = 1;
@@ -63,6 +64,26 @@ pub enum Write {
     },
     /// Removes a person's idempotency records and every alias that points at them.
     Forget(PersonKey),
+    /// A person's trigger state; an empty state deletes the record.
+    Triggers(PersonKey, Box<TriggerState>),
+    /// A person has (`true`) or no longer has a timer due at a time.
+    TimerIndex(Time, PersonKey, bool),
+    /// A delivered trigger at its outbox sequence number (JSON).
+    Outbox(u64, Vec<u8>),
+    /// One shard's running totals for an experiment variant.
+    Outcome {
+        rule: String,
+        variant: String,
+        shard: u16,
+        totals: OutcomeTotals,
+    },
+}
+
+/// Exposures and conversions of one rule variant.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OutcomeTotals {
+    pub exposures: u64,
+    pub conversions: u64,
 }
 
 /// The database and its keyspaces.
@@ -75,6 +96,18 @@ pub struct Store {
     members: Keyspace,
     /// person prefix + event id → time seen.
     seen: Keyspace,
+    /// person key → trigger state.
+    triggers: Keyspace,
+    /// due time + person key → nothing: who has a timer when.
+    timers: Keyspace,
+    /// sequence number → delivered trigger (JSON).
+    outbox: Keyspace,
+    /// rule \0 variant \0 shard → exposures, conversions.
+    outcomes: Keyspace,
+    /// consumer name → the last outbox sequence it has taken care of.
+    cursors: Keyspace,
+    /// consumer name \0 sequence → why delivery gave up (JSON).
+    dead_letters: Keyspace,
     sync: SyncMode,
 }
 
@@ -114,6 +147,27 @@ fn aside_path(dir: &Path) -> std::path::PathBuf {
     dir.with_extension("vacuum-old")
 }
 
+fn timer_key(due: Time, person: &PersonKey) -> Vec<u8> {
+    // Sign-flipped so that byte order is time order for negative times too.
+    let mut k = ((due.0 as u64) ^ (1 << 63)).to_be_bytes().to_vec();
+    k.extend(key(person));
+    k
+}
+
+fn outcome_key(rule: &str, variant: &str, shard: u16) -> Vec<u8> {
+    let mut k = Vec::with_capacity(rule.len() + variant.len() + 4);
+    k.extend_from_slice(rule.as_bytes());
+    k.push(0);
+    k.extend_from_slice(variant.as_bytes());
+    k.push(0);
+    k.extend(shard.to_be_bytes());
+    k
+}
+
+fn be_u64(bytes: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(bytes.try_into().ok()?))
+}
+
 fn seen_key(person: &PersonKey, event_id: &str) -> Vec<u8> {
     let mut k = prefix(person);
     k.extend_from_slice(event_id.as_bytes());
@@ -136,6 +190,12 @@ impl Store {
             aliases: open("aliases")?,
             members: open("members")?,
             seen: open("seen")?,
+            triggers: open("triggers")?,
+            timers: open("timers")?,
+            outbox: open("outbox")?,
+            outcomes: open("outcomes")?,
+            cursors: open("cursors")?,
+            dead_letters: open("dead_letters")?,
             db,
             sync,
         })
@@ -175,6 +235,163 @@ impl Store {
             let (k, v) = item.into_inner()?;
             if let (Some(anonymous), Some(person)) = (person_from(&k), person_from(&v)) {
                 out.push((anonymous, person));
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn load_triggers(&self, person: &PersonKey) -> Result<Option<TriggerState>, StoreError> {
+        let Some(bytes) = self.triggers.get(key(person))? else {
+            return Ok(None);
+        };
+        match bytes.split_first() {
+            Some((&PROFILE_FORMAT, body)) => postcard::from_bytes(body)
+                .map(Some)
+                .map_err(|e| StoreError::Corrupt(format!("trigger state: {e}"))),
+            _ => Err(StoreError::Corrupt("unknown trigger state format".into())),
+        }
+    }
+
+    /// Every (due time, person) with a pending timer, earliest first.
+    pub fn timer_index(&self) -> Result<Vec<(Time, PersonKey)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.timers.iter() {
+            let k = item.key()?;
+            if k.len() < 9 {
+                continue;
+            }
+            let due = be_u64(&k[..8]).map(|d| Time((d ^ (1 << 63)) as i64));
+            if let (Some(due), Some(person)) = (due, person_from(&k[8..])) {
+                out.push((due, person));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The highest outbox sequence number stored (0 when empty).
+    pub fn outbox_last(&self) -> Result<u64, StoreError> {
+        Ok(match self.outbox.last_key_value() {
+            Some(item) => be_u64(&item.key()?).unwrap_or(0),
+            None => 0,
+        })
+    }
+
+    /// Outbox entries after `after` up to and including `up_to`, at most `limit`.
+    pub fn outbox_range(
+        &self,
+        after: u64,
+        up_to: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let mut out = Vec::new();
+        if after >= up_to {
+            return Ok(out);
+        }
+        for item in self
+            .outbox
+            .range((after + 1).to_be_bytes()..=up_to.to_be_bytes())
+            .take(limit)
+        {
+            let (k, v) = item.into_inner()?;
+            if let Some(seq) = be_u64(&k) {
+                out.push((seq, v.to_vec()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The lowest outbox sequence number still stored, if any.
+    pub fn outbox_first(&self) -> Result<Option<u64>, StoreError> {
+        Ok(match self.outbox.first_key_value() {
+            Some(item) => be_u64(&item.key()?),
+            None => None,
+        })
+    }
+
+    /// Deletes outbox entries up to and including `up_to`; returns how many.
+    pub fn trim_outbox(&self, up_to: u64) -> Result<usize, StoreError> {
+        let mut batch = self.db.batch();
+        for item in self.outbox.range(..=up_to.to_be_bytes()) {
+            batch.remove(&self.outbox, item.key()?);
+        }
+        let n = batch.len();
+        batch.commit()?;
+        Ok(n)
+    }
+
+    /// Every stored (rule, variant, shard, totals).
+    pub fn outcomes(&self) -> Result<Vec<(String, String, u16, OutcomeTotals)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.outcomes.iter() {
+            let (k, v) = item.into_inner()?;
+            let mut parts = k.splitn(3, |b| *b == 0);
+            let (Some(rule), Some(variant), Some(shard)) =
+                (parts.next(), parts.next(), parts.next())
+            else {
+                continue;
+            };
+            let (Ok(shard), Some(exposures), Some(conversions)) = (
+                <[u8; 2]>::try_from(shard).map(u16::from_be_bytes),
+                v.get(..8).and_then(be_u64),
+                v.get(8..16).and_then(be_u64),
+            ) else {
+                continue;
+            };
+            out.push((
+                String::from_utf8_lossy(rule).into_owned(),
+                String::from_utf8_lossy(variant).into_owned(),
+                shard,
+                OutcomeTotals {
+                    exposures,
+                    conversions,
+                },
+            ));
+        }
+        Ok(out)
+    }
+
+    /// A consumer's cursor: the last outbox sequence it has taken care of (0 if none).
+    pub fn cursor(&self, name: &str) -> Result<u64, StoreError> {
+        Ok(self
+            .cursors
+            .get(name.as_bytes())?
+            .and_then(|v| be_u64(&v))
+            .unwrap_or(0))
+    }
+
+    /// Moves a consumer's cursor and records dead letters, in one batch. A cursor needs no
+    /// fsync of its own: losing one only means redelivering (at least once).
+    pub fn advance_cursor(
+        &self,
+        name: &str,
+        to: u64,
+        dead: &[(u64, Vec<u8>)],
+    ) -> Result<(), StoreError> {
+        let mut batch = self.db.batch();
+        batch.insert(&self.cursors, name.as_bytes(), to.to_be_bytes());
+        for (seq, record) in dead {
+            let mut k = name.as_bytes().to_vec();
+            k.push(0);
+            k.extend(seq.to_be_bytes());
+            batch.insert(&self.dead_letters, k, record.clone());
+        }
+        let batch = match (self.sync, dead.is_empty()) {
+            (SyncMode::Always, false) => batch.durability(Some(PersistMode::SyncData)),
+            _ => batch,
+        };
+        batch.commit()?;
+        Ok(())
+    }
+
+    /// A consumer's dead letters, oldest first.
+    pub fn dead_letters(&self, name: &str) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let mut prefix = name.as_bytes().to_vec();
+        prefix.push(0);
+        let mut out = Vec::new();
+        for item in self.dead_letters.prefix(&prefix) {
+            let (k, v) = item.into_inner()?;
+            if let Some(seq) = be_u64(&k[prefix.len()..]) {
+                out.push((seq, v.to_vec()));
             }
         }
         Ok(out)
@@ -235,6 +452,37 @@ impl Store {
                     // The person may itself be an alias of someone.
                     batch.remove(&self.aliases, key(&person));
                 }
+                Write::Triggers(person, state) => {
+                    if state.is_empty() {
+                        batch.remove(&self.triggers, key(&person));
+                    } else {
+                        let mut bytes = vec![PROFILE_FORMAT];
+                        bytes.extend(
+                            postcard::to_stdvec(&state)
+                                .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                        );
+                        batch.insert(&self.triggers, key(&person), bytes);
+                    }
+                }
+                Write::TimerIndex(due, person, present) => {
+                    let k = timer_key(due, &person);
+                    if present {
+                        batch.insert(&self.timers, k, []);
+                    } else {
+                        batch.remove(&self.timers, k);
+                    }
+                }
+                Write::Outbox(seq, bytes) => batch.insert(&self.outbox, seq.to_be_bytes(), bytes),
+                Write::Outcome {
+                    rule,
+                    variant,
+                    shard,
+                    totals,
+                } => {
+                    let mut value = totals.exposures.to_be_bytes().to_vec();
+                    value.extend(totals.conversions.to_be_bytes());
+                    batch.insert(&self.outcomes, outcome_key(&rule, &variant, shard), value);
+                }
             }
         }
         let batch = match self.sync {
@@ -265,6 +513,21 @@ impl Store {
         Ok(n)
     }
 
+    fn keyspaces(&self) -> [&Keyspace; 10] {
+        [
+            &self.profiles,
+            &self.aliases,
+            &self.members,
+            &self.seen,
+            &self.triggers,
+            &self.timers,
+            &self.outbox,
+            &self.outcomes,
+            &self.cursors,
+            &self.dead_letters,
+        ]
+    }
+
     /// fsyncs everything committed so far.
     pub fn sync_now(&self) -> Result<(), StoreError> {
         self.db.persist(PersistMode::SyncAll)?;
@@ -275,7 +538,7 @@ impl Store {
     /// the files: the journal that still held it is dropped once everything is flushed.
     pub fn compact(&self) -> Result<(), StoreError> {
         self.sync_now()?;
-        for keyspace in [&self.profiles, &self.aliases, &self.members, &self.seen] {
+        for keyspace in self.keyspaces() {
             keyspace.rotate_memtable_and_wait()?;
             keyspace.major_compact()?;
         }
@@ -293,12 +556,7 @@ impl Store {
         {
             let old = Store::open(dir, SyncMode::Always)?;
             let fresh = Store::open(&fresh_dir, SyncMode::Always)?;
-            for (from, to) in [
-                (&old.profiles, &fresh.profiles),
-                (&old.aliases, &fresh.aliases),
-                (&old.members, &fresh.members),
-                (&old.seen, &fresh.seen),
-            ] {
+            for (from, to) in old.keyspaces().into_iter().zip(fresh.keyspaces()) {
                 let mut batch = fresh.db.batch();
                 for item in from.iter() {
                     let (k, v) = item.into_inner()?;

@@ -153,6 +153,42 @@ pub fn field_error(e: &FieldError) -> pb::FieldError {
     }
 }
 
+/// A trigger as the protocol carries it.
+pub fn trigger(t: crate::trigger::Trigger) -> pb::Trigger {
+    pb::Trigger {
+        trigger_id: t.trigger_id,
+        rule: t.rule,
+        user_id: t.user_id.unwrap_or_default(),
+        anonymous_id: t.anonymous_id.unwrap_or_default(),
+        time: Some(timestamp(Time(t.time_ms))),
+        cause: t.cause,
+        scores: t.scores.into_iter().collect(),
+        journey_stage: t.journey_stage,
+        contributions: t
+            .contributions
+            .into_iter()
+            .map(|(model, features)| pb::ModelContributions {
+                model,
+                features: features
+                    .into_iter()
+                    .map(|c| pb::FeatureContribution {
+                        feature: c.feature,
+                        value: c.value,
+                    })
+                    .collect(),
+            })
+            .collect(),
+        action: Some(pb::Action {
+            r#type: t.action.kind,
+            channel: t.action.channel,
+            template: t.action.template,
+            params: t.action.params.into_iter().collect(),
+        }),
+        experiment: t.experiment.unwrap_or_default(),
+        variant: t.variant.unwrap_or_default(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

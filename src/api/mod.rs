@@ -23,6 +23,7 @@ use crate::model::reload::Reloader;
 use crate::model::{LoadFailure, Model, ModelRegistry, ModelSet};
 use crate::pb;
 use crate::time::Clock;
+use crate::trigger::Triggers;
 pub use error::ApiError;
 
 /// Batches one TrackStream works on at once; more wait in HTTP/2 flow control.
@@ -47,7 +48,12 @@ pub struct NudgeApi {
     pub limits: Limits,
     pub pseudonymizer: Pseudonymizer,
     pub reloader: Arc<Reloader>,
+    pub triggers: Arc<Triggers>,
 }
+
+/// Triggers a subscriber's stream buffers; a slower subscriber makes the reader wait, it
+/// never grows memory.
+const SUBSCRIBER_BUFFER: usize = 64;
 
 impl NudgeApi {
     /// The person a request names, pseudonymized.
@@ -466,6 +472,136 @@ impl pb::nudge_service_server::NudgeService for NudgeApi {
         }))
     }
 
+    type SubscribeTriggersStream =
+        Pin<Box<dyn Stream<Item = Result<pb::SubscribeTriggersResponse, Status>> + Send + 'static>>;
+
+    async fn subscribe_triggers(
+        &self,
+        request: Request<pb::SubscribeTriggersRequest>,
+    ) -> Result<Response<Self::SubscribeTriggersStream>, Status> {
+        let pb::SubscribeTriggersRequest { cursor, rules } = request.into_inner();
+        let outbox = &self.triggers.outbox;
+        let newest = outbox.watermark();
+        if cursor > newest {
+            self.metrics
+                .invalid_input
+                .with_label_values(&["SubscribeTriggers", "out_of_range"])
+                .inc();
+            return Err(Status::out_of_range(format!(
+                "cursor: {cursor} is ahead of the newest trigger ({newest}); was it issued by another Nudge deployment?"
+            )));
+        }
+        let first = outbox
+            .first()
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        if let Some(first) = first {
+            if cursor > 0 && cursor + 1 < first {
+                self.metrics
+                    .invalid_input
+                    .with_label_values(&["SubscribeTriggers", "out_of_range"])
+                    .inc();
+                return Err(Status::out_of_range(format!(
+                    "cursor: triggers after {cursor} up to {} were trimmed (older than the outbox retention); resume from cursor 0 or {}",
+                    first - 1,
+                    first - 1
+                )));
+            }
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(SUBSCRIBER_BUFFER);
+        self.metrics.subscribers.inc();
+        let subscribed = Subscribed(self.metrics.clone());
+        let triggers = self.triggers.clone();
+        tokio::spawn(async move {
+            let _subscribed = subscribed;
+            stream_triggers(triggers, cursor, rules, tx).await;
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn explain_triggers(
+        &self,
+        request: Request<pb::ExplainTriggersRequest>,
+    ) -> Result<Response<pb::ExplainTriggersResponse>, Status> {
+        let pb::ExplainTriggersRequest { person } = request.into_inner();
+        let person = self.person("ExplainTriggers", person)?;
+        let state = self
+            .engine
+            .explain(person)
+            .await
+            .map_err(ApiError::from)?
+            .unwrap_or_default();
+        Ok(Response::new(pb::ExplainTriggersResponse {
+            decisions: state
+                .audit
+                .into_iter()
+                .map(|a| pb::TriggerDecision {
+                    time: Some(convert::timestamp(a.at)),
+                    outcome: a.outcome.as_str().to_owned(),
+                    rule: a.rule,
+                    trigger_id: a.trigger_id,
+                    variant: a.variant.unwrap_or_default(),
+                })
+                .collect(),
+            timers: state
+                .timers
+                .into_iter()
+                .map(|t| pb::PendingTimer {
+                    rule: t.rule,
+                    due: Some(convert::timestamp(t.due)),
+                    step: t.step,
+                    cause: t.cause,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn get_experiment_report(
+        &self,
+        request: Request<pb::GetExperimentReportRequest>,
+    ) -> Result<Response<pb::GetExperimentReportResponse>, Status> {
+        let pb::GetExperimentReportRequest { rule } = request.into_inner();
+        let triggers = self.triggers.clone();
+        let outcomes = tokio::task::spawn_blocking(move || triggers.outcomes())
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        Ok(Response::new(pb::GetExperimentReportResponse {
+            variants: outcomes
+                .into_iter()
+                .filter(|o| rule.is_empty() || o.rule == rule)
+                .map(|o| pb::VariantOutcome {
+                    conversion_rate: if o.totals.exposures == 0 {
+                        0.0
+                    } else {
+                        o.totals.conversions as f64 / o.totals.exposures as f64
+                    },
+                    rule: o.rule,
+                    experiment: o.experiment,
+                    variant: o.variant,
+                    exposures: o.totals.exposures,
+                    conversions: o.totals.conversions,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn reload_rules(
+        &self,
+        _request: Request<pb::ReloadRulesRequest>,
+    ) -> Result<Response<pb::ReloadRulesResponse>, Status> {
+        let triggers = self.triggers.clone();
+        let rules = tokio::task::spawn_blocking(move || triggers.reload_rules("ReloadRules"))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::failed_precondition(format!("{e}\nthe running rules stay")))?;
+        Ok(Response::new(pb::ReloadRulesResponse {
+            version: rules.version.clone(),
+            rules: rules.rules.iter().map(|r| r.name.clone()).collect(),
+        }))
+    }
+
     async fn reload_models(
         &self,
         _request: Request<pb::ReloadModelsRequest>,
@@ -480,6 +616,63 @@ impl pb::nudge_service_server::NudgeService for NudgeApi {
             changed: report.changed,
             errors: load_errors(&self.models.failures()),
         }))
+    }
+}
+
+/// Streams the outbox after `cursor` into `tx` until the subscriber goes away.
+async fn stream_triggers(
+    triggers: Arc<Triggers>,
+    mut cursor: u64,
+    rules: Vec<String>,
+    tx: tokio::sync::mpsc::Sender<Result<pb::SubscribeTriggersResponse, Status>>,
+) {
+    let mut changes = triggers.outbox.changes();
+    loop {
+        let batch = {
+            let triggers = triggers.clone();
+            tokio::task::spawn_blocking(move || triggers.outbox.read(cursor, 256)).await
+        };
+        let batch = match batch {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) => {
+                let _ = tx
+                    .send(Err(Status::unavailable(format!(
+                        "reading the outbox failed: {e}"
+                    ))))
+                    .await;
+                return;
+            }
+            Err(_) => return,
+        };
+        if batch.is_empty() {
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() { return },
+                _ = tx.closed() => return,
+            }
+            continue;
+        }
+        for (seq, trigger) in batch {
+            cursor = seq;
+            if !rules.is_empty() && !rules.contains(&trigger.rule) {
+                continue;
+            }
+            let message = pb::SubscribeTriggersResponse {
+                cursor: seq,
+                trigger: Some(convert::trigger(trigger)),
+            };
+            if tx.send(Ok(message)).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Counts a subscriber while its stream lives.
+struct Subscribed(Arc<Metrics>);
+
+impl Drop for Subscribed {
+    fn drop(&mut self) {
+        self.0.subscribers.dec();
     }
 }
 

@@ -97,6 +97,13 @@ impl Scorer for LightgbmScorer {
         self.num_features
     }
 
+    fn contributions(&self, row: &[f64]) -> Option<Result<Vec<f64>, ScoreError>> {
+        let result = guard(|| self.booster.0.predict_contrib(row, row.len() as i32, true))
+            .map_err(ScoreError::Backend)
+            .and_then(|r| r.map_err(|e| ScoreError::Backend(e.to_string())));
+        Some(result)
+    }
+
     /// LightGBM files carry column names. A model trained on unnamed columns has names
     /// `Column_0`, `Column_1` …; those say nothing, so they are not reported.
     fn feature_names(&self) -> Option<Vec<String>> {

@@ -35,6 +35,12 @@ pub trait Scorer: Send + Sync {
 
     /// The column names the model file records, if it records any.
     fn feature_names(&self) -> Option<Vec<String>>;
+
+    /// Each column's additive contribution to one row's raw score, then the bias
+    /// (`n_columns + 1` values), for backends that can say; `None` for the others.
+    fn contributions(&self, _row: &[f64]) -> Option<Result<Vec<f64>, ScoreError>> {
+        None
+    }
 }
 
 /// Scoring failed inside a backend.
@@ -222,6 +228,25 @@ impl Model {
 
     pub fn name(&self) -> &str {
         &self.manifest.name
+    }
+
+    /// The `top` features that moved this row's score most, by the size of their
+    /// contribution to the raw score; empty for backends that cannot explain.
+    pub fn contributions(&self, row: &FeatureRow, top: usize) -> Vec<(&'static str, f64)> {
+        let matrix: Vec<f64> = self.columns.iter().map(|&c| row.0[c]).collect();
+        let Some(Ok(values)) = self.scorer.contributions(&matrix) else {
+            return Vec::new();
+        };
+        let mut named: Vec<(&'static str, f64)> = self
+            .columns
+            .iter()
+            .zip(values)
+            .map(|(&c, v)| (crate::features::FEATURES[c].name, v))
+            .filter(|(_, v)| *v != 0.0 && v.is_finite())
+            .collect();
+        named.sort_by(|a, b| b.1.abs().total_cmp(&a.1.abs()));
+        named.truncate(top);
+        named
     }
 
     /// Scores an all-missing row and an all-zero row; both must give a probability.

@@ -339,6 +339,10 @@ impl Profile {
         self.last_seen
     }
 
+    pub fn last_purchase(&self) -> Option<Time> {
+        self.last_purchase
+    }
+
     /// The latest session if it is still open at `now`.
     pub fn open_session(&self, now: Time) -> Option<&Session> {
         self.sessions.latest().filter(|s| s.is_open(now))

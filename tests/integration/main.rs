@@ -11,3 +11,4 @@ mod operations;
 mod parity;
 mod scoring;
 mod support;
+mod triggers;

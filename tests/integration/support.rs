@@ -29,6 +29,8 @@ pub fn test_config() -> Config {
     config.server.shutdown_grace_seconds = 5;
     config.models.dir = repo_path("models");
     config.engine.shards = 2;
+    config.triggers.rules = repo_path("config/rules.toml");
+    config.triggers.tick_ms = 20;
     config
 }
 

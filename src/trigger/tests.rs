@@ -1,0 +1,465 @@
+//! The pure trigger core: every condition kind, suppression and experiments, with time
+//! given by the test.
+
+use super::*;
+use crate::event::{EventKind, Properties};
+use crate::features::Feature;
+use crate::time::{HOUR_MS, MINUTE_MS};
+
+const T0: Time = Time(1_772_445_600_000); // 2026-03-02T10:00:00Z
+
+fn person() -> PersonKey {
+    PersonKey::User("u1".into())
+}
+
+fn event(id: &str, kind: EventKind, at: Time) -> Event {
+    Event {
+        id: id.into(),
+        person: person(),
+        linked: None,
+        kind,
+        time: at,
+        properties: Properties::default(),
+        attributes: Default::default(),
+    }
+}
+
+/// A person to evaluate rules for, with their features and scores.
+struct Person {
+    state: TriggerState,
+    row: FeatureRow,
+    scores: Vec<(String, f64)>,
+    segments: Vec<&'static str>,
+    last_purchase: Option<Time>,
+}
+
+impl Person {
+    fn new() -> Person {
+        Person {
+            state: TriggerState::default(),
+            row: FeatureRow([0.0; crate::features::FEATURE_COUNT]),
+            scores: vec![("purchase".into(), 0.1), ("churn".into(), 0.1)],
+            segments: vec!["browser"],
+            last_purchase: None,
+        }
+    }
+
+    fn facts<'a>(&'a self, now: Time, explain: &'a dyn Fn(&str) -> Vec<Contribution>) -> Facts<'a> {
+        static PERSON: std::sync::OnceLock<PersonKey> = std::sync::OnceLock::new();
+        Facts {
+            person: PERSON.get_or_init(person),
+            row: &self.row,
+            scores: &self.scores,
+            segment: Some("casual"),
+            segments: &self.segments,
+            last_purchase: self.last_purchase,
+            explain,
+            now,
+        }
+    }
+
+    /// Applies an event at `at` and returns the outcomes as (rule, outcome) strings.
+    fn on(&mut self, rules: &RuleSet, e: Event) -> Vec<(String, String)> {
+        let explain = |_: &str| Vec::new();
+        let mut state = std::mem::take(&mut self.state);
+        let firings = evaluate_event(rules, &mut state, &self.facts(e.time, &explain), &e);
+        self.state = state;
+        summary(&firings)
+    }
+
+    fn tick(&mut self, rules: &RuleSet, now: Time) -> Vec<(String, String)> {
+        let explain = |_: &str| Vec::new();
+        let mut state = std::mem::take(&mut self.state);
+        let firings = evaluate_timers(rules, &mut state, &self.facts(now, &explain));
+        self.state = state;
+        summary(&firings)
+    }
+
+    fn set_score(&mut self, model: &str, p: f64) {
+        self.scores.iter_mut().find(|(m, _)| m == model).unwrap().1 = p;
+    }
+}
+
+fn summary(firings: &[Firing]) -> Vec<(String, String)> {
+    firings
+        .iter()
+        .map(|f| (f.trigger.rule.clone(), f.outcome.as_str().to_owned()))
+        .collect()
+}
+
+fn fired(rule: &str) -> Vec<(String, String)> {
+    vec![(rule.into(), "delivered".into())]
+}
+
+fn rules(text: &str) -> RuleSet {
+    RuleSet::parse(text).unwrap()
+}
+
+const THRESHOLD: &str = r#"
+    [[rules]]
+    name = "intent"
+    threshold = { score = "purchase", above = 0.75, rearm_below = 0.70 }
+    action = { type = "discount", channel = "email", template = "d10" }
+"#;
+
+#[test]
+fn a_threshold_fires_on_crossing_not_while_above_and_rearms_below_the_lower_level() {
+    let rules = rules(THRESHOLD);
+    let mut p = Person::new();
+    let mut t = T0;
+    let mut step = |p: &mut Person, score: f64| {
+        p.set_score("purchase", score);
+        t = t.plus_ms(MINUTE_MS);
+        p.on(&rules, event(&format!("e{}", t.0), EventKind::PageView, t))
+    };
+    assert!(step(&mut p, 0.5).is_empty());
+    assert_eq!(
+        step(&mut p, 0.75),
+        fired("intent"),
+        "at the threshold fires"
+    );
+    assert!(
+        step(&mut p, 0.9).is_empty(),
+        "staying above does not fire again"
+    );
+    assert!(
+        step(&mut p, 0.72).is_empty(),
+        "dipping above the re-arm level does not re-arm"
+    );
+    assert!(step(&mut p, 0.8).is_empty());
+    assert!(
+        step(&mut p, 0.69).is_empty(),
+        "falling below the re-arm level re-arms"
+    );
+    assert_eq!(step(&mut p, 0.76), fired("intent"));
+}
+
+#[test]
+fn a_predicate_fires_when_it_becomes_true_and_can_read_segments_and_the_event() {
+    let rules = rules(
+        r#"
+        [[rules]]
+        name = "engaged"
+        when = "session_product_time_s > 300.0 && session_distinct_products >= 3.0"
+        action = { type = "recommend" }
+
+        [[rules]]
+        name = "vip_cart"
+        when = "event.kind == 'add_to_cart' && segment == 'casual' && 'browser' in segments && stage == 'decision'"
+        action = { type = "vip" }
+        "#,
+    );
+    let mut p = Person::new();
+    p.row.0[Feature::SessionProductTimeS as usize] = 301.0;
+    p.row.0[Feature::SessionDistinctProducts as usize] = 2.0;
+    assert!(p
+        .on(&rules, event("e1", EventKind::ProductView, T0))
+        .is_empty());
+    p.row.0[Feature::SessionDistinctProducts as usize] = 3.0;
+    assert_eq!(
+        p.on(&rules, event("e2", EventKind::ProductView, T0)),
+        fired("engaged")
+    );
+    assert!(p
+        .on(&rules, event("e3", EventKind::ProductView, T0))
+        .is_empty());
+    // The cart makes the journey stage "decision".
+    p.row.0[Feature::CartItems as usize] = 1.0;
+    assert_eq!(
+        p.on(&rules, event("e4", EventKind::AddToCart, T0)),
+        fired("vip_cart")
+    );
+}
+
+const ABANDONED: &str = r#"
+    [[rules]]
+    name = "cart_abandoned"
+    absence = { after = ["add_to_cart"], missing = ["checkout_started", "purchase"], within = "30m", follow_ups = ["24h"] }
+    action = { type = "reminder" }
+"#;
+
+#[test]
+fn an_absence_fires_at_its_deadline_then_follows_up_unless_the_action_happens() {
+    let rules = rules(ABANDONED);
+    let mut p = Person::new();
+    assert!(p
+        .on(&rules, event("add", EventKind::AddToCart, T0))
+        .is_empty());
+    assert_eq!(p.state.dues(), [T0.plus_ms(30 * MINUTE_MS)]);
+    assert!(p.tick(&rules, T0.plus_ms(30 * MINUTE_MS - 1)).is_empty());
+    let at_deadline = T0.plus_ms(30 * MINUTE_MS);
+    assert_eq!(p.tick(&rules, at_deadline), fired("cart_abandoned"));
+    assert!(p.tick(&rules, at_deadline).is_empty(), "a timer fires once");
+    // The follow-up is due 24 hours after the first reminder.
+    assert_eq!(p.state.dues(), [at_deadline.plus_ms(24 * HOUR_MS)]);
+    assert_eq!(
+        p.tick(&rules, at_deadline.plus_ms(24 * HOUR_MS)),
+        fired("cart_abandoned")
+    );
+    assert!(p.state.timers.is_empty());
+
+    // A checkout before the deadline cancels the wait.
+    let mut p = Person::new();
+    p.on(&rules, event("add", EventKind::AddToCart, T0));
+    p.on(
+        &rules,
+        event("co", EventKind::CheckoutStarted, T0.plus_ms(10 * MINUTE_MS)),
+    );
+    assert!(p.state.timers.is_empty());
+    assert!(p.tick(&rules, T0.plus_ms(HOUR_MS)).is_empty());
+}
+
+#[test]
+fn trigger_ids_are_stable_per_rule_person_and_cause() {
+    let rules = rules(ABANDONED);
+    let run = || {
+        let mut p = Person::new();
+        p.on(&rules, event("add", EventKind::AddToCart, T0));
+        let explain = |_: &str| Vec::new();
+        let mut state = std::mem::take(&mut p.state);
+        evaluate_timers(&rules, &mut state, &p.facts(T0.plus_ms(HOUR_MS), &explain))
+    };
+    let (a, b) = (run(), run());
+    assert_eq!(a[0].trigger.trigger_id, b[0].trigger.trigger_id);
+    assert_eq!(a[0].trigger.cause, "timer:add:0");
+    assert_ne!(
+        a[0].trigger.trigger_id,
+        trigger_id("cart_abandoned", &person(), "timer:add:1")
+    );
+}
+
+#[test]
+fn time_based_reminders_keep_their_schedule_whatever_the_person_does() {
+    let rules = rules(
+        r#"
+        [[rules]]
+        name = "remind"
+        absence = { after = ["add_to_cart"], missing = ["purchase"], within = "1h", follow_ups = ["24h"], schedule = "time" }
+        action = { type = "reminder" }
+        "#,
+    );
+    let mut p = Person::new();
+    p.on(&rules, event("add", EventKind::AddToCart, T0));
+    // Neither another addition nor a purchase moves or cancels a time-based schedule.
+    p.on(
+        &rules,
+        event("add2", EventKind::AddToCart, T0.plus_ms(30 * MINUTE_MS)),
+    );
+    p.on(
+        &rules,
+        event("buy", EventKind::Purchase, T0.plus_ms(40 * MINUTE_MS)),
+    );
+    assert_eq!(p.state.dues(), [T0.plus_ms(HOUR_MS)]);
+    // Fired late (say, after a restart), the follow-up still keeps the fixed schedule.
+    assert_eq!(p.tick(&rules, T0.plus_ms(3 * HOUR_MS)), fired("remind"));
+    assert_eq!(p.state.dues(), [T0.plus_ms(25 * HOUR_MS)]);
+}
+
+#[test]
+fn suppression_records_a_reason_for_each_kind() {
+    let text = r#"
+        [limits]
+        max_per_person = 2
+        per = "24h"
+
+        [[rules]]
+        name = "a"
+        priority = 3
+        when = "event.kind == 'page_view'"
+        cooldown = "1h"
+        action = { type = "x" }
+
+        [[rules]]
+        name = "b"
+        priority = 2
+        when = "event.kind == 'page_view'"
+        exclude = { purchased_within = "24h" }
+        action = { type = "x" }
+
+        [[rules]]
+        name = "c"
+        priority = 1
+        when = "event.kind == 'page_view'"
+        exclude = { unless = "'vip' in segments" }
+        action = { type = "x" }
+    "#;
+    let rules = rules(text);
+    let mut p = Person::new();
+    let mut t = T0;
+    let mut view = |p: &mut Person, minutes: i64| {
+        t = t.plus_ms(minutes * MINUTE_MS);
+        // Predicates fire on becoming true: a search in between makes them false.
+        p.on(&rules, event(&format!("s{}", t.0), EventKind::Search, t));
+        p.on(&rules, event(&format!("v{}", t.0), EventKind::PageView, t))
+    };
+    let pairs = |v: &[(&str, &str)]| {
+        v.iter()
+            .map(|(a, b)| ((*a).to_owned(), (*b).to_owned()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        view(&mut p, 0),
+        pairs(&[
+            ("a", "delivered"),
+            ("b", "delivered"),
+            ("c", "frequency_cap")
+        ])
+    );
+    assert_eq!(
+        view(&mut p, 10),
+        pairs(&[
+            ("a", "cooldown"),
+            ("b", "frequency_cap"),
+            ("c", "frequency_cap")
+        ])
+    );
+    p.last_purchase = Some(T0.plus_ms(20 * MINUTE_MS));
+    p.segments = vec!["vip"];
+    assert_eq!(
+        view(&mut p, 24 * 60),
+        pairs(&[
+            ("a", "delivered"),
+            ("b", "purchased_recently"),
+            ("c", "excluded")
+        ])
+    );
+    // Every decision is in the audit, with its reason.
+    assert_eq!(p.state.audit.len(), 9);
+    assert_eq!(
+        p.state.audit.back().unwrap().outcome,
+        Outcome::Suppressed(Suppressed::Excluded)
+    );
+}
+
+#[test]
+fn quiet_hours_hold_back_triggers_unless_a_rule_ignores_them() {
+    let rules = rules(
+        r#"
+        [quiet_hours]
+        from = "22:00"
+        to = "08:00"
+
+        [[rules]]
+        name = "quiet"
+        when = "event.kind == 'page_view'"
+        action = { type = "x" }
+
+        [[rules]]
+        name = "urgent"
+        when = "event.kind == 'page_view'"
+        ignore_quiet_hours = true
+        action = { type = "x" }
+        "#,
+    );
+    let mut p = Person::new();
+    let night = T0.plus_ms(13 * HOUR_MS); // 23:00 UTC
+    assert_eq!(
+        p.on(&rules, event("n", EventKind::PageView, night)),
+        vec![
+            ("quiet".to_owned(), "quiet_hours".to_owned()),
+            ("urgent".to_owned(), "delivered".to_owned())
+        ]
+    );
+}
+
+#[test]
+fn variants_are_sticky_split_by_weight_and_holdouts_are_not_delivered() {
+    let rules = rules(
+        r#"
+        [[rules]]
+        name = "intent"
+        threshold = { score = "purchase", above = 0.75 }
+        action = { type = "discount", template = "base" }
+        experiment = { name = "exp", holdout = 0.2, variants = [
+            { name = "a", weight = 1, template = "A" },
+            { name = "b", weight = 3, params = { percent = "15" } },
+        ] }
+        "#,
+    );
+    let experiment = rules.rules[0].experiment.as_ref().unwrap();
+    let mut counts: BTreeMap<&str, u32> = BTreeMap::new();
+    let n = 20_000;
+    for i in 0..n {
+        let key = PersonKey::User(format!("user-{i}"));
+        let v = assign_variant(experiment, &key);
+        assert_eq!(v, assign_variant(experiment, &key), "sticky");
+        *counts.entry(v).or_default() += 1;
+    }
+    // Expected shares 0.2 / 0.2 / 0.6; five standard deviations of a binomial share at
+    // n = 20,000 is at most 0.018.
+    for (variant, share) in [(HOLDOUT, 0.2), ("a", 0.2), ("b", 0.6)] {
+        let got = f64::from(counts[variant]) / f64::from(n);
+        assert!((got - share).abs() < 0.018, "{variant}: {got} vs {share}");
+    }
+
+    let mut p = Person::new();
+    p.set_score("purchase", 0.9);
+    let explain = |_: &str| Vec::new();
+    let mut state = TriggerState::default();
+    let firings = evaluate_event(
+        &rules,
+        &mut state,
+        &p.facts(T0, &explain),
+        &event("e", EventKind::PageView, T0),
+    );
+    let variant = assign_variant(experiment, &person());
+    let f = &firings[0];
+    assert_eq!(f.trigger.variant.as_deref(), Some(variant));
+    match variant {
+        HOLDOUT => assert_eq!(f.outcome, Outcome::Holdout),
+        "a" => assert_eq!(f.trigger.action.template, "A"),
+        _ => assert_eq!(f.trigger.action.params["percent"], "15"),
+    }
+    // The exposure converts on a purchase inside the window, once.
+    assert_eq!(state.exposures.len(), 1);
+    assert_eq!(
+        record_purchase(&mut state, T0.plus_ms(HOUR_MS)),
+        vec![("intent".to_owned(), variant.to_owned())]
+    );
+    assert!(record_purchase(&mut state, T0.plus_ms(2 * HOUR_MS)).is_empty());
+}
+
+#[test]
+fn a_trigger_carries_scores_stage_contributions_and_the_action() {
+    let rules = rules(THRESHOLD);
+    let mut p = Person::new();
+    p.set_score("purchase", 0.8);
+    p.row.0[Feature::CartItems as usize] = 2.0;
+    let explain = |model: &str| {
+        vec![Contribution {
+            feature: format!("{model}_top"),
+            value: 1.5,
+        }]
+    };
+    let mut state = TriggerState::default();
+    let firings = evaluate_event(
+        &rules,
+        &mut state,
+        &p.facts(T0, &explain),
+        &event("e", EventKind::AddToCart, T0),
+    );
+    let t = &firings[0].trigger;
+    assert_eq!(t.trigger_id, trigger_id("intent", &person(), "event:e"));
+    assert_eq!(t.user_id.as_deref(), Some("u1"));
+    assert_eq!(t.time_ms, T0.millis());
+    assert_eq!(t.scores["purchase"], 0.8);
+    assert_eq!(t.journey_stage, "decision");
+    assert_eq!(t.contributions["purchase"][0].feature, "purchase_top");
+    assert_eq!(t.action.template, "d10");
+    assert_eq!(t.action.channel, "email");
+}
+
+#[test]
+fn merging_states_keeps_the_earlier_timer_and_the_latest_firing() {
+    let rules = rules(ABANDONED);
+    let mut a = Person::new();
+    a.on(
+        &rules,
+        event("a1", EventKind::AddToCart, T0.plus_ms(MINUTE_MS)),
+    );
+    let mut b = Person::new();
+    b.on(&rules, event("b1", EventKind::AddToCart, T0));
+    a.state.merge(b.state);
+    assert_eq!(a.state.timers.len(), 1);
+    assert_eq!(a.state.timers[0].cause, "b1");
+}

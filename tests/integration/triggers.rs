@@ -1,0 +1,759 @@
+//! Triggers end to end over real gRPC: conditions, timers across restarts, suppression
+//! audit, rule reloads, experiments, SubscribeTriggers resume and webhook delivery to a
+//! receiver the test owns.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine as _;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use tonic::transport::Channel;
+use tonic::Code;
+
+use nudge::config::{Config, WebhookConfig};
+use nudge::pb;
+use nudge::pb::nudge_service_client::NudgeServiceClient;
+use nudge::pb::EventType;
+use nudge::time::{HOUR_MS, MINUTE_MS};
+
+use crate::support::*;
+
+/// A config running `rules` (written to a file in `dir`).
+fn config_with_rules(dir: &std::path::Path, rules: &str) -> Config {
+    let path = dir.join("rules.toml");
+    std::fs::write(&path, rules).unwrap();
+    let mut config = test_config();
+    config.triggers.rules = path;
+    config
+}
+
+/// Reads SubscribeTriggers from `cursor` until `n` triggers arrived or `within` passed.
+async fn subscribe(
+    client: &mut NudgeServiceClient<Channel>,
+    cursor: u64,
+    rules: &[&str],
+    n: usize,
+    within: Duration,
+) -> Vec<pb::SubscribeTriggersResponse> {
+    let mut stream = client
+        .subscribe_triggers(pb::SubscribeTriggersRequest {
+            cursor,
+            rules: rules.iter().map(|r| (*r).to_owned()).collect(),
+        })
+        .await
+        .expect("subscribes")
+        .into_inner();
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + within;
+    while got.len() < n {
+        match tokio::time::timeout_at(deadline, stream.message()).await {
+            Ok(Ok(Some(m))) => got.push(m),
+            Ok(other) => panic!("the stream ended: {other:?}"),
+            Err(_) => break,
+        }
+    }
+    got
+}
+
+fn add_to_cart(id: &str, user: &str, at: nudge::time::Time) -> pb::Event {
+    let mut e = event(id, user, EventType::AddToCart, at);
+    let p = props(&mut e);
+    p.product_id = Some("p1".into());
+    p.price = Some(40.0);
+    p.quantity = Some(1);
+    e
+}
+
+const CART_RULES: &str = r#"
+    [[rules]]
+    name = "cart_abandoned"
+    absence = { after = ["add_to_cart"], missing = ["checkout_started", "purchase"], within = "30m", follow_ups = ["24h"] }
+    action = { type = "cart_reminder", channel = "email", template = "cart-1" }
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_absence_fires_from_its_timer_once_and_a_checkout_cancels_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(config_with_rules(dir.path(), CART_RULES)).await;
+    let mut client = server.client().await;
+    track(&mut client, vec![add_to_cart("a1", "abandoner", T0)]).await;
+    track(&mut client, vec![add_to_cart("b1", "buyer", T0)]).await;
+    let mut checkout = event(
+        "b2",
+        "buyer",
+        EventType::CheckoutStarted,
+        T0.plus_ms(5 * MINUTE_MS),
+    );
+    props(&mut checkout).order_value = Some(40.0);
+    track(&mut client, vec![checkout]).await;
+
+    let explained = client
+        .explain_triggers(pb::ExplainTriggersRequest {
+            person: person("abandoner"),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(explained.timers.len(), 1);
+    assert_eq!(
+        explained.timers[0].due,
+        Some(nudge::api::convert::timestamp(T0.plus_ms(30 * MINUTE_MS)))
+    );
+
+    // Just before the deadline nothing fires; at it, the abandoner's reminder does.
+    server.clock.set(T0.plus_ms(30 * MINUTE_MS - 1));
+    assert!(
+        subscribe(&mut client, 0, &[], 1, Duration::from_millis(300))
+            .await
+            .is_empty()
+    );
+    server.clock.set(T0.plus_ms(30 * MINUTE_MS));
+    let got = subscribe(&mut client, 0, &[], 2, Duration::from_secs(2)).await;
+    assert_eq!(got.len(), 1, "only the abandoner: {got:?}");
+    let t = got[0].trigger.as_ref().unwrap();
+    assert_eq!(
+        (t.rule.as_str(), t.user_id.as_str()),
+        ("cart_abandoned", "abandoner")
+    );
+    assert_eq!(t.cause, "timer:a1:0");
+    assert_eq!(t.action.as_ref().unwrap().template, "cart-1");
+    assert_eq!(
+        t.journey_stage, "decision",
+        "a full cart is the decision stage"
+    );
+    assert!(t.scores.contains_key("purchase") && t.scores.contains_key("churn"));
+    let contributions = &t.contributions;
+    assert!(
+        contributions
+            .iter()
+            .any(|c| c.model == "purchase" && !c.features.is_empty()),
+        "LightGBM contributions: {contributions:?}"
+    );
+
+    // The follow-up comes 24 hours after the first reminder, once.
+    server.clock.set(T0.plus_ms(30 * MINUTE_MS + 24 * HOUR_MS));
+    let got = subscribe(&mut client, got[0].cursor, &[], 2, Duration::from_secs(2)).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].trigger.as_ref().unwrap().cause, "timer:a1:1");
+    let metrics = server.metrics().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "nudge_triggers_total{outcome=\"delivered\",rule=\"cart_abandoned\"}"
+        ),
+        Some(2.0)
+    );
+    assert_eq!(metric_value(&metrics, "nudge_timers_pending"), Some(0.0));
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_timers_survive_a_restart_and_overdue_ones_fire_once_after_recovery() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let mut config = config_with_rules(dir.path(), CART_RULES);
+    config.store.dir = data.path().to_owned();
+
+    let server = TestServer::start_with(config.clone()).await;
+    let mut client = server.client().await;
+    let users: Vec<String> = (0..20).map(|i| format!("restart-{i}")).collect();
+    for u in &users {
+        track(&mut client, vec![add_to_cart(&format!("{u}-add"), u, T0)]).await;
+    }
+    server.stop().await.unwrap();
+
+    // Two hours later (the deadline passed while the server was down).
+    for _ in 0..2 {
+        let server = TestServer::start_with(config.clone()).await;
+        server.clock.set(T0.plus_ms(2 * HOUR_MS));
+        let mut client = server.client().await;
+        let got = subscribe(&mut client, 0, &[], 40, Duration::from_secs(3)).await;
+        let ids: BTreeSet<String> = got
+            .iter()
+            .map(|m| m.trigger.as_ref().unwrap().trigger_id.clone())
+            .collect();
+        assert_eq!(got.len(), 20, "every overdue timer fired, once");
+        assert_eq!(ids.len(), 20);
+        server.stop().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn predicates_fire_once_per_crossing_and_suppressions_are_explained() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = r#"
+        [[rules]]
+        name = "engaged"
+        priority = 2
+        when = "session_product_time_s > 300.0 && session_distinct_products >= 3.0"
+        cooldown = "1h"
+        action = { type = "recommend" }
+
+        [[rules]]
+        name = "any_intent"
+        priority = 1
+        threshold = { score = "purchase", above = 0.000001 }
+        when = "segment != '' && size(segments) > 0"
+        action = { type = "hello" }
+    "#;
+    let server = TestServer::start_with(config_with_rules(dir.path(), rules)).await;
+    let mut client = server.client().await;
+    let mut t = T0;
+    let mut views = Vec::new();
+    for (i, product) in ["p1", "p2", "p3", "p4"].iter().enumerate() {
+        t = t.plus_ms(MINUTE_MS);
+        views.push(product_view(
+            &format!("v{i}"),
+            "shopper",
+            t,
+            product,
+            "shoes",
+            Some(110.0),
+        ));
+    }
+    track(&mut client, views).await;
+    let got = subscribe(&mut client, 0, &[], 3, Duration::from_millis(500)).await;
+    let rules_fired: Vec<&str> = got
+        .iter()
+        .map(|m| m.trigger.as_ref().unwrap().rule.as_str())
+        .collect();
+    // The threshold fires on the first event (segment conditions hold: the shipped
+    // segments file is loaded); "engaged" once its predicate became true (third view),
+    // not again on the fourth.
+    assert_eq!(rules_fired, ["any_intent", "engaged"], "{got:?}");
+
+    // A new session (35 minutes later) makes the predicate true again, within the cooldown.
+    t = t.plus_ms(35 * MINUTE_MS);
+    let again: Vec<pb::Event> = ["p5", "p6", "p7"]
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            product_view(
+                &format!("w{i}"),
+                "shopper",
+                t.plus_ms(i as i64 * MINUTE_MS),
+                p,
+                "shoes",
+                Some(110.0),
+            )
+        })
+        .collect();
+    track(&mut client, again).await;
+    let explained = client
+        .explain_triggers(pb::ExplainTriggersRequest {
+            person: person("shopper"),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let outcomes: Vec<(String, String)> = explained
+        .decisions
+        .iter()
+        .map(|d| (d.rule.clone(), d.outcome.clone()))
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            ("any_intent".to_owned(), "delivered".to_owned()),
+            ("engaged".to_owned(), "delivered".to_owned()),
+            ("engaged".to_owned(), "cooldown".to_owned()),
+        ]
+    );
+    let metrics = server.metrics().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "nudge_triggers_total{outcome=\"cooldown\",rule=\"engaged\"}"
+        ),
+        Some(1.0)
+    );
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_rules_file_is_refused_with_every_problem_and_the_old_rules_keep_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_with_rules(dir.path(), CART_RULES);
+    let path = config.triggers.rules.clone();
+    let server = TestServer::start_with(config).await;
+    let mut client = server.client().await;
+    let before = client
+        .reload_rules(pb::ReloadRulesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(before.rules, ["cart_abandoned"]);
+
+    std::fs::write(
+        &path,
+        r#"
+        [[rules]]
+        name = "broken"
+        when = "cart_items >"
+        action = { type = "x" }
+
+        [[rules]]
+        name = "typo"
+        absence = { after = ["add_to_kart"], missing = ["purchase"], within = "30m" }
+        action = { type = "x" }
+        "#,
+    )
+    .unwrap();
+    let err = client
+        .reload_rules(pb::ReloadRulesRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(
+        err.message().contains("rule \"broken\": when"),
+        "{}",
+        err.message()
+    );
+    assert!(err.message().contains("add_to_kart"), "{}", err.message());
+
+    // The old rules still run: an abandoned cart still fires.
+    track(&mut client, vec![add_to_cart("a1", "still", T0)]).await;
+    server.clock.set(T0.plus_ms(HOUR_MS));
+    assert_eq!(
+        subscribe(&mut client, 0, &[], 1, Duration::from_secs(2))
+            .await
+            .len(),
+        1
+    );
+
+    // A good file is picked up by the file watcher, without a call.
+    std::fs::write(
+        &path,
+        format!("{CART_RULES}\n[[rules]]\nname = \"second\"\nwhen = \"cart_items > 0\"\naction = {{ type = \"y\" }}\n"),
+    )
+    .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = server.metrics().await;
+        if metric_value(&metrics, "nudge_rules_loaded") == Some(2.0) {
+            assert_eq!(
+                metric_value(&metrics, "nudge_rules_reloads_total{outcome=\"refused\"}"),
+                Some(1.0)
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the new rules were not picked up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holdouts_are_recorded_not_delivered_and_outcomes_are_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = r#"
+        [[rules]]
+        name = "welcome"
+        when = "event.kind == 'page_view'"
+        action = { type = "welcome" }
+        experiment = { name = "welcome_copy", holdout = 0.3, conversion_window = "1d", variants = [
+            { name = "a", template = "A" },
+            { name = "b", template = "B" },
+        ] }
+    "#;
+    let server = TestServer::start_with(config_with_rules(dir.path(), rules)).await;
+    let mut client = server.client().await;
+    let n = 300;
+    for i in 0..n {
+        let user = format!("person-{i}");
+        let mut events = vec![event(&format!("{user}-pv"), &user, EventType::PageView, T0)];
+        if i % 2 == 0 {
+            let mut buy = event(
+                &format!("{user}-buy"),
+                &user,
+                EventType::Purchase,
+                T0.plus_ms(HOUR_MS),
+            );
+            props(&mut buy).order_value = Some(20.0);
+            events.push(buy);
+        }
+        track(&mut client, events).await;
+    }
+    let report = client
+        .get_experiment_report(pb::GetExperimentReportRequest {
+            rule: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let by_variant: BTreeMap<String, (u64, u64)> = report
+        .variants
+        .iter()
+        .map(|v| (v.variant.clone(), (v.exposures, v.conversions)))
+        .collect();
+    assert_eq!(by_variant.keys().collect::<Vec<_>>(), ["a", "b", "holdout"]);
+    assert!(report
+        .variants
+        .iter()
+        .all(|v| v.experiment == "welcome_copy"));
+    let exposures: u64 = by_variant.values().map(|v| v.0).sum();
+    let conversions: u64 = by_variant.values().map(|v| v.1).sum();
+    assert_eq!((exposures, conversions), (n, n / 2));
+    // 30% holdout of 300: five standard deviations is about 40 people.
+    let holdout = by_variant["holdout"].0 as f64;
+    assert!((holdout - 90.0).abs() < 40.0, "holdout {holdout}");
+
+    // Only the non-holdout triggers are delivered, each with its variant's template.
+    let delivered = subscribe(&mut client, 0, &[], n as usize, Duration::from_secs(1)).await;
+    assert_eq!(delivered.len() as u64, exposures - by_variant["holdout"].0);
+    for m in &delivered {
+        let t = m.trigger.as_ref().unwrap();
+        let expected = if t.variant == "a" { "A" } else { "B" };
+        assert_eq!(t.action.as_ref().unwrap().template, expected);
+    }
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribers_resume_from_their_cursor_and_filter_by_rule() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = r#"
+        [[rules]]
+        name = "views"
+        when = "event.kind == 'page_view'"
+        action = { type = "v" }
+
+        [[rules]]
+        name = "searches"
+        when = "event.kind == 'search'"
+        action = { type = "s" }
+    "#;
+    let server = TestServer::start_with(config_with_rules(dir.path(), rules)).await;
+    let mut client = server.client().await;
+    for i in 0..10 {
+        let kind = if i % 2 == 0 {
+            EventType::PageView
+        } else {
+            EventType::Search
+        };
+        track(
+            &mut client,
+            vec![event(&format!("e{i}"), &format!("u{i}"), kind, T0)],
+        )
+        .await;
+    }
+    let all = subscribe(&mut client, 0, &[], 10, Duration::from_secs(1)).await;
+    assert_eq!(all.len(), 10);
+    let cursors: Vec<u64> = all.iter().map(|m| m.cursor).collect();
+    assert!(cursors.windows(2).all(|w| w[0] < w[1]), "{cursors:?}");
+    // Reconnecting after the fourth resumes with the fifth: nothing missed, nothing again.
+    let resumed = subscribe(&mut client, all[3].cursor, &[], 6, Duration::from_secs(1)).await;
+    assert_eq!(
+        resumed.iter().map(|m| m.cursor).collect::<Vec<_>>(),
+        cursors[4..].to_vec()
+    );
+    let searches = subscribe(
+        &mut client,
+        0,
+        &["searches"],
+        10,
+        Duration::from_millis(500),
+    )
+    .await;
+    assert_eq!(searches.len(), 5);
+    assert!(searches
+        .iter()
+        .all(|m| m.trigger.as_ref().unwrap().rule == "searches"));
+    // A live subscriber gets new triggers as they commit.
+    let mut live_client = client.clone();
+    let last = *cursors.last().unwrap();
+    let live = tokio::spawn(async move {
+        subscribe(&mut live_client, last, &[], 1, Duration::from_secs(3)).await
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    track(
+        &mut client,
+        vec![event("late", "u-late", EventType::PageView, T0)],
+    )
+    .await;
+    let live = live.await.unwrap();
+    assert_eq!(live.len(), 1);
+    assert_eq!(live[0].trigger.as_ref().unwrap().user_id, "u-late");
+
+    let err = client
+        .subscribe_triggers(pb::SubscribeTriggersRequest {
+            cursor: 1_000_000,
+            rules: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange);
+    assert!(err.message().starts_with("cursor:"), "{}", err.message());
+    server.stop().await.unwrap();
+}
+
+/// What the test's webhook receiver saw.
+#[derive(Default)]
+struct Received {
+    requests: usize,
+    /// webhook-id of each request answered 2xx.
+    delivered: Vec<String>,
+    /// webhook-id of every request.
+    all: Vec<String>,
+    bad_signatures: usize,
+}
+
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+/// A Standard Webhooks receiver: slow for the first 3 requests, then 503 and 429 with
+/// Retry-After for the next 3 each, then 200. Verifies every signature.
+async fn receiver(listener: tokio::net::TcpListener, seen: Arc<Mutex<Received>>) {
+    use axum::http::{HeaderMap, StatusCode};
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: HeaderMap, body: axum::body::Bytes| {
+            let seen = seen.clone();
+            async move {
+                let header = |n: &str| {
+                    headers
+                        .get(n)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_owned()
+                };
+                let (id, ts, sig) = (
+                    header("webhook-id"),
+                    header("webhook-timestamp"),
+                    header("webhook-signature"),
+                );
+                let key = base64::engine::general_purpose::STANDARD
+                    .decode(SECRET.trim_start_matches("whsec_"))
+                    .unwrap();
+                let mut mac = Hmac::<Sha256>::new_from_slice(&key).unwrap();
+                mac.update(format!("{id}.{ts}.").as_bytes());
+                mac.update(&body);
+                let expected = format!(
+                    "v1,{}",
+                    base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+                );
+                let n = {
+                    let mut s = seen.lock().unwrap();
+                    s.requests += 1;
+                    s.all.push(id.clone());
+                    if sig != expected {
+                        s.bad_signatures += 1;
+                    }
+                    s.requests
+                };
+                let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                assert_eq!(json["data"]["trigger_id"], id.as_str());
+                let answer = match n {
+                    1..=3 => {
+                        tokio::time::sleep(Duration::from_millis(800)).await;
+                        (StatusCode::OK, [("retry-after", "0")])
+                    }
+                    4..=6 => (StatusCode::SERVICE_UNAVAILABLE, [("retry-after", "1")]),
+                    7..=9 => (StatusCode::TOO_MANY_REQUESTS, [("retry-after", "1")]),
+                    _ => (StatusCode::OK, [("retry-after", "0")]),
+                };
+                // The slow answers come after the sender gave up: not deliveries.
+                if n > 9 {
+                    seen.lock().unwrap().delivered.push(id);
+                }
+                answer
+            }
+        }),
+    );
+    axum::serve(listener, app).await.unwrap();
+}
+
+fn webhook(name: &str, port: u16) -> WebhookConfig {
+    WebhookConfig {
+        name: name.into(),
+        url: format!("http://127.0.0.1:{port}/hook"),
+        secret: SECRET.into(),
+        secret_file: None,
+        rules: vec![],
+        concurrency: 2,
+        rate_per_second: 200.0,
+        max_attempts: 30,
+        initial_backoff_ms: 50,
+        max_backoff_ms: 1000,
+        timeout_ms: 300,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_arrive_signed_through_a_receiver_that_is_down_slow_and_refusing() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = r#"
+        [[rules]]
+        name = "views"
+        when = "event.kind == 'page_view'"
+        action = { type = "v" }
+    "#;
+    let port = free_port();
+    let mut config = config_with_rules(dir.path(), rules);
+    config.triggers.webhooks = vec![webhook("crm", port)];
+    let server = TestServer::start_with(config).await;
+    let mut client = server.client().await;
+    let n = 12;
+    for i in 0..n {
+        track(
+            &mut client,
+            vec![event(
+                &format!("e{i}"),
+                &format!("hook-{i}"),
+                EventType::PageView,
+                T0,
+            )],
+        )
+        .await;
+    }
+    let expected: BTreeSet<String> = subscribe(&mut client, 0, &[], n, Duration::from_secs(1))
+        .await
+        .into_iter()
+        .map(|m| m.trigger.unwrap().trigger_id)
+        .collect();
+    assert_eq!(expected.len(), n);
+
+    // Down: nothing listens for a while, so connections are refused.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let seen = Arc::new(Mutex::new(Received::default()));
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let receiver = tokio::spawn(receiver(listener, seen.clone()));
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let delivered: BTreeSet<String> = seen.lock().unwrap().delivered.iter().cloned().collect();
+        if delivered == expected {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "delivered {} of {n}",
+            delivered.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let seen = std::mem::take(&mut *seen.lock().unwrap());
+    assert_eq!(seen.bad_signatures, 0);
+    assert!(
+        seen.all.iter().all(|id| expected.contains(id)),
+        "only known ids"
+    );
+    assert!(
+        seen.requests > n,
+        "the slow, 503 and 429 answers were retried"
+    );
+    let metrics = server.metrics().await;
+    let retried = metric_value(
+        &metrics,
+        "nudge_webhook_deliveries_total{endpoint=\"crm\",result=\"retried\"}",
+    )
+    .unwrap();
+    assert!(retried >= 9.0, "retried {retried}");
+    // The cursor catches up: nothing is left for the endpoint.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while metric_value(
+        &server.metrics().await,
+        "nudge_outbox_depth{endpoint=\"crm\"}",
+    ) != Some(0.0)
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the cursor did not catch up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    server.stop().await.unwrap();
+    receiver.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trigger_that_keeps_failing_becomes_a_dead_letter_and_does_not_block_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = r#"
+        [[rules]]
+        name = "views"
+        when = "event.kind == 'page_view'"
+        action = { type = "v" }
+    "#;
+    let port = free_port();
+    let mut config = config_with_rules(dir.path(), rules);
+    let mut hook = webhook("flaky", port);
+    hook.max_attempts = 3;
+    config.triggers.webhooks = vec![hook];
+    let data = tempfile::tempdir().unwrap();
+    config.store.dir = data.path().to_owned();
+    let server = TestServer::start_with(config).await;
+    let mut client = server.client().await;
+    // The receiver refuses the "poison" person's trigger forever and takes the others.
+    let delivered = Arc::new(Mutex::new(BTreeSet::new()));
+    let app = {
+        let delivered = delivered.clone();
+        axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move |body: axum::body::Bytes| {
+                let delivered = delivered.clone();
+                async move {
+                    let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                    let user = json["data"]["user_id"].as_str().unwrap().to_owned();
+                    if user == "poison" {
+                        return axum::http::StatusCode::INTERNAL_SERVER_ERROR;
+                    }
+                    delivered.lock().unwrap().insert(user);
+                    axum::http::StatusCode::NO_CONTENT
+                }
+            }),
+        )
+    };
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let receiver = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    for user in ["first", "poison", "third", "fourth"] {
+        track(
+            &mut client,
+            vec![event(&format!("{user}-e"), user, EventType::PageView, T0)],
+        )
+        .await;
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = server.metrics().await;
+        let dead = metric_value(
+            &metrics,
+            "nudge_webhook_deliveries_total{endpoint=\"flaky\",result=\"dead_letter\"}",
+        );
+        if dead == Some(1.0)
+            && metric_value(&metrics, "nudge_outbox_depth{endpoint=\"flaky\"}") == Some(0.0)
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no dead letter:\n{metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        delivered
+            .lock()
+            .unwrap()
+            .iter()
+            .cloned()
+            .collect::<Vec<_>>(),
+        ["first", "fourth", "third"]
+    );
+    server.stop().await.unwrap();
+    receiver.abort();
+    let store = nudge::store::Store::open(data.path(), nudge::store::SyncMode::Always).unwrap();
+    let dead = store.dead_letters("webhook:flaky").unwrap();
+    assert_eq!(dead.len(), 1);
+    let record: serde_json::Value = serde_json::from_slice(&dead[0].1).unwrap();
+    assert_eq!(record["attempts"], 3);
+    assert_eq!(record["trigger"]["user_id"], "poison");
+}
