@@ -903,10 +903,12 @@ impl Shard {
         Ok(self.profiles.get_mut(person).expect("just inserted"))
     }
 
+    /// Drops a person from memory (the store has them, or they were merged away).
     fn evict(&mut self, person: &PersonKey) {
         if self.profiles.remove(person).is_some() {
             self.metrics.profiles.dec();
         }
+        self.states.remove(person);
     }
 
     fn is_duplicate(&self, event: &Event, now: Time, group: &Group) -> Result<bool, EngineError> {

@@ -39,7 +39,7 @@ impl Rng {
 }
 
 /// Waits until the binary reports SERVING; returns a connected channel.
-async fn until_serving(grpc: u16) -> (Channel, Duration) {
+pub(crate) async fn until_serving(grpc: u16) -> (Channel, Duration) {
     let started = Instant::now();
     loop {
         assert!(

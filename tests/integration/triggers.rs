@@ -757,3 +757,100 @@ async fn a_trigger_that_keeps_failing_becomes_a_dead_letter_and_does_not_block_t
     assert_eq!(record["attempts"], 3);
     assert_eq!(record["trigger"]["user_id"], "poison");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timers_survive_sigkill_of_the_binary_and_fire_once() {
+    use nudge::time::{Clock, SystemClock};
+    let rules_dir = tempfile::tempdir().unwrap();
+    let rules = rules_dir.path().join("rules.toml");
+    std::fs::write(
+        &rules,
+        CART_RULES.replace("within = \"30m\"", "within = \"2s\""),
+    )
+    .unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let env = [
+        ("NUDGE__TRIGGERS__RULES", rules.display().to_string()),
+        ("NUDGE__TRIGGERS__TICK_MS", "50".to_owned()),
+    ];
+    let grpc = free_port();
+    let mut child = spawn_nudge(data.path(), grpc, &env);
+    let (channel, _) = crate::crash::until_serving(grpc).await;
+    let mut client = NudgeServiceClient::new(channel);
+    let now = SystemClock.now();
+    let people: Vec<String> = (0..10).map(|i| format!("killed-{i}")).collect();
+    for p in &people {
+        track(&mut client, vec![add_to_cart(&format!("{p}-add"), p, now)]).await;
+    }
+    // Killed with the timers pending; the deadline passes while the server is down.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+
+    let mut fired = BTreeSet::new();
+    for round in 0..2 {
+        let grpc = free_port();
+        let mut child = spawn_nudge(data.path(), grpc, &env);
+        let (channel, _) = crate::crash::until_serving(grpc).await;
+        let mut client = NudgeServiceClient::new(channel);
+        let wait = Duration::from_secs(if round == 0 { 5 } else { 1 });
+        let got = subscribe(&mut client, 0, &[], 11, wait).await;
+        let ids: BTreeSet<String> = got
+            .iter()
+            .map(|m| m.trigger.as_ref().unwrap().trigger_id.clone())
+            .collect();
+        assert_eq!(got.len(), 10, "round {round}: each timer fired once");
+        if round == 0 {
+            fired = ids;
+        } else {
+            assert_eq!(
+                ids, fired,
+                "the same triggers, none new after a second kill"
+            );
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timers_follow_a_visitor_who_logs_in_and_leave_with_an_erased_person() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(config_with_rules(dir.path(), CART_RULES)).await;
+    let mut client = server.client().await;
+    let mut visit = add_to_cart("v1", "", T0);
+    visit.anonymous_id = "device-9".into();
+    track(&mut client, vec![visit]).await;
+    client
+        .identify(pb::IdentifyRequest {
+            anonymous_id: "device-9".into(),
+            user_id: "known-9".into(),
+        })
+        .await
+        .unwrap();
+    track(&mut client, vec![add_to_cart("e1", "erased", T0)]).await;
+    client
+        .delete_user(pb::DeleteUserRequest {
+            person: person("erased"),
+        })
+        .await
+        .unwrap();
+    let erased = client
+        .explain_triggers(pb::ExplainTriggersRequest {
+            person: person("erased"),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(erased.timers.is_empty() && erased.decisions.is_empty());
+
+    server.clock.set(T0.plus_ms(HOUR_MS));
+    let got = subscribe(&mut client, 0, &[], 2, Duration::from_secs(2)).await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    let t = got[0].trigger.as_ref().unwrap();
+    assert_eq!(
+        (t.user_id.as_str(), t.cause.as_str()),
+        ("known-9", "timer:v1:0")
+    );
+    server.stop().await.unwrap();
+}
