@@ -15,13 +15,15 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nudge::app::Server;
 use nudge::config::Config;
 use nudge::pb::{self, nudge_service_client::NudgeServiceClient};
 use nudge::time::{Clock, SystemClock, Time, MINUTE_MS};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
+
+mod common;
+use common::{percentile, rss_bytes, Running};
 
 const STREAMS: usize = 4;
 const BATCH: usize = 100;
@@ -35,6 +37,8 @@ fn config(dir: &std::path::Path) -> Config {
     config.models.dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
     config.store.dir = dir.to_owned();
     config.engine.queue_capacity = 4096;
+    config.triggers.rules =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/rules.toml");
     config
 }
 
@@ -66,60 +70,6 @@ fn event(i: u64, person: u64, now: Time) -> pb::Event {
         }),
         attributes: Default::default(),
     }
-}
-
-fn percentile(sorted: &[Duration], q: f64) -> f64 {
-    sorted[((sorted.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e3
-}
-
-fn rss_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
-}
-
-async fn start(
-    dir: &std::path::Path,
-) -> (
-    tokio::sync::oneshot::Sender<()>,
-    tokio::task::JoinHandle<anyhow::Result<()>>,
-    String,
-    Duration,
-) {
-    let started = Instant::now();
-    let server = Server::bind(config(dir), Arc::new(SystemClock))
-        .await
-        .unwrap();
-    let addr = format!("http://{}", server.grpc_addr());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(server.run(async {
-        let _ = stopped.await;
-    }));
-    // SERVING: the health check answers.
-    loop {
-        if let Ok(channel) = tonic::transport::Channel::from_shared(addr.clone())
-            .unwrap()
-            .connect()
-            .await
-        {
-            let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
-            let request = tonic_health::pb::HealthCheckRequest {
-                service: "nudge.v1.NudgeService".into(),
-            };
-            if health
-                .check(request)
-                .await
-                .is_ok_and(|r| r.into_inner().status == 1)
-            {
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    (stop, task, addr, started.elapsed())
 }
 
 /// One stream: sends batches from `next` at `pace` (or flat out), returns ack latencies.
@@ -218,7 +168,8 @@ fn main() {
         .unwrap();
     runtime.block_on(async {
         let dir = tempfile::tempdir().unwrap();
-        let (stop, task, addr, _) = start(dir.path()).await;
+        let Running { stop, task, addr, .. } =
+            common::start(config(dir.path()), Arc::new(SystemClock)).await;
         println!("Ingest over TrackStream: {STREAMS} streams, {BATCH} events per batch, default durable mode (fsync per group commit), purchase + churn scoring");
         let (rate, latencies) = run(STREAMS, THROUGHPUT_SECONDS, None, &addr).await;
         println!(
@@ -243,7 +194,8 @@ fn main() {
 
         // Memory per person: load people through a fresh server, one batch per 100 people.
         let dir = tempfile::tempdir().unwrap();
-        let (stop, task, addr, _) = start(dir.path()).await;
+        let Running { stop, task, addr, .. } =
+            common::start(config(dir.path()), Arc::new(SystemClock)).await;
         let rss_before = rss_bytes();
         let started = Instant::now();
         let mut client = NudgeServiceClient::connect(addr.clone()).await.unwrap();
@@ -281,7 +233,12 @@ fn main() {
         let _ = stop.send(());
         task.await.unwrap().unwrap();
 
-        let (stop, task, _, to_serving) = start(dir.path()).await;
+        let Running {
+            stop,
+            task,
+            to_serving,
+            ..
+        } = common::start(config(dir.path()), Arc::new(SystemClock)).await;
         println!("  start to SERVING with {people} people stored: {:.2} s", to_serving.as_secs_f64());
         let _ = stop.send(());
         task.await.unwrap().unwrap();

@@ -173,6 +173,9 @@ impl Server {
             triggers.clone(),
             metrics.clone(),
         )?);
+        // Shutdown fans out: the gRPC server, trigger streams, the metrics server, the
+        // background tasks and the grace timer.
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         // Live as soon as it listens; ready to score once a model is loaded.
         let ready = !models.current().is_empty();
         let (health, health_service) = tonic_health::server::health_reporter();
@@ -208,6 +211,7 @@ impl Server {
             pseudonymizer,
             reloader: reloader.clone(),
             triggers: triggers.clone(),
+            stopping: stop_rx.clone(),
         };
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -235,8 +239,6 @@ impl Server {
             )
             .await;
 
-        // Shutdown fans out: the gRPC server, the metrics server and the grace timer.
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let grace = Duration::from_secs(config.server.shutdown_grace_seconds);
         let grpc_addr = grpc.local_addr()?;
         let metrics_addr = metrics_listener.local_addr()?;
@@ -346,12 +348,16 @@ impl Server {
         tracing::info!("shutting down: NOT_SERVING, draining in-flight calls");
         set_health(&health, ServingStatus::NotServing).await;
         let _ = stop_tx.send(true);
-        match tokio::time::timeout(grace, grpc_task).await {
+        let mut grpc_task = grpc_task;
+        match tokio::time::timeout(grace, &mut grpc_task).await {
             Ok(joined) => joined.context("gRPC server task")?.context("gRPC server")?,
-            Err(_) => tracing::warn!(
-                ?grace,
-                "in-flight calls did not finish within the grace period"
-            ),
+            Err(_) => {
+                tracing::warn!(
+                    ?grace,
+                    "in-flight calls did not finish within the grace period; cancelling them"
+                );
+                grpc_task.abort();
+            }
         }
         if let Ok(joined) = tokio::time::timeout(grace, metrics_task).await {
             joined

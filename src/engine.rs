@@ -808,8 +808,13 @@ impl Shard {
             .and_then(|s| s.assign(row))
             .map(|s| s.name.as_str());
         let rule_segments = segments::rule_segments(row);
+        // Once per model however many triggers this evaluation delivers.
+        let explained: std::cell::RefCell<HashMap<String, Vec<Contribution>>> = Default::default();
         let explain = |model: &str| -> Vec<Contribution> {
-            models
+            if let Some(c) = explained.borrow().get(model) {
+                return c.clone();
+            }
+            let contributions: Vec<Contribution> = models
                 .iter()
                 .find(|m| m.name() == model)
                 .map(|m| {
@@ -821,7 +826,11 @@ impl Shard {
                         })
                         .collect()
                 })
-                .unwrap_or_default()
+                .unwrap_or_default();
+            explained
+                .borrow_mut()
+                .insert(model.to_owned(), contributions.clone());
+            contributions
         };
         let facts = trigger::Facts {
             person,

@@ -49,6 +49,8 @@ pub struct NudgeApi {
     pub pseudonymizer: Pseudonymizer,
     pub reloader: Arc<Reloader>,
     pub triggers: Arc<Triggers>,
+    /// Turns true when the server shuts down: long streams end then.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Triggers a subscriber's stream buffers; a slower subscriber makes the reader wait, it
@@ -511,9 +513,10 @@ impl pb::nudge_service_server::NudgeService for NudgeApi {
         self.metrics.subscribers.inc();
         let subscribed = Subscribed(self.metrics.clone());
         let triggers = self.triggers.clone();
+        let stopping = self.stopping.clone();
         tokio::spawn(async move {
             let _subscribed = subscribed;
-            stream_triggers(triggers, cursor, rules, tx).await;
+            stream_triggers(triggers, cursor, rules, tx, stopping).await;
         });
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
@@ -625,9 +628,18 @@ async fn stream_triggers(
     mut cursor: u64,
     rules: Vec<String>,
     tx: tokio::sync::mpsc::Sender<Result<pb::SubscribeTriggersResponse, Status>>,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut changes = triggers.outbox.changes();
     loop {
+        if *stopping.borrow() {
+            let _ = tx
+                .send(Err(Status::unavailable(format!(
+                    "the server is shutting down; resume from cursor {cursor} on another instance or after the restart"
+                ))))
+                .await;
+            return;
+        }
         let batch = {
             let triggers = triggers.clone();
             tokio::task::spawn_blocking(move || triggers.outbox.read(cursor, 256)).await
@@ -647,6 +659,7 @@ async fn stream_triggers(
         if batch.is_empty() {
             tokio::select! {
                 changed = changes.changed() => if changed.is_err() { return },
+                _ = stopping.changed() => {}
                 _ = tx.closed() => return,
             }
             continue;

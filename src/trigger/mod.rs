@@ -326,7 +326,8 @@ pub struct Facts<'a> {
     pub segments: &'a [&'static str],
     pub last_purchase: Option<Time>,
     /// Explains a model's score for this person: top contributions (empty when the
-    /// backend cannot).
+    /// backend cannot). Called only for delivered triggers; it may be costly (TreeSHAP),
+    /// so callers should cache per model.
     pub explain: &'a dyn Fn(&str) -> Vec<Contribution>,
     pub now: Time,
 }
@@ -663,7 +664,10 @@ fn decide(
             None if variant.as_deref() == Some(HOLDOUT) => Outcome::Holdout,
             None => Outcome::Delivered,
         };
-        let trigger = build_trigger(rule, &c.cause, variant, facts, env);
+        // Explaining a score costs more than everything else here (TreeSHAP): only
+        // delivered triggers carry it.
+        let explained = outcome == Outcome::Delivered;
+        let trigger = build_trigger(rule, &c.cause, variant, facts, env, explained);
         if !matches!(outcome, Outcome::Suppressed(_)) {
             state.rules.entry(rule.name.clone()).or_default().last_fired = Some(now);
             if let (Some(e), Some(v)) = (&rule.experiment, &trigger.variant) {
@@ -702,6 +706,7 @@ fn build_trigger(
     variant: Option<String>,
     facts: &Facts<'_>,
     env: &Env,
+    explained: bool,
 ) -> Trigger {
     let mut action = rule.action.clone();
     if let Some(v) = rule.experiment.as_ref().and_then(|e| {
@@ -730,6 +735,7 @@ fn build_trigger(
         contributions: facts
             .scores
             .iter()
+            .filter(|_| explained)
             .map(|(model, _)| (model.clone(), (facts.explain)(model)))
             .filter(|(_, c)| !c.is_empty())
             .collect(),

@@ -489,7 +489,32 @@ async fn subscribers_resume_from_their_cursor_and_filter_by_rule() {
         .unwrap_err();
     assert_eq!(err.code(), Code::OutOfRange);
     assert!(err.message().starts_with("cursor:"), "{}", err.message());
+
+    // Shutting down ends open streams at once with UNAVAILABLE and the cursor to resume
+    // from, rather than holding the shutdown for its grace period.
+    let mut open = client
+        .subscribe_triggers(pb::SubscribeTriggersRequest {
+            cursor: last,
+            rules: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(open.message().await.unwrap().is_some());
+    let stopped = std::time::Instant::now();
     server.stop().await.unwrap();
+    assert!(
+        stopped.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        stopped.elapsed()
+    );
+    let end = open.message().await.unwrap_err();
+    assert_eq!(end.code(), Code::Unavailable);
+    assert!(
+        end.message().contains("resume from cursor"),
+        "{}",
+        end.message()
+    );
 }
 
 /// What the test's webhook receiver saw.
