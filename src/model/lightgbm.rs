@@ -2,6 +2,7 @@
 
 use lightgbm3::Booster;
 
+use super::paths::Trees;
 use super::{LoadError, ScoreError, Scorer};
 
 /// A LightGBM booster.
@@ -9,6 +10,8 @@ pub struct LightgbmScorer {
     booster: SyncBooster,
     num_features: usize,
     feature_names: Vec<String>,
+    /// The trees for fast contributions; `None` for models they do not cover.
+    trees: Option<Trees>,
 }
 
 /// `lightgbm3::Booster` holds a raw handle and so is neither `Send` nor `Sync`.
@@ -45,6 +48,7 @@ impl LightgbmScorer {
             booster: SyncBooster(booster),
             num_features,
             feature_names,
+            trees: Trees::parse(text),
         })
     }
 }
@@ -97,7 +101,12 @@ impl Scorer for LightgbmScorer {
         self.num_features
     }
 
+    /// Path attribution ([`super::paths`]) where it covers the model, else LightGBM's
+    /// TreeSHAP.
     fn contributions(&self, row: &[f64]) -> Option<Result<Vec<f64>, ScoreError>> {
+        if let Some(credits) = self.trees.as_ref().and_then(|t| t.contributions(row)) {
+            return Some(Ok(credits));
+        }
         let result = guard(|| self.booster.0.predict_contrib(row, row.len() as i32, true))
             .map_err(ScoreError::Backend)
             .and_then(|r| r.map_err(|e| ScoreError::Backend(e.to_string())));

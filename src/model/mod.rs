@@ -10,6 +10,7 @@
 pub mod lightgbm;
 pub mod manifest;
 pub mod onnx;
+pub mod paths;
 pub mod publish;
 pub mod reload;
 

@@ -186,8 +186,8 @@ pub const TOP_CONTRIBUTIONS: usize = 5;
 /// What the trigger engine keeps per person, stored beside the profile.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct TriggerState {
-    /// Per rule name.
-    pub rules: BTreeMap<String, RuleState>,
+    /// Per rule name, only rules with something to remember (most people have none).
+    pub rules: Vec<(String, RuleState)>,
     /// Times of delivered triggers within the frequency cap's window.
     pub delivered: Vec<Time>,
     pub timers: Vec<Timer>,
@@ -196,7 +196,7 @@ pub struct TriggerState {
     pub audit: VecDeque<AuditEntry>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct RuleState {
     /// Thresholds: fired and not yet re-armed. Predicates: true at the last evaluation.
     pub latched: bool,
@@ -474,7 +474,6 @@ pub fn evaluate_event(
     let mut candidates = Vec::new();
     for rule in &rules.rules {
         let when = rule.when.as_ref().is_none_or(|w| env.holds(w));
-        let rs = state.rules.entry(rule.name.clone()).or_default();
         match &rule.condition {
             Condition::Threshold {
                 score,
@@ -484,6 +483,7 @@ pub fn evaluate_event(
                 let Some(&(_, p)) = facts.scores.iter().find(|(m, _)| m == score) else {
                     continue;
                 };
+                let mut rs = state.rule(&rule.name);
                 if rs.latched {
                     if p < *rearm_below {
                         rs.latched = false;
@@ -496,8 +496,10 @@ pub fn evaluate_event(
                         variant: None,
                     });
                 }
+                state.set_rule(&rule.name, rs);
             }
             Condition::Predicate => {
+                let mut rs = state.rule(&rule.name);
                 let was = std::mem::replace(&mut rs.latched, when);
                 if when && !was {
                     candidates.push(Candidate {
@@ -506,6 +508,7 @@ pub fn evaluate_event(
                         variant: None,
                     });
                 }
+                state.set_rule(&rule.name, rs);
             }
             Condition::Absence {
                 after,
@@ -633,7 +636,7 @@ fn decide(
                 .as_ref()
                 .map(|e| assign_variant(e, facts.person).to_owned())
         });
-        let last = state.rules.get(&rule.name).and_then(|r| r.last_fired);
+        let last = state.rule(&rule.name).last_fired;
         let within = |ms: Option<i64>, t: Option<Time>| match (ms, t) {
             (Some(ms), Some(t)) => now.since(t) < ms,
             _ => false,
@@ -669,7 +672,9 @@ fn decide(
         let explained = outcome == Outcome::Delivered;
         let trigger = build_trigger(rule, &c.cause, variant, facts, env, explained);
         if !matches!(outcome, Outcome::Suppressed(_)) {
-            state.rules.entry(rule.name.clone()).or_default().last_fired = Some(now);
+            let mut rs = state.rule(&rule.name);
+            rs.last_fired = Some(now);
+            state.set_rule(&rule.name, rs);
             if let (Some(e), Some(v)) = (&rule.experiment, &trigger.variant) {
                 if state.exposures.len() >= MAX_EXPOSURES {
                     state.exposures.remove(0);
@@ -746,6 +751,28 @@ fn build_trigger(
 }
 
 impl TriggerState {
+    /// A rule's state (the default when nothing is recorded for it).
+    pub fn rule(&self, name: &str) -> RuleState {
+        self.rules
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, rs)| *rs)
+            .unwrap_or_default()
+    }
+
+    /// Records a rule's state; a default one takes no room.
+    fn set_rule(&mut self, name: &str, rs: RuleState) {
+        let at = self.rules.iter().position(|(n, _)| n == name);
+        match (at, rs == RuleState::default()) {
+            (Some(i), true) => {
+                self.rules.swap_remove(i);
+            }
+            (Some(i), false) => self.rules[i].1 = rs,
+            (None, false) => self.rules.push((name.to_owned(), rs)),
+            (None, true) => {}
+        }
+    }
+
     /// Whether there is nothing worth storing.
     pub fn is_empty(&self) -> bool {
         self == &TriggerState::default()
@@ -762,10 +789,11 @@ impl TriggerState {
     /// Folds another person's state into this one (identity stitching): timers, exposures
     /// and decisions move over; per rule, the latest firing wins.
     pub fn merge(&mut self, other: TriggerState) {
-        for (name, rs) in other.rules {
-            let mine = self.rules.entry(name).or_default();
-            mine.latched |= rs.latched;
-            mine.last_fired = mine.last_fired.max(rs.last_fired);
+        for (name, theirs) in other.rules {
+            let mut mine = self.rule(&name);
+            mine.latched |= theirs.latched;
+            mine.last_fired = mine.last_fired.max(theirs.last_fired);
+            self.set_rule(&name, mine);
         }
         self.delivered.extend(other.delivered);
         self.delivered.sort_unstable();

@@ -68,6 +68,10 @@ impl Outbox {
 
     /// Marks a reservation's batch as done (committed or failed) and moves the watermark.
     pub fn complete(&self, reservation: Reservation) {
+        // An empty reservation holds no number; its start may be another's.
+        if reservation.0.is_empty() {
+            return;
+        }
         let watermark = {
             let mut s = self
                 .sequencer
@@ -138,8 +142,18 @@ mod tests {
         assert_eq!(outbox.watermark(), 0, "1 and 2 are not committed yet");
         outbox.complete(first); // say the batch failed: a gap
         assert_eq!(outbox.watermark(), 3);
+
+        // A batch with nothing to deliver reserves nothing, and completing it must not
+        // release the next batch's numbers.
+        let empty = outbox.reserve(0);
+        let next = outbox.reserve(1);
+        assert_eq!(empty.numbers().start, next.numbers().start);
+        outbox.complete(empty);
+        assert_eq!(outbox.watermark(), 3, "4 is still being committed");
+        outbox.complete(next);
+        assert_eq!(outbox.watermark(), 4);
         drop(outbox);
         let reopened = Outbox::open(store).unwrap();
-        assert_eq!(reopened.reserve(1).numbers(), 4..5);
+        assert_eq!(reopened.reserve(1).numbers(), 4..5, "4 never committed");
     }
 }

@@ -868,6 +868,18 @@ async fn timers_follow_a_visitor_who_logs_in_and_leave_with_an_erased_person() {
         .unwrap()
         .into_inner();
     assert!(erased.timers.is_empty() && erased.decisions.is_empty());
+    let known = client
+        .explain_triggers(pb::ExplainTriggersRequest {
+            person: person("known-9"),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        known.timers.len(),
+        1,
+        "the visitor's timer is the user's now"
+    );
 
     server.clock.set(T0.plus_ms(HOUR_MS));
     let got = subscribe(&mut client, 0, &[], 2, Duration::from_secs(2)).await;
