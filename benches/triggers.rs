@@ -176,7 +176,7 @@ fn evaluation_cost() {
                 scores: &scores,
                 segment: Some("casual"),
                 segments: &segments,
-                last_purchase: None,
+                history: Default::default(),
                 explain: &explain,
                 now: event.time,
             };

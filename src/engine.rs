@@ -33,7 +33,9 @@ use crate::segments;
 use crate::store::{OutcomeTotals, Store, StoreError, Write};
 use crate::time::Time;
 use crate::trigger::rules::RuleSet;
-use crate::trigger::{self, Contribution, Firing, Outcome as Decision, TriggerState, Triggers};
+use crate::trigger::{
+    self, Contribution, Firing, History, Outcome as Decision, TriggerState, Triggers,
+};
 
 /// How the engine is laid out.
 #[derive(Debug, Clone)]
@@ -689,7 +691,7 @@ impl Shard {
         event: &Event,
         row: &FeatureRow,
         scores: &Scores,
-        last_purchase: Option<Time>,
+        history: History,
         models: &[Arc<Model>],
         rules: &RuleSet,
         now: Time,
@@ -700,7 +702,7 @@ impl Shard {
             &event.person,
             row,
             scores,
-            last_purchase,
+            history,
             models,
             rules,
             now,
@@ -746,12 +748,12 @@ impl Shard {
                 .as_ref()
                 .map_or(FeatureRow::missing(), |p| features::extract(p, now));
             let scores = score_row(&self.metrics, &models, &row);
-            let last_purchase = profile.as_ref().and_then(Profile::last_purchase);
+            let history = profile.as_ref().map(History::of).unwrap_or_default();
             let remaining = self.evaluate(
                 &person,
                 &row,
                 &scores,
-                last_purchase,
+                history,
                 &models,
                 &rules,
                 now,
@@ -785,7 +787,7 @@ impl Shard {
         person: &PersonKey,
         row: &FeatureRow,
         scores: &Scores,
-        last_purchase: Option<Time>,
+        history: History,
         models: &[Arc<Model>],
         rules: &RuleSet,
         now: Time,
@@ -838,7 +840,7 @@ impl Shard {
             scores: &named,
             segment,
             segments: &rule_segments,
-            last_purchase,
+            history,
             explain: &explain,
             now,
         };
@@ -957,19 +959,11 @@ impl Shard {
         group
             .writes
             .push(Write::Seen(event.person.clone(), event.id.clone(), now));
-        let last_purchase = profile.last_purchase();
+        let history = History::of(profile);
         let scores = score_row(&metrics, models, &row);
         if !rules.rules.is_empty() {
             self.on_event(
-                event,
-                &row,
-                &scores,
-                last_purchase,
-                models,
-                rules,
-                now,
-                received,
-                group,
+                event, &row, &scores, history, models, rules, now, received, group,
             )?;
         }
         Ok(Outcome::Accepted(scores))

@@ -605,6 +605,39 @@ impl pb::nudge_service_server::NudgeService for NudgeApi {
         }))
     }
 
+    async fn list_dead_letters(
+        &self,
+        request: Request<pb::ListDeadLettersRequest>,
+    ) -> Result<Response<pb::ListDeadLettersResponse>, Status> {
+        let pb::ListDeadLettersRequest { endpoint, limit } = request.into_inner();
+        if endpoint.is_empty() {
+            return Err(self
+                .refuse(
+                    "ListDeadLetters",
+                    FieldError::new("endpoint", Reason::Missing, "is required"),
+                )
+                .into());
+        }
+        let limit = if limit == 0 { 100 } else { limit as usize };
+        let triggers = self.triggers.clone();
+        let letters = tokio::task::spawn_blocking(move || triggers.dead_letters(&endpoint, limit))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        Ok(Response::new(pb::ListDeadLettersResponse {
+            dead_letters: letters
+                .into_iter()
+                .map(|d| pb::DeadLetter {
+                    cursor: d.seq,
+                    attempts: d.attempts,
+                    last_error: d.last_error,
+                    time: Some(convert::timestamp(crate::time::Time(d.at_ms))),
+                    trigger: Some(convert::trigger(d.trigger)),
+                })
+                .collect(),
+        }))
+    }
+
     async fn reload_models(
         &self,
         _request: Request<pb::ReloadModelsRequest>,

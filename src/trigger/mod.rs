@@ -139,6 +139,15 @@ impl Triggers {
             .collect())
     }
 
+    /// A webhook endpoint's dead letters, oldest first.
+    pub fn dead_letters(
+        &self,
+        endpoint: &str,
+        limit: usize,
+    ) -> Result<Vec<webhook::DeadLetter>, StoreError> {
+        webhook::dead_letters(&self.store, endpoint, limit)
+    }
+
     /// Deletes outbox entries older than `retention_ms` that every webhook endpoint has
     /// taken care of.
     pub fn trim_outbox(
@@ -211,10 +220,15 @@ pub struct Timer {
     pub due: Time,
     /// 0 for the first reminder, then one per follow-up.
     pub step: u32,
-    /// The event that started the wait.
+    /// The event that started the wait; `recheck` for a threshold's recheck.
     pub cause: String,
     pub variant: Option<String>,
 }
+
+/// The cause of a threshold's recheck timer.
+const RECHECK: &str = "recheck";
+/// Rechecks stop this long after a person's latest event (the profile's history).
+const RECHECK_HORIZON_MS: i64 = crate::profile::HISTORY_DAYS as i64 * crate::time::DAY_MS;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Exposure {
@@ -324,12 +338,29 @@ pub struct Facts<'a> {
     pub scores: &'a [(String, f64)],
     pub segment: Option<&'a str>,
     pub segments: &'a [&'static str],
-    pub last_purchase: Option<Time>,
+    pub history: History,
     /// Explains a model's score for this person: top contributions (empty when the
     /// backend cannot). Called only for delivered triggers; it may be costly (TreeSHAP),
     /// so callers should cache per model.
     pub explain: &'a dyn Fn(&str) -> Vec<Contribution>,
     pub now: Time,
+}
+
+/// When the person last did what suppression and rechecks ask about.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct History {
+    pub last_purchase: Option<Time>,
+    /// The latest event of any kind.
+    pub last_seen: Option<Time>,
+}
+
+impl History {
+    pub fn of(profile: &crate::profile::Profile) -> History {
+        History {
+            last_purchase: profile.last_purchase(),
+            last_seen: profile.last_seen(),
+        }
+    }
 }
 
 /// A stable id for the trigger a rule makes for a person from a cause.
@@ -475,28 +506,30 @@ pub fn evaluate_event(
     for rule in &rules.rules {
         let when = rule.when.as_ref().is_none_or(|w| env.holds(w));
         match &rule.condition {
-            Condition::Threshold {
-                score,
-                above,
-                rearm_below,
-            } => {
-                let Some(&(_, p)) = facts.scores.iter().find(|(m, _)| m == score) else {
-                    continue;
-                };
-                let mut rs = state.rule(&rule.name);
-                if rs.latched {
-                    if p < *rearm_below {
-                        rs.latched = false;
-                    }
-                } else if p >= *above && when {
-                    rs.latched = true;
+            Condition::Threshold { recheck_ms, .. } => {
+                if recheck_ms.is_some() {
+                    // Only people the rule can fire for (its `when` holds now) are
+                    // rechecked: a recheck timer per person is memory and work.
+                    state
+                        .timers
+                        .retain(|t| !(t.rule == rule.name && t.cause == RECHECK));
+                }
+                if let (Some(every), true) = (recheck_ms, when) {
+                    state.timers.push(Timer {
+                        rule: rule.name.clone(),
+                        due: facts.now.plus_ms(*every),
+                        step: 0,
+                        cause: RECHECK.to_owned(),
+                        variant: None,
+                    });
+                }
+                if crossed(state, rule, facts, when) {
                     candidates.push(Candidate {
                         rule,
                         cause: cause.clone(),
                         variant: None,
                     });
                 }
-                state.set_rule(&rule.name, rs);
             }
             Condition::Predicate => {
                 let mut rs = state.rule(&rule.name);
@@ -571,6 +604,31 @@ pub fn evaluate_timers(
         let Some(rule) = rules.get(&timer.rule) else {
             continue;
         };
+        if let Condition::Threshold {
+            recheck_ms: Some(every),
+            ..
+        } = &rule.condition
+        {
+            if timer.cause != RECHECK {
+                continue;
+            }
+            let quiet_for = facts.history.last_seen.map_or(i64::MAX, |t| now.since(t));
+            if quiet_for < RECHECK_HORIZON_MS {
+                state.timers.push(Timer {
+                    due: timer.due.plus_ms(*every).max(now.plus_ms(1)),
+                    ..timer.clone()
+                });
+            }
+            let when = rule.when.as_ref().is_none_or(|w| env.holds(w));
+            if crossed(state, rule, facts, when) {
+                candidates.push(Candidate {
+                    rule,
+                    cause: format!("{RECHECK}:{}", timer.due.millis()),
+                    variant: None,
+                });
+            }
+            continue;
+        }
         let Condition::Absence {
             follow_ups_ms,
             schedule,
@@ -598,6 +656,37 @@ pub fn evaluate_timers(
     }
     candidates.sort_by_key(|c| std::cmp::Reverse(c.rule.priority));
     decide(rules, state, facts, &env, candidates)
+}
+
+/// Whether a threshold rule's score crossed up (with `when` true) and so fires; moves its
+/// latch: set on crossing, cleared below the re-arm level.
+fn crossed(state: &mut TriggerState, rule: &Rule, facts: &Facts<'_>, when: bool) -> bool {
+    let Condition::Threshold {
+        score,
+        above,
+        rearm_below,
+        ..
+    } = &rule.condition
+    else {
+        return false;
+    };
+    let Some(&(_, p)) = facts.scores.iter().find(|(m, _)| m == score) else {
+        return false;
+    };
+    let mut rs = state.rule(&rule.name);
+    let fire = if rs.latched {
+        if p < *rearm_below {
+            rs.latched = false;
+        }
+        false
+    } else if p >= *above && when {
+        rs.latched = true;
+        true
+    } else {
+        false
+    };
+    state.set_rule(&rule.name, rs);
+    fire
 }
 
 /// Records a purchase against open experiment exposures; returns the (rule, variant) pairs
@@ -642,7 +731,7 @@ fn decide(
             _ => false,
         };
         let s = &rule.suppression;
-        let suppressed = if within(s.purchased_within_ms, facts.last_purchase) {
+        let suppressed = if within(s.purchased_within_ms, facts.history.last_purchase) {
             Some(Suppressed::PurchasedRecently)
         } else if within(s.received_within_ms, last) {
             Some(Suppressed::AlreadyReceived)

@@ -76,11 +76,14 @@ pub struct Rule {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Condition {
     /// Fires when `score` goes from below `above` to at or above it; re-arms once it falls
-    /// below `rearm_below`.
+    /// below `rearm_below`. Checked on every event, and with `recheck_ms` also that long
+    /// after the person's latest event and every `recheck_ms` after (scores such as churn
+    /// rise while a person stays away, when there are no events to check on).
     Threshold {
         score: String,
         above: f64,
         rearm_below: f64,
+        recheck_ms: Option<i64>,
     },
     /// Fires when `when` goes from false to true (re-arms when it is false again).
     Predicate,
@@ -347,6 +350,8 @@ struct ThresholdFile {
     score: String,
     above: f64,
     rearm_below: Option<f64>,
+    #[serde(default)]
+    recheck: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -586,7 +591,14 @@ impl Rule {
                 score,
                 above,
                 rearm_below,
-            } => format!("{score} crosses {above} (re-arms below {rearm_below})"),
+                recheck_ms,
+            } => format!(
+                "{score} crosses {above} (re-arms below {rearm_below}){}",
+                recheck_ms.map_or(String::new(), |r| format!(
+                    ", rechecked every {} h without events",
+                    r / HOUR_MS
+                ))
+            ),
             Condition::Predicate => "when becomes true".to_owned(),
             Condition::Absence {
                 after,
@@ -665,6 +677,10 @@ fn convert_rule(
                 p.0.push(format!("{at}: threshold.score must name a model"));
             }
             Condition::Threshold {
+                recheck_ms: t
+                    .recheck
+                    .as_deref()
+                    .map(|r| p.duration(&format!("{at}: threshold.recheck"), r)),
                 score: t.score,
                 above: t.above,
                 rearm_below,

@@ -31,6 +31,7 @@ struct Person {
     scores: Vec<(String, f64)>,
     segments: Vec<&'static str>,
     last_purchase: Option<Time>,
+    last_seen: Option<Time>,
 }
 
 impl Person {
@@ -41,6 +42,7 @@ impl Person {
             scores: vec![("purchase".into(), 0.1), ("churn".into(), 0.1)],
             segments: vec!["browser"],
             last_purchase: None,
+            last_seen: None,
         }
     }
 
@@ -52,7 +54,10 @@ impl Person {
             scores: &self.scores,
             segment: Some("casual"),
             segments: &self.segments,
-            last_purchase: self.last_purchase,
+            history: History {
+                last_purchase: self.last_purchase,
+                last_seen: self.last_seen,
+            },
             explain,
             now,
         }
@@ -60,6 +65,7 @@ impl Person {
 
     /// Applies an event at `at` and returns the outcomes as (rule, outcome) strings.
     fn on(&mut self, rules: &RuleSet, e: Event) -> Vec<(String, String)> {
+        self.last_seen = self.last_seen.max(Some(e.time));
         let explain = |_: &str| Vec::new();
         let mut state = std::mem::take(&mut self.state);
         let firings = evaluate_event(rules, &mut state, &self.facts(e.time, &explain), &e);
@@ -132,6 +138,46 @@ fn a_threshold_fires_on_crossing_not_while_above_and_rearms_below_the_lower_leve
         "falling below the re-arm level re-arms"
     );
     assert_eq!(step(&mut p, 0.76), fired("intent"));
+}
+
+#[test]
+fn a_threshold_is_rechecked_while_the_person_stays_away() {
+    let rules = rules(
+        r#"
+        [[rules]]
+        name = "churn"
+        threshold = { score = "churn", above = 0.75, rearm_below = 0.6, recheck = "24h" }
+        action = { type = "win_back" }
+        "#,
+    );
+    let mut p = Person::new();
+    p.set_score("churn", 0.3);
+    assert!(p
+        .on(&rules, event("e1", EventKind::PageView, T0))
+        .is_empty());
+    assert_eq!(p.state.dues(), [T0.plus_ms(24 * HOUR_MS)]);
+    // A day without events: the score (computed at the tick) has risen.
+    p.set_score("churn", 0.8);
+    assert_eq!(p.tick(&rules, T0.plus_ms(24 * HOUR_MS)), fired("churn"));
+    assert_eq!(
+        p.state.dues(),
+        [T0.plus_ms(48 * HOUR_MS)],
+        "rechecked daily"
+    );
+    assert!(
+        p.tick(&rules, T0.plus_ms(48 * HOUR_MS)).is_empty(),
+        "still above: no repeat"
+    );
+    // An event moves the next recheck to a day after it.
+    p.on(
+        &rules,
+        event("e2", EventKind::PageView, T0.plus_ms(50 * HOUR_MS)),
+    );
+    assert_eq!(p.state.dues(), [T0.plus_ms(74 * HOUR_MS)]);
+    // Rechecks stop once the person has been away for the whole history.
+    let far = T0.plus_ms(50 * HOUR_MS + 91 * 24 * HOUR_MS);
+    p.tick(&rules, far);
+    assert!(p.state.timers.is_empty());
 }
 
 #[test]

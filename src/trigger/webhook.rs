@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use hmac::{Hmac, Mac};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -80,15 +80,31 @@ struct Envelope<'a> {
     data: &'a Trigger,
 }
 
-/// Why delivery of one trigger gave up, as stored.
-#[derive(Serialize)]
-struct DeadLetter<'a> {
-    endpoint: &'a str,
-    seq: u64,
-    trigger_id: &'a str,
-    attempts: u32,
-    last_error: &'a str,
-    trigger: &'a Trigger,
+/// A trigger whose delivery gave up, as stored.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub endpoint: String,
+    /// The trigger's outbox sequence number.
+    pub seq: u64,
+    pub attempts: u32,
+    pub last_error: String,
+    /// When delivery gave up (Unix milliseconds).
+    pub at_ms: i64,
+    pub trigger: Trigger,
+}
+
+/// An endpoint's dead letters, oldest first, at most `limit`.
+pub fn dead_letters(
+    store: &Store,
+    endpoint: &str,
+    limit: usize,
+) -> Result<Vec<DeadLetter>, crate::store::StoreError> {
+    Ok(store
+        .dead_letters(&consumer(endpoint))?
+        .into_iter()
+        .filter_map(|(_, bytes)| serde_json::from_slice(&bytes).ok())
+        .take(limit)
+        .collect())
 }
 
 /// The store's name for an endpoint's cursor and dead letters.
@@ -250,12 +266,12 @@ impl Shared {
                     self.count("dead_letter");
                     tracing::error!(endpoint = %e.name, trigger_id = %trigger.trigger_id, attempts = attempt, error = %failure.message, "webhook delivery gave up; stored as a dead letter");
                     let record = DeadLetter {
-                        endpoint: &e.name,
+                        endpoint: e.name.clone(),
                         seq,
-                        trigger_id: &trigger.trigger_id,
                         attempts: attempt,
-                        last_error: &failure.message,
-                        trigger: &trigger,
+                        last_error: failure.message,
+                        at_ms: unix_millis(),
+                        trigger,
                     };
                     return Some(
                         serde_json::to_vec(&record).expect("a dead letter encodes as JSON"),
@@ -275,9 +291,7 @@ impl Shared {
     }
 
     async fn post(&self, id: &str, body: &[u8]) -> Result<(), Failure> {
-        let timestamp = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64);
+        let timestamp = unix_millis() / 1000;
         let response = self
             .client
             .post(&self.endpoint.url)
@@ -317,6 +331,13 @@ impl Shared {
             .with_label_values(&[&self.endpoint.name, result])
             .inc();
     }
+}
+
+/// The wall clock: receivers check `webhook-timestamp` against theirs.
+fn unix_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 struct Failure {

@@ -773,14 +773,21 @@ async fn a_trigger_that_keeps_failing_becomes_a_dead_letter_and_does_not_block_t
             .collect::<Vec<_>>(),
         ["first", "fourth", "third"]
     );
+    let dead = client
+        .list_dead_letters(pb::ListDeadLettersRequest {
+            endpoint: "flaky".into(),
+            limit: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .dead_letters;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].attempts, 3);
+    assert!(dead[0].last_error.contains("500"), "{}", dead[0].last_error);
+    assert_eq!(dead[0].trigger.as_ref().unwrap().user_id, "poison");
     server.stop().await.unwrap();
     receiver.abort();
-    let store = nudge::store::Store::open(data.path(), nudge::store::SyncMode::Always).unwrap();
-    let dead = store.dead_letters("webhook:flaky").unwrap();
-    assert_eq!(dead.len(), 1);
-    let record: serde_json::Value = serde_json::from_slice(&dead[0].1).unwrap();
-    assert_eq!(record["attempts"], 3);
-    assert_eq!(record["trigger"]["user_id"], "poison");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
