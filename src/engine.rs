@@ -153,6 +153,7 @@ pub struct Engine {
     shards: Vec<mpsc::Sender<Command>>,
     threads: Vec<JoinHandle<()>>,
     identities: Arc<Identities>,
+    triggers: Arc<Triggers>,
     merges: tokio::sync::Mutex<()>,
     metrics: Arc<Metrics>,
 }
@@ -208,6 +209,7 @@ impl Engine {
             shards,
             threads,
             identities,
+            triggers,
             merges: tokio::sync::Mutex::new(()),
             metrics,
         })
@@ -320,10 +322,23 @@ impl Engine {
     pub async fn erase(&self, person: PersonKey) -> Result<bool, EngineError> {
         let _merging = self.merges.lock().await;
         let person = self.identities.read().resolve(&person);
+        let mut people: Vec<PersonKey> = self
+            .identities
+            .write()
+            .iter()
+            .filter(|(_, owner)| **owner == person)
+            .map(|(alias, _)| alias.clone())
+            .collect();
+        people.push(person.clone());
         let existed = self
             .ask(&person, |person, reply| Command::Erase { person, reply })
             .await?;
         self.identities.forget(&person);
+        // Delivered triggers name the person too.
+        let triggers = self.triggers.clone();
+        tokio::task::spawn_blocking(move || triggers.forget(&people))
+            .await
+            .map_err(|e| EngineError::Store(e.to_string()))??;
         self.metrics.erasures.inc();
         Ok(existed)
     }

@@ -383,6 +383,42 @@ impl Store {
         Ok(())
     }
 
+    /// Every dead letter of every consumer: (consumer, sequence, record).
+    pub fn all_dead_letters(&self) -> Result<Vec<(String, u64, Vec<u8>)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.dead_letters.iter() {
+            let (k, v) = item.into_inner()?;
+            let Some(split) = k.iter().position(|b| *b == 0) else {
+                continue;
+            };
+            if let Some(seq) = be_u64(&k[split + 1..]) {
+                let consumer = String::from_utf8_lossy(&k[..split]).into_owned();
+                out.push((consumer, seq, v.to_vec()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes outbox entries and dead letters (erasure), durably.
+    pub fn remove_delivered(
+        &self,
+        outbox: &[u64],
+        dead: &[(String, u64)],
+    ) -> Result<(), StoreError> {
+        let mut batch = self.db.batch();
+        for seq in outbox {
+            batch.remove(&self.outbox, seq.to_be_bytes());
+        }
+        for (consumer, seq) in dead {
+            let mut k = consumer.as_bytes().to_vec();
+            k.push(0);
+            k.extend(seq.to_be_bytes());
+            batch.remove(&self.dead_letters, k);
+        }
+        batch.durability(Some(PersistMode::SyncData)).commit()?;
+        Ok(())
+    }
+
     /// A consumer's dead letters, oldest first.
     pub fn dead_letters(&self, name: &str) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         let mut prefix = name.as_bytes().to_vec();

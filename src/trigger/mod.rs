@@ -139,6 +139,44 @@ impl Triggers {
             .collect())
     }
 
+    /// Erases the triggers of `people` (a person and their linked ids) from the outbox and
+    /// the dead letters; returns how many went. A scan: erasure is rare, the outbox bounded
+    /// by its retention.
+    pub fn forget(&self, people: &[PersonKey]) -> Result<usize, StoreError> {
+        let concerns = |t: &Trigger| {
+            people.iter().any(|p| match p {
+                PersonKey::User(id) => t.user_id.as_ref() == Some(id),
+                PersonKey::Anonymous(id) => t.anonymous_id.as_ref() == Some(id),
+            })
+        };
+        let mut outbox = Vec::new();
+        let mut cursor = 0;
+        loop {
+            let batch = self.store.outbox_range(cursor, u64::MAX, 4096)?;
+            let Some(&(last, _)) = batch.last() else {
+                break;
+            };
+            cursor = last;
+            for (seq, bytes) in batch {
+                if serde_json::from_slice::<Trigger>(&bytes).is_ok_and(|t| concerns(&t)) {
+                    outbox.push(seq);
+                }
+            }
+        }
+        let dead: Vec<(String, u64)> = self
+            .store
+            .all_dead_letters()?
+            .into_iter()
+            .filter(|(_, _, bytes)| {
+                serde_json::from_slice::<webhook::DeadLetter>(bytes)
+                    .is_ok_and(|d| concerns(&d.trigger))
+            })
+            .map(|(consumer, seq, _)| (consumer, seq))
+            .collect();
+        self.store.remove_delivered(&outbox, &dead)?;
+        Ok(outbox.len() + dead.len())
+    }
+
     /// A webhook endpoint's dead letters, oldest first.
     pub fn dead_letters(
         &self,

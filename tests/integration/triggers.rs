@@ -269,6 +269,25 @@ async fn predicates_fire_once_per_crossing_and_suppressions_are_explained() {
         ),
         Some(1.0)
     );
+
+    // Erasure takes the person's delivered triggers out of the outbox too.
+    track(
+        &mut client,
+        vec![product_view("o1", "other", t, "p1", "shoes", None)],
+    )
+    .await;
+    client
+        .delete_user(pb::DeleteUserRequest {
+            person: person("shopper"),
+        })
+        .await
+        .unwrap();
+    let left = subscribe(&mut client, 0, &[], 3, Duration::from_millis(500)).await;
+    let users: Vec<&str> = left
+        .iter()
+        .map(|m| m.trigger.as_ref().unwrap().user_id.as_str())
+        .collect();
+    assert_eq!(users, ["other"]);
     server.stop().await.unwrap();
 }
 
