@@ -453,22 +453,34 @@ struct Env {
 
 impl Env {
     fn new(rules: &RuleSet, facts: &Facts<'_>, event: Option<&Event>) -> Env {
+        // Only what some expression reads: building the context is most of the cost.
+        let read = |name: &str| rules.variables.contains(name);
         let mut context = Context::default();
         for (def, value) in FEATURES.iter().zip(facts.row.0) {
-            context.add_variable_from_value(def.name, value);
+            if read(def.name) {
+                context.add_variable_from_value(def.name, value);
+            }
         }
-        let scores: HashMap<String, f64> = facts.scores.iter().cloned().collect();
-        context.add_variable_from_value("scores", scores);
-        context.add_variable_from_value("segment", facts.segment.unwrap_or("").to_owned());
-        context.add_variable_from_value(
-            "segments",
-            facts
-                .segments
-                .iter()
-                .map(|s| (*s).to_owned())
-                .collect::<Vec<_>>(),
-        );
-        context.add_variable_from_value("event", event_value(event));
+        if read("scores") {
+            let scores: HashMap<String, f64> = facts.scores.iter().cloned().collect();
+            context.add_variable_from_value("scores", scores);
+        }
+        if read("segment") {
+            context.add_variable_from_value("segment", facts.segment.unwrap_or("").to_owned());
+        }
+        if read("segments") {
+            context.add_variable_from_value(
+                "segments",
+                facts
+                    .segments
+                    .iter()
+                    .map(|s| (*s).to_owned())
+                    .collect::<Vec<_>>(),
+            );
+        }
+        if read("event") {
+            context.add_variable_from_value("event", event_value(event));
+        }
         let mut env = Env {
             context,
             stage: "awareness",

@@ -57,6 +57,8 @@ pub struct RuleSet {
     pub cap: Option<FrequencyCap>,
     pub quiet_hours: Option<QuietHours>,
     pub journey: Journey,
+    /// Every name some expression reads: only these go into an evaluation's context.
+    pub variables: BTreeSet<String>,
 }
 
 #[derive(Debug)]
@@ -566,15 +568,32 @@ impl RuleSet {
         }
         // Stable: equal priorities keep file order.
         rules.sort_by_key(|r| std::cmp::Reverse(r.priority));
+        let decision = decision.expect("checked above");
+        let consideration = consideration.expect("checked above");
+        let variables = rules
+            .iter()
+            .flat_map(|r| [r.when.as_ref(), r.suppression.unless.as_ref()])
+            .flatten()
+            .chain([&decision, &consideration])
+            .flat_map(|e| {
+                let references = e.program.references();
+                references
+                    .variables()
+                    .into_iter()
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
         Ok(RuleSet {
             version: hex::encode(&Sha256::digest(text.as_bytes())[..8]),
             rules,
             cap,
             quiet_hours,
             journey: Journey {
-                decision: decision.expect("checked above"),
-                consideration: consideration.expect("checked above"),
+                decision,
+                consideration,
             },
+            variables,
         })
     }
 

@@ -4,7 +4,7 @@
 use super::*;
 use crate::event::{EventKind, Properties};
 use crate::features::Feature;
-use crate::time::{HOUR_MS, MINUTE_MS};
+use crate::time::{DAY_MS, HOUR_MS, MINUTE_MS};
 
 const T0: Time = Time(1_772_445_600_000); // 2026-03-02T10:00:00Z
 
@@ -508,4 +508,62 @@ fn merging_states_keeps_the_earlier_timer_and_the_latest_firing() {
     a.state.merge(b.state);
     assert_eq!(a.state.timers.len(), 1);
     assert_eq!(a.state.timers[0].cause, "b1");
+}
+
+#[test]
+fn the_outbox_keeps_what_is_young_or_not_yet_delivered_by_every_endpoint() {
+    use crate::store::{Store, SyncMode, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(dir.path(), SyncMode::Always).unwrap());
+    let trigger = |seq: u64, at: Time| {
+        let t = Trigger {
+            trigger_id: format!("t{seq}"),
+            rule: "r".into(),
+            user_id: Some("u".into()),
+            anonymous_id: None,
+            time_ms: at.millis(),
+            cause: String::new(),
+            scores: BTreeMap::new(),
+            journey_stage: "awareness".into(),
+            contributions: BTreeMap::new(),
+            action: Default::default(),
+            experiment: None,
+            variant: None,
+        };
+        Write::Outbox(seq, serde_json::to_vec(&t).unwrap())
+    };
+    // Four triggers a day apart: 3, 2 and 1 days old, and one from now.
+    store
+        .commit(
+            (1..=4)
+                .map(|i| trigger(i, T0.plus_ms(i as i64 * DAY_MS)))
+                .collect(),
+        )
+        .unwrap();
+    let now = T0.plus_ms(4 * DAY_MS);
+    let triggers = Triggers::open(
+        std::path::PathBuf::new(),
+        store.clone(),
+        Arc::new(crate::metrics::Metrics::new()),
+    )
+    .unwrap();
+    // An endpoint that has delivered up to 1 holds the rest back.
+    store
+        .advance_cursor(&webhook::consumer("crm"), 1, &[])
+        .unwrap();
+    let endpoints = ["crm".to_owned()];
+    assert_eq!(
+        triggers.trim_outbox(now, 36 * HOUR_MS, &endpoints).unwrap(),
+        1
+    );
+    assert_eq!(triggers.outbox.first().unwrap(), Some(2));
+    // Once it caught up, what is older than the retention goes; the young one stays.
+    store
+        .advance_cursor(&webhook::consumer("crm"), 4, &[])
+        .unwrap();
+    assert_eq!(
+        triggers.trim_outbox(now, 36 * HOUR_MS, &endpoints).unwrap(),
+        1
+    );
+    assert_eq!(triggers.outbox.first().unwrap(), Some(3));
 }
