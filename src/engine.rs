@@ -520,6 +520,7 @@ struct Group {
 struct Shard {
     index: u16,
     profiles: HashMap<PersonKey, Profile>,
+    /// The trigger states this group touched (the store holds them between groups).
     states: HashMap<PersonKey, TriggerState>,
     /// (due, person) for every pending timer of this shard's people.
     timers: BTreeSet<(Time, PersonKey)>,
@@ -1093,6 +1094,9 @@ impl Shard {
             .store_commit_duration
             .observe(started.elapsed().as_secs_f64());
         self.triggers.outbox.complete(reservation);
+        // Trigger states live in memory only for the group: they are small and read
+        // quickly, and most people are between triggers most of the time.
+        self.states.clear();
         match &result {
             Ok(()) => {
                 for (_, received) in &group.delivered {
@@ -1109,10 +1113,7 @@ impl Shard {
                 for person in &group.dirty {
                     self.evict(person);
                 }
-                // The store still has the states and timers as they were before the group.
-                for person in &group.dirty_states {
-                    self.states.remove(person);
-                }
+                // The store still has the timers as they were before the group.
                 for entry in group.unindexed {
                     if self.timers.insert(entry) {
                         self.metrics.timers_pending.inc();
