@@ -285,7 +285,10 @@ impl Server {
         let maintenance = tokio::spawn(maintain(
             store.clone(),
             clock.clone(),
-            dedup_horizon_ms,
+            Horizons {
+                dedup_ms: dedup_horizon_ms,
+                audit_ms: config.triggers.audit_retention_days as i64 * DAY_MS,
+            },
             wait_for_stop(stop_rx.clone()),
         ));
         let ticker = tokio::spawn(tick(
@@ -396,12 +399,19 @@ async fn set_health(health: &tonic_health::server::HealthReporter, status: Servi
     health.set_service_status(SERVICE_NAME, status).await;
 }
 
+/// How long records are kept.
+struct Horizons {
+    dedup_ms: i64,
+    audit_ms: i64,
+}
+
 /// Background upkeep until `stop`: fsyncs the store every interval in `interval` sync
-/// mode, and drops idempotency records past the horizon every hour.
+/// mode, and drops idempotency records and trigger decisions past their horizons every
+/// hour.
 async fn maintain(
     store: Arc<Store>,
     clock: Arc<dyn Clock>,
-    dedup_horizon_ms: i64,
+    horizons: Horizons,
     stop: impl Future<Output = ()>,
 ) {
     let sync_every = match store.sync_mode() {
@@ -427,11 +437,16 @@ async fn maintain(
             }
             _ = expire.tick() => {
                 let store = store.clone();
-                let before = clock.now().plus_ms(-dedup_horizon_ms);
-                match tokio::task::spawn_blocking(move || store.expire_seen(before)).await {
-                    Ok(Ok(n)) => tracing::debug!(expired = n, "idempotency records expired"),
-                    Ok(Err(e)) => tracing::error!(error = %e, "expiring idempotency records failed"),
-                    Err(e) => tracing::error!(error = %e, "expiring idempotency records panicked"),
+                let now = clock.now();
+                let (seen, audit) = (now.plus_ms(-horizons.dedup_ms), now.plus_ms(-horizons.audit_ms));
+                let expired = tokio::task::spawn_blocking(move || {
+                    Ok::<_, crate::store::StoreError>((store.expire_seen(seen)?, store.expire_audit(audit)?))
+                })
+                .await;
+                match expired {
+                    Ok(Ok((seen, audit))) => tracing::debug!(seen, audit, "idempotency records and trigger decisions expired"),
+                    Ok(Err(e)) => tracing::error!(error = %e, "expiring old records failed"),
+                    Err(e) => tracing::error!(error = %e, "expiring old records panicked"),
                 }
             }
         }

@@ -104,6 +104,8 @@ pub struct TriggersConfig {
     /// Delivered triggers stay in the outbox this long for subscribers to resume from
     /// (longer while a webhook endpoint has not taken care of them).
     pub outbox_retention_hours: u64,
+    /// Trigger decisions (ExplainTriggers) are kept this long.
+    pub audit_retention_days: u64,
     pub webhooks: Vec<WebhookConfig>,
 }
 
@@ -251,6 +253,7 @@ impl Default for TriggersConfig {
             rules: PathBuf::from("config/rules.toml"),
             tick_ms: 1000,
             outbox_retention_hours: 168,
+            audit_retention_days: 30,
             webhooks: Vec::new(),
         }
     }
@@ -373,6 +376,9 @@ impl Config {
         }
         if t.outbox_retention_hours == 0 {
             problems.push("triggers.outbox_retention_hours must be at least 1".to_owned());
+        }
+        if t.audit_retention_days == 0 {
+            problems.push("triggers.audit_retention_days must be at least 1".to_owned());
         }
         let mut names = std::collections::BTreeSet::new();
         for (i, w) in t.webhooks.iter().enumerate() {

@@ -91,6 +91,14 @@ pub enum Outcome {
     Duplicate(Scores),
 }
 
+/// Why a person got (or did not get) triggers: the latest decisions, oldest first, and the
+/// timers still pending.
+#[derive(Debug, Default)]
+pub struct Explanation {
+    pub decisions: Vec<trigger::AuditEntry>,
+    pub timers: Vec<trigger::Timer>,
+}
+
 /// What an identity merge did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Merge {
@@ -112,7 +120,7 @@ enum Command {
     /// A person's trigger state (decisions, timers), for explaining.
     Explain {
         person: PersonKey,
-        reply: Reply<Option<TriggerState>>,
+        reply: Reply<Explanation>,
     },
     Score {
         person: PersonKey,
@@ -192,6 +200,7 @@ impl Engine {
                 states: HashMap::new(),
                 timers,
                 outcomes,
+                decisions: 0,
                 store: store.clone(),
                 models: models.clone(),
                 triggers: triggers.clone(),
@@ -305,8 +314,8 @@ impl Engine {
         }
     }
 
-    /// A person's trigger state: recent decisions with reasons, pending timers.
-    pub async fn explain(&self, person: PersonKey) -> Result<Option<TriggerState>, EngineError> {
+    /// A person's recent trigger decisions with reasons, and pending timers.
+    pub async fn explain(&self, person: PersonKey) -> Result<Explanation, EngineError> {
         self.ask(&person, |person, reply| Command::Explain { person, reply })
             .await
     }
@@ -476,7 +485,7 @@ impl<T> Answer<T> {
 
 enum Pending {
     Track(Answer<Vec<(usize, Outcome)>>),
-    Explain(Answer<Option<TriggerState>>),
+    Explain(Answer<Explanation>),
     Score(Answer<Option<Scores>>),
     Profile(Answer<Option<Profile>>),
     Absorbed(Answer<()>),
@@ -526,6 +535,8 @@ struct Shard {
     timers: BTreeSet<(Time, PersonKey)>,
     /// This shard's share of each (rule, variant)'s experiment totals.
     outcomes: BTreeMap<(String, String), OutcomeTotals>,
+    /// Decisions made since start: orders the audit entries of one millisecond.
+    decisions: u64,
     store: Arc<Store>,
     models: Arc<ModelRegistry>,
     triggers: Arc<Triggers>,
@@ -596,7 +607,7 @@ impl Shard {
             }
             Command::Explain { person, reply } => Pending::Explain(Answer {
                 reply,
-                value: self.read_state(&person),
+                value: self.explain(&person),
             }),
             Command::Score {
                 person,
@@ -650,12 +661,16 @@ impl Shard {
         Ok(existed)
     }
 
-    /// The person's trigger state, from memory or the store, without caching it.
-    fn read_state(&self, person: &PersonKey) -> Result<Option<TriggerState>, EngineError> {
-        match self.states.get(person) {
-            Some(s) => Ok(Some(s.clone())),
-            None => Ok(self.store.load_triggers(person)?),
-        }
+    /// The person's trigger state and latest decisions.
+    fn explain(&self, person: &PersonKey) -> Result<Explanation, EngineError> {
+        let state = match self.states.get(person) {
+            Some(s) => s.clone(),
+            None => self.store.load_triggers(person)?.unwrap_or_default(),
+        };
+        Ok(Explanation {
+            decisions: self.store.audit(person, trigger::AUDIT_LEN)?,
+            timers: state.timers,
+        })
     }
 
     /// The person's trigger state for writing, loaded into memory.
@@ -876,8 +891,16 @@ impl Shard {
             .collect();
         self.unindex(person, &removed, group);
         self.index(person, &added, group);
-        // Latches and the audit move on most evaluations; the state is small.
+        // Latches move on most evaluations; the state is small.
         group.dirty_states.insert(person.clone());
+        for firing in &firings {
+            self.decisions += 1;
+            group.writes.push(Write::Audit(
+                person.clone(),
+                Box::new(firing.audit_entry()),
+                self.decisions,
+            ));
+        }
         for Firing { trigger, outcome } in firings {
             self.metrics
                 .triggers

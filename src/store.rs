@@ -21,7 +21,7 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use crate::event::PersonKey;
 use crate::profile::Profile;
 use crate::time::Time;
-use crate::trigger::TriggerState;
+use crate::trigger::{AuditEntry, TriggerState};
 
 /// The version byte in front of every stored profile.
 const PROFILE_FORMAT: u8 = 1;
@@ -57,12 +57,13 @@ pub enum Write {
         anonymous: PersonKey,
         person: PersonKey,
     },
-    /// Moves a person's idempotency records to another (after a merge).
+    /// Moves a person's idempotency records and audit record to another (after a merge).
     MoveSeen {
         from: PersonKey,
         to: PersonKey,
     },
-    /// Removes a person's idempotency records and every alias that points at them.
+    /// Removes a person's idempotency records, audit record and every alias that points
+    /// at them.
     Forget(PersonKey),
     /// A person's trigger state; an empty state deletes the record.
     Triggers(PersonKey, Box<TriggerState>),
@@ -70,6 +71,9 @@ pub enum Write {
     TimerIndex(Time, PersonKey, bool),
     /// A delivered trigger at its outbox sequence number (JSON).
     Outbox(u64, Vec<u8>),
+    /// A trigger decision for the person's audit record, with a number that orders the
+    /// decisions of one millisecond.
+    Audit(PersonKey, Box<AuditEntry>, u64),
     /// One shard's running totals for an experiment variant.
     Outcome {
         rule: String,
@@ -108,6 +112,8 @@ pub struct Store {
     cursors: Keyspace,
     /// consumer name \0 sequence → why delivery gave up (JSON).
     dead_letters: Keyspace,
+    /// person prefix + time + order + trigger id → a trigger decision (postcard).
+    audit: Keyspace,
     sync: SyncMode,
 }
 
@@ -196,6 +202,7 @@ impl Store {
             outcomes: open("outcomes")?,
             cursors: open("cursors")?,
             dead_letters: open("dead_letters")?,
+            audit: open("audit")?,
             db,
             sync,
         })
@@ -250,6 +257,34 @@ impl Store {
                 .map_err(|e| StoreError::Corrupt(format!("trigger state: {e}"))),
             _ => Err(StoreError::Corrupt("unknown trigger state format".into())),
         }
+    }
+
+    /// A person's latest `limit` trigger decisions, oldest first.
+    pub fn audit(&self, person: &PersonKey, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.audit.prefix(prefix(person)).rev().take(limit) {
+            let v = item.value()?;
+            out.push(
+                postcard::from_bytes(&v)
+                    .map_err(|e| StoreError::Corrupt(format!("audit entry: {e}")))?,
+            );
+        }
+        out.reverse();
+        Ok(out)
+    }
+
+    /// Deletes audit entries decided before `before`; returns how many.
+    pub fn expire_audit(&self, before: Time) -> Result<usize, StoreError> {
+        let mut batch = self.db.batch();
+        for item in self.audit.iter() {
+            let (k, v) = item.into_inner()?;
+            if postcard::from_bytes::<AuditEntry>(&v).is_ok_and(|e| e.at < before) {
+                batch.remove(&self.audit, k);
+            }
+        }
+        let n = batch.len();
+        batch.commit()?;
+        Ok(n)
     }
 
     /// Every (due time, person) with a pending timer, earliest first.
@@ -466,19 +501,23 @@ impl Store {
                 }
                 Write::MoveSeen { from, to } => {
                     let from_prefix = prefix(&from);
-                    for item in self.seen.prefix(&from_prefix) {
-                        let (k, v) = item.into_inner()?;
-                        let event_id = &k[from_prefix.len()..];
-                        let mut moved = prefix(&to);
-                        moved.extend_from_slice(event_id);
-                        batch.insert(&self.seen, moved, v);
-                        batch.remove(&self.seen, k);
+                    for keyspace in [&self.seen, &self.audit] {
+                        for item in keyspace.prefix(&from_prefix) {
+                            let (k, v) = item.into_inner()?;
+                            let rest = &k[from_prefix.len()..];
+                            let mut moved = prefix(&to);
+                            moved.extend_from_slice(rest);
+                            batch.insert(keyspace, moved, v);
+                            batch.remove(keyspace, k);
+                        }
                     }
                 }
                 Write::Forget(person) => {
                     let p = prefix(&person);
-                    for item in self.seen.prefix(&p) {
-                        batch.remove(&self.seen, item.key()?);
+                    for keyspace in [&self.seen, &self.audit] {
+                        for item in keyspace.prefix(&p) {
+                            batch.remove(keyspace, item.key()?);
+                        }
                     }
                     for item in self.members.prefix(&p) {
                         let member = item.key()?;
@@ -509,6 +548,16 @@ impl Store {
                     }
                 }
                 Write::Outbox(seq, bytes) => batch.insert(&self.outbox, seq.to_be_bytes(), bytes),
+                Write::Audit(person, entry, order) => {
+                    let mut k = prefix(&person);
+                    k.extend(((entry.at.0 as u64) ^ (1 << 63)).to_be_bytes());
+                    k.extend(order.to_be_bytes());
+                    // Unique even if the order number restarts within the millisecond.
+                    k.extend_from_slice(entry.trigger_id.as_bytes());
+                    let bytes = postcard::to_stdvec(&entry)
+                        .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                    batch.insert(&self.audit, k, bytes);
+                }
                 Write::Outcome {
                     rule,
                     variant,
@@ -549,7 +598,7 @@ impl Store {
         Ok(n)
     }
 
-    fn keyspaces(&self) -> [&Keyspace; 10] {
+    fn keyspaces(&self) -> [&Keyspace; 11] {
         [
             &self.profiles,
             &self.aliases,
@@ -561,6 +610,7 @@ impl Store {
             &self.outcomes,
             &self.cursors,
             &self.dead_letters,
+            &self.audit,
         ]
     }
 
@@ -677,5 +727,48 @@ mod tests {
         assert!(store.aliases().unwrap().is_empty());
         assert_eq!(store.expire_seen(Time(8)).unwrap(), 1);
         assert_eq!(store.seen_at(&person("u2"), "e1").unwrap(), None);
+    }
+
+    #[test]
+    fn the_audit_keeps_the_latest_decisions_moves_with_a_merge_and_goes_with_erasure() {
+        use crate::trigger::{AuditEntry, Outcome, Suppressed};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), SyncMode::Always).unwrap();
+        let entry = |at: i64, rule: &str| AuditEntry {
+            at: Time(at),
+            rule: rule.into(),
+            trigger_id: format!("t{at}{rule}"),
+            outcome: Outcome::Suppressed(Suppressed::Cooldown),
+            variant: None,
+        };
+        let visitor = PersonKey::Anonymous("a1".into());
+        store
+            .commit(
+                (1..=5)
+                    .map(|i| Write::Audit(visitor.clone(), Box::new(entry(i * 1000, "r")), 0))
+                    .chain([Write::Audit(person("u10"), Box::new(entry(1, "other")), 0)])
+                    .collect(),
+            )
+            .unwrap();
+        let latest = store.audit(&visitor, 3).unwrap();
+        assert_eq!(
+            latest.iter().map(|e| e.at.0).collect::<Vec<_>>(),
+            [3000, 4000, 5000]
+        );
+        store
+            .commit(vec![Write::MoveSeen {
+                from: visitor.clone(),
+                to: person("u1"),
+            }])
+            .unwrap();
+        assert!(store.audit(&visitor, 10).unwrap().is_empty());
+        assert_eq!(store.audit(&person("u1"), 10).unwrap().len(), 5);
+        assert_eq!(
+            store.expire_audit(Time(2500)).unwrap(),
+            3,
+            "two of u1's and u10's"
+        );
+        store.commit(vec![Write::Forget(person("u1"))]).unwrap();
+        assert!(store.audit(&person("u1"), 10).unwrap().is_empty());
     }
 }

@@ -529,15 +529,10 @@ impl pb::nudge_service_server::NudgeService for NudgeApi {
     ) -> Result<Response<pb::ExplainTriggersResponse>, Status> {
         let pb::ExplainTriggersRequest { person } = request.into_inner();
         let person = self.person("ExplainTriggers", person)?;
-        let state = self
-            .engine
-            .explain(person)
-            .await
-            .map_err(ApiError::from)?
-            .unwrap_or_default();
+        let state = self.engine.explain(person).await.map_err(ApiError::from)?;
         Ok(Response::new(pb::ExplainTriggersResponse {
             decisions: state
-                .audit
+                .decisions
                 .into_iter()
                 .map(|a| pb::TriggerDecision {
                     time: Some(convert::timestamp(a.at)),

@@ -17,7 +17,7 @@ pub mod outbox;
 pub mod rules;
 pub mod webhook;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -223,7 +223,7 @@ impl Triggers {
 
 /// The variant name of an experiment's control group.
 pub const HOLDOUT: &str = "holdout";
-/// Decisions remembered per person for "why (not)?" questions.
+/// Decisions answered per person for "why (not)?" questions.
 pub const AUDIT_LEN: usize = 50;
 /// Experiment exposures remembered per person while their conversion window is open.
 const MAX_EXPOSURES: usize = 32;
@@ -239,8 +239,6 @@ pub struct TriggerState {
     pub delivered: Vec<Time>,
     pub timers: Vec<Timer>,
     pub exposures: Vec<Exposure>,
-    /// The latest decisions, oldest first.
-    pub audit: VecDeque<AuditEntry>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -276,6 +274,7 @@ pub struct Exposure {
     pub window_ms: i64,
 }
 
+/// One decision, as the audit record keeps it (see `Store::audit`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AuditEntry {
     pub at: Time,
@@ -366,6 +365,19 @@ pub struct Contribution {
 pub struct Firing {
     pub trigger: Trigger,
     pub outcome: Outcome,
+}
+
+impl Firing {
+    /// The decision as the audit record keeps it.
+    pub fn audit_entry(&self) -> AuditEntry {
+        AuditEntry {
+            at: Time(self.trigger.time_ms),
+            rule: self.trigger.rule.clone(),
+            trigger_id: self.trigger.trigger_id.clone(),
+            outcome: self.outcome.clone(),
+            variant: self.trigger.variant.clone(),
+        }
+    }
 }
 
 /// Everything known about a person at `now`.
@@ -829,16 +841,6 @@ fn decide(
         if outcome == Outcome::Delivered {
             state.delivered.push(now);
         }
-        if state.audit.len() >= AUDIT_LEN {
-            state.audit.pop_front();
-        }
-        state.audit.push_back(AuditEntry {
-            at: now,
-            rule: rule.name.clone(),
-            trigger_id: trigger.trigger_id.clone(),
-            outcome: outcome.clone(),
-            variant: trigger.variant.clone(),
-        });
         firings.push(Firing { trigger, outcome });
     }
     firings
@@ -925,8 +927,8 @@ impl TriggerState {
         dues
     }
 
-    /// Folds another person's state into this one (identity stitching): timers, exposures
-    /// and decisions move over; per rule, the latest firing wins.
+    /// Folds another person's state into this one (identity stitching): timers and
+    /// exposures move over; per rule, the latest firing wins.
     pub fn merge(&mut self, other: TriggerState) {
         for (name, theirs) in other.rules {
             let mut mine = self.rule(&name);
@@ -948,10 +950,6 @@ impl TriggerState {
         self.exposures.sort_by_key(|e| e.at);
         let excess = self.exposures.len().saturating_sub(MAX_EXPOSURES);
         self.exposures.drain(..excess);
-        let mut audit: Vec<AuditEntry> = self.audit.drain(..).chain(other.audit).collect();
-        audit.sort_by_key(|a| a.at);
-        let excess = audit.len().saturating_sub(AUDIT_LEN);
-        self.audit = audit.into_iter().skip(excess).collect();
     }
 }
 
