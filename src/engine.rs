@@ -715,45 +715,6 @@ impl Shard {
         }
     }
 
-    /// Evaluates the rules for an event just applied.
-    #[allow(clippy::too_many_arguments)]
-    fn on_event(
-        &mut self,
-        event: &Event,
-        row: &FeatureRow,
-        scores: &Scores,
-        history: History,
-        models: &[Arc<Model>],
-        rules: &RuleSet,
-        now: Time,
-        received: Instant,
-        group: &mut Group,
-    ) -> Result<(), EngineError> {
-        self.evaluate(
-            &event.person,
-            row,
-            scores,
-            history,
-            models,
-            rules,
-            now,
-            group,
-            |rules, state, facts| {
-                let mut firings = trigger::evaluate_event(rules, state, facts, event);
-                let conversions = if event.kind == EventKind::Purchase {
-                    trigger::record_purchase(state, event.time)
-                } else {
-                    Vec::new()
-                };
-                for f in &mut firings {
-                    f.trigger.time_ms = now.millis();
-                }
-                (firings, conversions, Some(received))
-            },
-        )
-        .map(|_| ())
-    }
-
     /// Fires the timers due at `now`, person by person.
     fn fire_timers(&mut self, now: Time, group: &mut Group) -> Result<(), EngineError> {
         let mut due: Vec<(Time, PersonKey)> = Vec::new();
@@ -1001,8 +962,25 @@ impl Shard {
         let history = History::of(profile);
         let scores = score_row(&metrics, models, &row);
         if !rules.rules.is_empty() {
-            self.on_event(
-                event, &row, &scores, history, models, rules, now, received, group,
+            let decide = |rules: &RuleSet, state: &mut TriggerState, facts: &trigger::Facts<'_>| {
+                let firings = trigger::evaluate_event(rules, state, facts, event);
+                let conversions = if event.kind == EventKind::Purchase {
+                    trigger::record_purchase(state, event.time)
+                } else {
+                    Vec::new()
+                };
+                (firings, conversions, Some(received))
+            };
+            self.evaluate(
+                &event.person,
+                &row,
+                &scores,
+                history,
+                models,
+                rules,
+                now,
+                group,
+                decide,
             )?;
         }
         Ok(Outcome::Accepted(scores))

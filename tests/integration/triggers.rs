@@ -66,6 +66,14 @@ fn add_to_cart(id: &str, user: &str, at: nudge::time::Time) -> pb::Event {
     e
 }
 
+/// A predicate that fires on every page view after another kind of event.
+const VIEWS: &str = r#"
+    [[rules]]
+    name = "views"
+    when = "event.kind == 'page_view'"
+    action = { type = "v" }
+"#;
+
 const CART_RULES: &str = r#"
     [[rules]]
     name = "cart_abandoned"
@@ -436,17 +444,13 @@ async fn holdouts_are_recorded_not_delivered_and_outcomes_are_reported() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscribers_resume_from_their_cursor_and_filter_by_rule() {
     let dir = tempfile::tempdir().unwrap();
-    let rules = r#"
-        [[rules]]
-        name = "views"
-        when = "event.kind == 'page_view'"
-        action = { type = "v" }
-
+    let searches = r#"
         [[rules]]
         name = "searches"
         when = "event.kind == 'search'"
         action = { type = "s" }
     "#;
+    let rules = &[VIEWS, searches].concat();
     let server = TestServer::start_with(config_with_rules(dir.path(), rules)).await;
     let mut client = server.client().await;
     for i in 0..10 {
@@ -630,12 +634,7 @@ fn webhook(name: &str, port: u16) -> WebhookConfig {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhooks_arrive_signed_through_a_receiver_that_is_down_slow_and_refusing() {
     let dir = tempfile::tempdir().unwrap();
-    let rules = r#"
-        [[rules]]
-        name = "views"
-        when = "event.kind == 'page_view'"
-        action = { type = "v" }
-    "#;
+    let rules = VIEWS;
     let port = free_port();
     let mut config = config_with_rules(dir.path(), rules);
     config.triggers.webhooks = vec![webhook("crm", port)];
@@ -719,12 +718,7 @@ async fn webhooks_arrive_signed_through_a_receiver_that_is_down_slow_and_refusin
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trigger_that_keeps_failing_becomes_a_dead_letter_and_does_not_block_the_rest() {
     let dir = tempfile::tempdir().unwrap();
-    let rules = r#"
-        [[rules]]
-        name = "views"
-        when = "event.kind == 'page_view'"
-        action = { type = "v" }
-    "#;
+    let rules = VIEWS;
     let port = free_port();
     let mut config = config_with_rules(dir.path(), rules);
     let mut hook = webhook("flaky", port);
