@@ -795,13 +795,19 @@ impl Shard {
             .filter_map(|s| s.as_ref().ok())
             .map(|s| (s.model.name().to_owned(), s.probability))
             .collect();
+        // Segments only when some rule reads them (nearest-centroid search per event).
         let segment_set = self.models.segments();
         let segment = segment_set
             .as_ref()
             .as_ref()
+            .filter(|_| rules.variables.contains("segment"))
             .and_then(|s| s.assign(row))
             .map(|s| s.name.as_str());
-        let rule_segments = segments::rule_segments(row);
+        let rule_segments = if rules.variables.contains("segments") {
+            segments::rule_segments(row)
+        } else {
+            Vec::new()
+        };
         // Once per model however many triggers this evaluation delivers.
         let explained: std::cell::RefCell<HashMap<String, Vec<Contribution>>> = Default::default();
         let explain = |model: &str| -> Vec<Contribution> {
