@@ -7,12 +7,13 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
 use crate::api::{layer::MetricsLayer, Limits, NudgeApi};
 use crate::config::Config;
-use crate::engine::{Engine, EngineOptions};
+use crate::engine::{Engine, EngineError, EngineOptions};
 use crate::identity::{Identities, Pseudonymizer};
 use crate::metrics::Metrics;
 use crate::model::reload::{self, Reloader};
@@ -35,6 +36,30 @@ pub struct Server {
     triggers: Arc<Triggers>,
     grpc: TcpListener,
     metrics_listener: TcpListener,
+    /// Tick requests from a [`Ticker`], when time is driven from outside.
+    manual_ticks: Option<mpsc::Receiver<TickRequest>>,
+}
+
+type TickRequest = oneshot::Sender<Result<(), EngineError>>;
+
+/// Fires the engine's due timers on request, in place of the background ticker: see
+/// [`Server::manual_ticks`].
+#[derive(Clone)]
+pub struct Ticker {
+    requests: mpsc::Sender<TickRequest>,
+}
+
+impl Ticker {
+    /// Fires every timer due at the clock's `now` and returns once what fired is committed
+    /// (and so readable from the outbox).
+    pub async fn tick(&self) -> Result<(), EngineError> {
+        let (reply, answer) = oneshot::channel();
+        self.requests
+            .send(reply)
+            .await
+            .map_err(|_| EngineError::ShuttingDown)?;
+        answer.await.map_err(|_| EngineError::ShuttingDown)?
+    }
 }
 
 impl Server {
@@ -127,7 +152,17 @@ impl Server {
             triggers,
             grpc,
             metrics_listener,
+            manual_ticks: None,
         })
+    }
+
+    /// Turns the background ticker off: timers fire only when the returned [`Ticker`]
+    /// asks, at the clock's `now`. For tests and tools that drive time themselves, so that
+    /// "nothing fired" is a statement about a tick that happened, not about a wait.
+    pub fn manual_ticks(&mut self) -> Ticker {
+        let (requests, received) = mpsc::channel(1);
+        self.manual_ticks = Some(received);
+        Ticker { requests }
     }
 
     pub fn grpc_addr(&self) -> SocketAddr {
@@ -159,6 +194,7 @@ impl Server {
             triggers,
             grpc,
             metrics_listener,
+            manual_ticks,
         } = self;
         let dedup_horizon_ms = config.store.dedup_horizon_hours as i64 * HOUR_MS;
         let engine = Arc::new(Engine::start(
@@ -294,7 +330,10 @@ impl Server {
         let ticker = tokio::spawn(tick(
             engine.clone(),
             clock.clone(),
-            Duration::from_millis(config.triggers.tick_ms),
+            match manual_ticks {
+                Some(requests) => Ticks::Manual(requests),
+                None => Ticks::Every(Duration::from_millis(config.triggers.tick_ms)),
+            },
             wait_for_stop(stop_rx.clone()),
         ));
         let endpoints: Vec<String> = config
@@ -453,21 +492,41 @@ async fn maintain(
     }
 }
 
-/// Asks the engine to fire due timers every `every` until `stop`.
+/// When the engine's timers are fired.
+enum Ticks {
+    /// On a fixed period.
+    Every(Duration),
+    /// When a [`Ticker`] asks.
+    Manual(mpsc::Receiver<TickRequest>),
+}
+
+/// Asks the engine to fire due timers, as `ticks` says, until `stop`.
 async fn tick(
     engine: Arc<Engine>,
     clock: Arc<dyn Clock>,
-    every: Duration,
+    ticks: Ticks,
     stop: impl Future<Output = ()>,
 ) {
-    let mut interval = tokio::time::interval(every);
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(stop);
-    loop {
-        tokio::select! {
-            _ = &mut stop => return,
-            _ = interval.tick() => engine.tick(clock.now()),
+    match ticks {
+        Ticks::Every(every) => {
+            let mut interval = tokio::time::interval(every);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = &mut stop => return,
+                    _ = interval.tick() => engine.tick(clock.now()),
+                }
+            }
         }
+        Ticks::Manual(mut requests) => loop {
+            tokio::select! {
+                _ = &mut stop => return,
+                Some(reply) = requests.recv() => {
+                    let _ = reply.send(engine.tick_and_wait(clock.now()).await);
+                }
+            }
+        },
     }
 }
 

@@ -115,8 +115,11 @@ enum Command {
         received: Instant,
         reply: Reply<Vec<(usize, Outcome)>>,
     },
-    /// Fire the timers due at `now`.
-    Tick { now: Time },
+    /// Fire the timers due at `now`; `done`, if any, answers once they are committed.
+    Tick {
+        now: Time,
+        done: Option<Reply<()>>,
+    },
     /// A person's trigger state (decisions, timers), for explaining.
     Explain {
         person: PersonKey,
@@ -310,8 +313,30 @@ impl Engine {
     /// skips this tick; its timers fire at the next one.
     pub fn tick(&self, now: Time) {
         for shard in &self.shards {
-            let _ = shard.try_send(Command::Tick { now });
+            let _ = shard.try_send(Command::Tick { now, done: None });
         }
+    }
+
+    /// Fires the timers due at `now` on every shard, waiting for room in their queues,
+    /// and returns once every shard has committed what fired. For callers that drive time
+    /// themselves (tests, tools); the server's ticker uses [`Engine::tick`].
+    pub async fn tick_and_wait(&self, now: Time) -> Result<(), EngineError> {
+        let mut answers = Vec::with_capacity(self.shards.len());
+        for shard in &self.shards {
+            let (done, answer) = oneshot::channel();
+            shard
+                .send(Command::Tick {
+                    now,
+                    done: Some(done),
+                })
+                .await
+                .map_err(|_| EngineError::ShuttingDown)?;
+            answers.push(answer);
+        }
+        for answer in answers {
+            answer.await.map_err(|_| EngineError::ShuttingDown)??;
+        }
+        Ok(())
     }
 
     /// A person's recent trigger decisions with reasons, and pending timers.
@@ -490,6 +515,7 @@ enum Pending {
     Profile(Answer<Option<Profile>>),
     Absorbed(Answer<()>),
     Erased(Answer<bool>),
+    Ticked(Answer<()>),
 }
 
 impl Pending {
@@ -501,6 +527,7 @@ impl Pending {
             Pending::Profile(a) => a.send(committed),
             Pending::Absorbed(a) => a.send(committed),
             Pending::Erased(a) => a.send(committed),
+            Pending::Ticked(a) => a.send(committed),
         }
     }
 }
@@ -599,11 +626,15 @@ impl Shard {
                     .collect();
                 Pending::Track(Answer { reply, value })
             }
-            Command::Tick { now } => {
-                if let Err(e) = self.fire_timers(now, group) {
+            Command::Tick { now, done } => {
+                let value = self.fire_timers(now, group);
+                if let Err(e) = &value {
                     tracing::error!(error = %e, "firing timers failed; they stay pending");
                 }
-                return;
+                match done {
+                    Some(reply) => Pending::Ticked(Answer { reply, value }),
+                    None => return,
+                }
             }
             Command::Explain { person, reply } => Pending::Explain(Answer {
                 reply,
