@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use nudge::delivery::outbox::Outbox;
 use nudge::engine::{Engine, EngineOptions};
 use nudge::event::{Event, EventKind, PersonKey, Properties};
 use nudge::features;
@@ -24,7 +25,7 @@ use nudge::model::{LoadOptions, ModelRegistry, ModelSet, Scorer};
 use nudge::profile::Profile;
 use nudge::store::{Store, SyncMode};
 use nudge::time::{Time, MINUTE_MS};
-use nudge::trigger::Triggers;
+use nudge::trigger::Live;
 
 const BATCH_ROWS: usize = 10_000;
 const BATCH_REPS: usize = 7;
@@ -246,10 +247,8 @@ fn track_per_event() {
         store.clone(),
         Arc::new(Identities::default()),
         Arc::new(ModelRegistry::new(set)),
-        Arc::new(
-            Triggers::open(PathBuf::new(), store, Arc::new(Metrics::new()))
-                .expect("opening the outbox"),
-        ),
+        Arc::new(Live::open(PathBuf::new()).expect("no rules file, no rules")),
+        Arc::new(Outbox::open(store).expect("opening the outbox")),
         Arc::new(Metrics::new()),
     )
     .expect("starting the engine");
@@ -271,5 +270,5 @@ fn track_per_event() {
         "{:<40} {p50:>10.2} {p99:>10.2} {mean:>10.2} {rate:>12.0}",
         "engine: Engine::track, 1 event/call, fsync"
     );
-    engine.shutdown();
+    runtime.block_on(engine.shutdown());
 }

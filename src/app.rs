@@ -11,18 +11,20 @@ use tokio::sync::{mpsc, oneshot};
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
-use crate::api::{layer::MetricsLayer, Limits, NudgeApi};
+use crate::api::{self, layer::MetricsLayer, Limits, NudgeApi};
 use crate::config::Config;
+use crate::delivery::outbox::Outbox;
+use crate::delivery::webhook::{self, Endpoint};
 use crate::engine::{Engine, EngineError, EngineOptions};
 use crate::identity::{Identities, Pseudonymizer};
 use crate::metrics::Metrics;
-use crate::model::reload::{self, Reloader};
+use crate::model::reload::{self, record_models, Reloader};
 use crate::model::{LoadOptions, ModelRegistry};
 use crate::pb;
 use crate::pb::nudge_service_server::NudgeServiceServer;
 use crate::store::{Store, SyncMode};
 use crate::time::{Clock, DAY_MS, HOUR_MS};
-use crate::trigger::{webhook, Triggers};
+use crate::trigger::Live;
 
 /// A server with its listeners bound and its models loaded, ready to run.
 pub struct Server {
@@ -33,7 +35,8 @@ pub struct Server {
     store: Arc<Store>,
     identities: Arc<Identities>,
     pseudonymizer: Pseudonymizer,
-    triggers: Arc<Triggers>,
+    rules: Arc<Live>,
+    outbox: Arc<Outbox>,
     grpc: TcpListener,
     metrics_listener: TcpListener,
     /// Tick requests from a [`Ticker`], when time is driven from outside.
@@ -68,20 +71,21 @@ impl Server {
     pub async fn bind(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Server> {
         let metrics = Arc::new(Metrics::new());
         let started = std::time::Instant::now();
-        let (store, aliases) = {
+        let (store, aliases, people) = {
             let dir = config.store.dir.clone();
-            let sync = config.sync_mode();
+            let sync = SyncMode::from(&config.store);
             tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
                 let store = Store::open(&dir, sync)
                     .with_context(|| format!("opening the store in {}", dir.display()))?;
                 let aliases = store.aliases()?;
-                Ok((store, aliases))
+                let people = store.people()?;
+                Ok((store, aliases, people))
             })
             .await??
         };
         tracing::info!(
             dir = %config.store.dir.display(),
-            profiles = store.approximate_profiles(),
+            people,
             aliases = aliases.len(),
             elapsed_ms = started.elapsed().as_millis() as u64,
             "store recovered"
@@ -120,20 +124,21 @@ impl Server {
         if set.is_empty() {
             tracing::warn!(dir = %config.models.dir.display(), "no model loaded; Score answers UNAVAILABLE");
         }
-        metrics.record_models(&set, &failures);
+        record_models(&metrics, &set, &failures);
+        api::preset_metrics(&metrics);
         let store = Arc::new(store);
-        let triggers = Arc::new(
-            Triggers::open(
-                config.triggers.rules.clone(),
-                store.clone(),
-                metrics.clone(),
+        let rules = Arc::new(Live::open(config.triggers.rules.clone()).with_context(|| {
+            format!(
+                "loading the trigger rules from {}",
+                config.triggers.rules.display()
             )
-            .context("loading the trigger rules")?,
-        );
+        })?);
         {
-            let rules = triggers.rules.load();
+            let rules = rules.current();
+            metrics.rules_loaded.set(rules.rules.len() as i64);
             tracing::info!(version = %rules.version, rules = rules.rules.len(), file = %config.triggers.rules.display(), "rules loaded");
         }
+        let outbox = Arc::new(Outbox::open(store.clone()).context("opening the outbox")?);
 
         let grpc = TcpListener::bind(config.server.grpc_addr)
             .await
@@ -149,7 +154,8 @@ impl Server {
             store,
             identities,
             pseudonymizer,
-            triggers,
+            rules,
+            outbox,
             grpc,
             metrics_listener,
             manual_ticks: None,
@@ -191,7 +197,8 @@ impl Server {
             store,
             identities,
             pseudonymizer,
-            triggers,
+            rules,
+            outbox,
             grpc,
             metrics_listener,
             manual_ticks,
@@ -206,7 +213,8 @@ impl Server {
             store.clone(),
             identities,
             models.clone(),
-            triggers.clone(),
+            rules.clone(),
+            outbox.clone(),
             metrics.clone(),
         )?);
         // Shutdown fans out: the gRPC server, trigger streams, the metrics server, the
@@ -246,7 +254,13 @@ impl Server {
             },
             pseudonymizer,
             reloader: reloader.clone(),
-            triggers: triggers.clone(),
+            outbox: outbox.clone(),
+            endpoints: config
+                .triggers
+                .webhooks
+                .iter()
+                .map(|w| w.name.clone())
+                .collect(),
             stopping: stop_rx.clone(),
         };
         let reflection = tonic_reflection::server::Builder::configure()
@@ -295,8 +309,8 @@ impl Server {
         tokio::spawn(reloader.clone().run(trigger_rx));
         // The rules file is watched through its directory, so an editor's rename counts.
         let (rules_tx, rules_rx) = tokio::sync::mpsc::channel(1);
-        let rules_dir = triggers
-            .rules_path()
+        let rules_dir = rules
+            .path()
             .parent()
             .map(|d| {
                 if d.as_os_str().is_empty() {
@@ -305,7 +319,7 @@ impl Server {
                     d
                 }
             })
-            .filter(|_| !triggers.rules_path().as_os_str().is_empty());
+            .filter(|_| !rules.path().as_os_str().is_empty());
         let rules_watcher = rules_dir.and_then(|dir| match reload::watch(dir, rules_tx.clone()) {
             Ok(w) => Some(w),
             Err(e) => {
@@ -313,7 +327,7 @@ impl Server {
                 None
             }
         });
-        let rules_reloads = tokio::spawn(reload_rules(triggers.clone(), rules_rx));
+        let rules_reloads = tokio::spawn(reload_rules(engine.clone(), rules_rx));
         let hangups = tokio::spawn(reload_on_hangup(
             vec![reload_tx, rules_tx],
             wait_for_stop(stop_rx.clone()),
@@ -343,7 +357,7 @@ impl Server {
             .map(|w| w.name.clone())
             .collect();
         let outbox_upkeep = tokio::spawn(trim_outbox(
-            triggers.clone(),
+            outbox.clone(),
             clock.clone(),
             config.triggers.outbox_retention_hours as i64 * HOUR_MS,
             endpoints,
@@ -352,13 +366,12 @@ impl Server {
         let mut webhooks = Vec::new();
         for w in &config.triggers.webhooks {
             // Checked by Config::validate.
-            let endpoint = w
-                .endpoint()
-                .map_err(|e| anyhow::anyhow!("webhook {}: {e}", w.name))?;
+            let endpoint =
+                Endpoint::try_from(w).map_err(|e| anyhow::anyhow!("webhook {}: {e}", w.name))?;
             tracing::info!(endpoint = %endpoint.name, url = %endpoint.url, "delivering webhooks");
             webhooks.push(tokio::spawn(webhook::run(
                 endpoint,
-                triggers.outbox.clone(),
+                outbox.clone(),
                 store.clone(),
                 metrics.clone(),
                 wait_for_stop(stop_rx.clone()),
@@ -406,18 +419,15 @@ impl Server {
                 .context("metrics server task")?
                 .context("metrics server")?;
         }
-        // Every API handle is gone with the gRPC server; the shards finish their queues.
-        match Arc::try_unwrap(engine) {
-            Ok(engine) => tokio::task::spawn_blocking(move || engine.shutdown()).await?,
-            Err(_) => tracing::warn!("engine still referenced at shutdown; not joining shards"),
-        }
-        let _ = maintenance.await;
-        let _ = hangups.await;
-        // The last sender of rule reloads goes with the watcher; the task then ends and
-        // lets go of the store.
+        // Nothing new reaches the shards from the ticker or a rules reload once they
+        // stop; the drain then finishes what is queued. Handles still held elsewhere (a
+        // call cancelled at the grace deadline) only get `ShuttingDown` from now on.
+        let _ = ticker.await;
         drop(rules_watcher);
         let _ = rules_reloads.await;
-        let _ = ticker.await;
+        engine.shutdown().await;
+        let _ = maintenance.await;
+        let _ = hangups.await;
         let _ = outbox_upkeep.await;
         for w in webhooks {
             let _ = w.await;
@@ -532,7 +542,7 @@ async fn tick(
 
 /// Trims the outbox every hour until `stop`.
 async fn trim_outbox(
-    triggers: Arc<Triggers>,
+    outbox: Arc<Outbox>,
     clock: Arc<dyn Clock>,
     retention_ms: i64,
     endpoints: Vec<String>,
@@ -544,8 +554,8 @@ async fn trim_outbox(
         tokio::select! {
             _ = &mut stop => return,
             _ = hourly.tick() => {
-                let (triggers, endpoints, now) = (triggers.clone(), endpoints.clone(), clock.now());
-                match tokio::task::spawn_blocking(move || triggers.trim_outbox(now, retention_ms, &endpoints)).await {
+                let (outbox, endpoints, now) = (outbox.clone(), endpoints.clone(), clock.now());
+                match tokio::task::spawn_blocking(move || outbox.trim(now, retention_ms, &endpoints)).await {
                     Ok(Ok(n)) => tracing::debug!(trimmed = n, "outbox trimmed"),
                     Ok(Err(e)) => tracing::error!(error = %e, "trimming the outbox failed"),
                     Err(e) => tracing::error!(error = %e, "trimming the outbox panicked"),
@@ -556,16 +566,12 @@ async fn trim_outbox(
 }
 
 /// Reloads the rules on each trigger, letting bursts settle, until the channel closes.
-async fn reload_rules(
-    triggers: Arc<Triggers>,
-    mut changes: tokio::sync::mpsc::Receiver<&'static str>,
-) {
+async fn reload_rules(engine: Arc<Engine>, mut changes: mpsc::Receiver<&'static str>) {
     while let Some(cause) = changes.recv().await {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        while changes.try_recv().is_ok() {}
-        let triggers = triggers.clone();
+        reload::settle(&mut changes).await;
+        let engine = engine.clone();
         // Errors are logged and counted inside.
-        let _ = tokio::task::spawn_blocking(move || triggers.reload_rules(cause)).await;
+        let _ = tokio::task::spawn_blocking(move || engine.reload_rules(cause)).await;
     }
 }
 

@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+pub use crate::delivery::webhook::WebhookConfig;
+
 /// The prefix of environment overrides: `NUDGE__SERVER__GRPC_ADDR=0.0.0.0:50051`.
 pub const ENV_PREFIX: &str = "NUDGE__";
 
@@ -107,83 +109,6 @@ pub struct TriggersConfig {
     /// Trigger decisions (ExplainTriggers) are kept this long.
     pub audit_retention_days: u64,
     pub webhooks: Vec<WebhookConfig>,
-}
-
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct WebhookConfig {
-    /// A name for logs, metrics and the endpoint's cursor; keep it when the URL changes.
-    pub name: String,
-    pub url: String,
-    /// The signing secret, `whsec_` + base64 (Standard Webhooks); or `secret_file`.
-    #[serde(default)]
-    pub secret: String,
-    #[serde(default)]
-    pub secret_file: Option<PathBuf>,
-    /// Only these rules' triggers; all when empty.
-    #[serde(default)]
-    pub rules: Vec<String>,
-    #[serde(default = "defaults::concurrency")]
-    pub concurrency: usize,
-    #[serde(default = "defaults::rate_per_second")]
-    pub rate_per_second: f64,
-    #[serde(default = "defaults::max_attempts")]
-    pub max_attempts: u32,
-    #[serde(default = "defaults::initial_backoff_ms")]
-    pub initial_backoff_ms: u64,
-    #[serde(default = "defaults::max_backoff_ms")]
-    pub max_backoff_ms: u64,
-    #[serde(default = "defaults::timeout_ms")]
-    pub timeout_ms: u64,
-}
-
-mod defaults {
-    pub fn concurrency() -> usize {
-        4
-    }
-    pub fn rate_per_second() -> f64 {
-        50.0
-    }
-    pub fn max_attempts() -> u32 {
-        12
-    }
-    pub fn initial_backoff_ms() -> u64 {
-        1000
-    }
-    pub fn max_backoff_ms() -> u64 {
-        600_000
-    }
-    pub fn timeout_ms() -> u64 {
-        10_000
-    }
-}
-
-impl WebhookConfig {
-    /// The endpoint's delivery settings, with its secret read and decoded.
-    pub fn endpoint(&self) -> Result<crate::trigger::webhook::Endpoint, String> {
-        let secret = match &self.secret_file {
-            Some(path) => std::fs::read_to_string(path)
-                .map_err(|e| format!("{}: {e}", path.display()))?
-                .trim()
-                .to_owned(),
-            None => self.secret.clone(),
-        };
-        if secret.is_empty() {
-            return Err("give a secret or a secret_file".into());
-        }
-        Ok(crate::trigger::webhook::Endpoint {
-            name: self.name.clone(),
-            url: self.url.clone(),
-            secret: crate::trigger::webhook::secret_key(&secret)?,
-            rules: self.rules.clone(),
-            concurrency: self.concurrency,
-            rate_per_second: self.rate_per_second,
-            max_attempts: self.max_attempts,
-            initial_backoff: std::time::Duration::from_millis(self.initial_backoff_ms),
-            max_backoff: std::time::Duration::from_millis(self.max_backoff_ms),
-            timeout: std::time::Duration::from_millis(self.timeout_ms),
-        })
-    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -386,25 +311,7 @@ impl Config {
             if w.name.is_empty() || !names.insert(w.name.clone()) {
                 problems.push(format!("{at}: name must be set and unique"));
             }
-            if !(w.url.starts_with("http://") || w.url.starts_with("https://")) {
-                problems.push(format!("{at}: url must start with http:// or https://"));
-            }
-            if w.concurrency == 0 || w.max_attempts == 0 {
-                problems.push(format!(
-                    "{at}: concurrency and max_attempts must be at least 1"
-                ));
-            }
-            if !(w.rate_per_second.is_finite() && w.rate_per_second > 0.0) {
-                problems.push(format!("{at}: rate_per_second must be positive"));
-            }
-            if w.initial_backoff_ms == 0 || w.max_backoff_ms < w.initial_backoff_ms {
-                problems.push(format!(
-                    "{at}: initial_backoff_ms must be at least 1 and at most max_backoff_ms"
-                ));
-            }
-            if let Err(e) = w.endpoint() {
-                problems.push(format!("{at}: {e}"));
-            }
+            problems.extend(w.problems(&at));
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             problems.push(format!("log.level {:?}: {e}", self.log.level));
@@ -421,16 +328,6 @@ impl Config {
         match self.engine.shards {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
-        }
-    }
-
-    /// The store's sync mode.
-    pub fn sync_mode(&self) -> crate::store::SyncMode {
-        match self.store.sync {
-            SyncPolicy::Always => crate::store::SyncMode::Always,
-            SyncPolicy::Interval => crate::store::SyncMode::Interval(
-                std::time::Duration::from_millis(self.store.sync_interval_ms),
-            ),
         }
     }
 

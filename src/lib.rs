@@ -6,22 +6,29 @@
 //! - [`event`]: `Event`, the validated domain type.
 //! - [`identity`]: pseudonymization, and the aliases that make a visitor one person with
 //!   a known user.
-//! - [`engine`]: owns the profiles, one shard thread per slice of people; scores them and
-//!   commits their changes to the store (group commit) before answering.
-//! - [`store`]: durable profiles, aliases and idempotency records (fjall).
+//! - [`engine`]: owns the profiles, one shard thread per slice of people; scores them,
+//!   evaluates their trigger rules and commits their changes to the store (group commit)
+//!   before answering.
 //! - [`profile`]: a person's behavioral state, updated by `Profile::apply`.
 //! - [`features`]: the FeatureSpec and `extract(&Profile, now)`.
-//! - [`model`]: the `Scorer` trait, LightGBM and ONNX backends, manifests, the served set,
-//!   hot swap and publishing.
+//! - [`model`]: the `Scorer` trait, LightGBM and ONNX backends, manifests, scoring, the
+//!   served set, hot swap and publishing.
 //! - [`segments`]: published k-means segments and rule-based segments.
-//! - [`metrics`]: the Prometheus registry and the `/metrics` endpoint.
-//! - [`config`]: the TOML config with `NUDGE__` overrides.
+//! - [`trigger`]: the pure rules core: rules, CEL, evaluation, suppression, experiments,
+//!   and the per-person trigger state.
+//! - [`delivery`]: the outbox of delivered triggers, `SubscribeTriggers` readers and
+//!   webhooks.
+//! - [`store`]: everything durable, in one fjall database.
+//! - [`metrics`]: the Prometheus registry and the `/metrics` endpoint (no domain types).
+//! - [`config`]: the TOML config with `NUDGE__` overrides; each section's part builds
+//!   itself from it.
 //! - [`app`]: builds every part from the config, serves, drains on shutdown.
 //! - [`time`]: `Time`, and the `Clock` the server reads `now` from.
 
 pub mod api;
 pub mod app;
 pub mod config;
+pub mod delivery;
 pub mod engine;
 pub mod event;
 pub mod features;

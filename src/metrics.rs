@@ -3,6 +3,9 @@
 //! Names are `nudge_<thing>_<unit>`, counters end in `_total`. Labels are small closed sets
 //! (RPC names, status codes, event types, reasons, model names from the models directory);
 //! no label ever carries a person's identifier.
+//!
+//! This module is infrastructure: it imports no domain module. The parts that own a closed
+//! label set (event reasons, model load reasons) create its zero series themselves.
 
 use std::time::Duration;
 
@@ -10,8 +13,6 @@ use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
-
-use crate::model::{LoadFailure, ModelSet};
 
 /// Latency buckets from 25 µs to 10 s.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -89,7 +90,7 @@ impl Metrics {
                 .expect("unique metric");
             h
         };
-        let metrics = Metrics {
+        Metrics {
             grpc_requests: counter(
                 "nudge_grpc_requests_total",
                 "gRPC requests by RPC and status code.",
@@ -242,20 +243,7 @@ impl Metrics {
                 "Streams connected to SubscribeTriggers.",
             ),
             registry,
-        };
-        // Zero-valued series for the closed label sets, so dashboards and alerts see them
-        // before the first failure.
-        for reason in crate::event::Reason::ALL {
-            for rpc in ["Track", "TrackStream", "Score"] {
-                metrics
-                    .invalid_input
-                    .with_label_values(&[rpc, reason.as_str()]);
-            }
         }
-        for reason in crate::model::LoadError::REASONS {
-            metrics.model_load_failures.with_label_values(&[reason]);
-        }
-        metrics
     }
 
     /// Records one model scoring call.
@@ -265,22 +253,6 @@ impl Metrics {
             .observe(elapsed.as_secs_f64());
         if !ok {
             self.model_errors.with_label_values(&[model]).inc();
-        }
-    }
-
-    /// Publishes which models serve and counts the ones that were refused.
-    pub fn record_models(&self, set: &ModelSet, failures: &[LoadFailure]) {
-        self.model_info.reset();
-        for model in set.iter() {
-            let m = &model.manifest;
-            self.model_info
-                .with_label_values(&[m.name.as_str(), m.version.as_str(), m.format.as_str()])
-                .set(1);
-        }
-        for failure in failures {
-            self.model_load_failures
-                .with_label_values(&[failure.error.reason()])
-                .inc();
         }
     }
 

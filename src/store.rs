@@ -1,5 +1,11 @@
-//! Durable state on local disk: profiles, identity aliases and idempotency records, in one
-//! embedded fjall database (an LSM tree with a write-ahead journal).
+//! Durable state on local disk, in one embedded fjall database (an LSM tree with a
+//! write-ahead journal): profiles, identity aliases, idempotency records, trigger states,
+//! the timer index, the audit of trigger decisions, the outbox of delivered triggers,
+//! experiment totals, consumer cursors and dead letters.
+//!
+//! The engine hands the store data, not calls: a list of [`Write`]s committed as one atomic
+//! batch, applied in order — a [`Write::Forget`] or [`Write::MoveSeen`] also covers the
+//! records written earlier in the same batch.
 //!
 //! Why fjall: it is crash-safe (the journal is replayed on open), it commits writes to
 //! several keyspaces atomically in one batch — so an event's profile change and its
@@ -18,13 +24,39 @@ use std::time::Duration;
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 
+use crate::config::{StoreConfig, SyncPolicy};
 use crate::event::PersonKey;
 use crate::profile::Profile;
 use crate::time::Time;
-use crate::trigger::{AuditEntry, TriggerState};
+use crate::trigger::state::{AuditEntry, OutcomeTotals, TriggerState};
 
 /// The version byte in front of every stored profile.
 const PROFILE_FORMAT: u8 = 1;
+/// The version byte in front of every stored trigger state; its own, so that a new
+/// profile format does not invalidate trigger states, nor the other way round.
+const TRIGGER_STATE_FORMAT: u8 = 1;
+
+/// A record as stored: its format byte, then postcard.
+fn encode<T: serde::Serialize>(format: u8, value: &T) -> Result<Vec<u8>, StoreError> {
+    let mut bytes = vec![format];
+    postcard::to_io(value, &mut bytes).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    Ok(bytes)
+}
+
+/// Decodes a record written by [`encode`] with the same format byte.
+fn decode<T: serde::de::DeserializeOwned>(
+    what: &str,
+    format: u8,
+    bytes: &[u8],
+) -> Result<T, StoreError> {
+    match bytes.split_first() {
+        Some((&f, body)) if f == format => {
+            postcard::from_bytes(body).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
+        }
+        Some((f, _)) => Err(StoreError::Corrupt(format!("{what}: unknown format {f}"))),
+        None => Err(StoreError::Corrupt(format!("{what}: an empty record"))),
+    }
+}
 
 /// When commits are fsynced.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,11 +67,22 @@ pub enum SyncMode {
     Interval(Duration),
 }
 
+impl From<&StoreConfig> for SyncMode {
+    fn from(config: &StoreConfig) -> SyncMode {
+        match config.sync {
+            SyncPolicy::Always => SyncMode::Always,
+            SyncPolicy::Interval => {
+                SyncMode::Interval(Duration::from_millis(config.sync_interval_ms))
+            }
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("store: {0}")]
     Fjall(#[from] fjall::Error),
-    #[error("store: a stored profile does not decode: {0}")]
+    #[error("store: a stored record does not decode: {0}")]
     Corrupt(String),
     #[error("store: {0}")]
     Io(#[from] std::io::Error),
@@ -81,13 +124,8 @@ pub enum Write {
         shard: u16,
         totals: OutcomeTotals,
     },
-}
-
-/// Exposures and conversions of one rule variant.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct OutcomeTotals {
-    pub exposures: u64,
-    pub conversions: u64,
+    /// Nothing: what a write superseded within its batch becomes.
+    Nothing,
 }
 
 /// The database and its keyspaces.
@@ -180,6 +218,43 @@ fn seen_key(person: &PersonKey, event_id: &str) -> Vec<u8> {
     k
 }
 
+/// Makes the batch mean what it says in order: the stored records a [`Write::Forget`] or
+/// [`Write::MoveSeen`] reaches by scanning are only the committed ones, so the records the
+/// same batch wrote before it — idempotency records and audit entries of the person — are
+/// dropped or retargeted here.
+fn in_order(mut writes: Vec<Write>) -> Vec<Write> {
+    for i in 0..writes.len() {
+        let (earlier, rest) = writes.split_at_mut(i);
+        match &rest[0] {
+            Write::Forget(person) => {
+                let person = person.clone();
+                for w in earlier.iter_mut() {
+                    if matches!(w, Write::Seen(p, ..) | Write::Audit(p, ..) if *p == person) {
+                        *w = Write::Nothing;
+                    }
+                }
+            }
+            Write::MoveSeen { from, to } => {
+                for w in earlier.iter_mut() {
+                    if let Write::Seen(p, ..) | Write::Audit(p, ..) = w {
+                        if p == from {
+                            *p = to.clone();
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    writes
+}
+
+/// Audit entries are bare postcard (they predate the format bytes; their keyspace is
+/// expired by age, so a new format can start a new keyspace).
+fn decode_audit(bytes: &[u8]) -> Result<AuditEntry, StoreError> {
+    postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt(format!("audit entry: {e}")))
+}
+
 impl Store {
     /// Opens (or creates) the database in `dir`, replaying its journal.
     pub fn open(dir: &Path, sync: SyncMode) -> Result<Store, StoreError> {
@@ -213,18 +288,10 @@ impl Store {
     }
 
     pub fn load_profile(&self, person: &PersonKey) -> Result<Option<Profile>, StoreError> {
-        let Some(bytes) = self.profiles.get(key(person))? else {
-            return Ok(None);
-        };
-        match bytes.split_first() {
-            Some((&PROFILE_FORMAT, body)) => postcard::from_bytes(body)
-                .map(Some)
-                .map_err(|e| StoreError::Corrupt(e.to_string())),
-            Some((version, _)) => Err(StoreError::Corrupt(format!(
-                "unknown profile format {version}"
-            ))),
-            None => Err(StoreError::Corrupt("empty profile record".into())),
-        }
+        self.profiles
+            .get(key(person))?
+            .map(|bytes| decode("profile", PROFILE_FORMAT, &bytes))
+            .transpose()
     }
 
     /// When `event_id` was seen for `person`, if it was.
@@ -248,26 +315,17 @@ impl Store {
     }
 
     pub fn load_triggers(&self, person: &PersonKey) -> Result<Option<TriggerState>, StoreError> {
-        let Some(bytes) = self.triggers.get(key(person))? else {
-            return Ok(None);
-        };
-        match bytes.split_first() {
-            Some((&PROFILE_FORMAT, body)) => postcard::from_bytes(body)
-                .map(Some)
-                .map_err(|e| StoreError::Corrupt(format!("trigger state: {e}"))),
-            _ => Err(StoreError::Corrupt("unknown trigger state format".into())),
-        }
+        self.triggers
+            .get(key(person))?
+            .map(|bytes| decode("trigger state", TRIGGER_STATE_FORMAT, &bytes))
+            .transpose()
     }
 
     /// A person's latest `limit` trigger decisions, oldest first.
     pub fn audit(&self, person: &PersonKey, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
         let mut out = Vec::new();
         for item in self.audit.prefix(prefix(person)).rev().take(limit) {
-            let v = item.value()?;
-            out.push(
-                postcard::from_bytes(&v)
-                    .map_err(|e| StoreError::Corrupt(format!("audit entry: {e}")))?,
-            );
+            out.push(decode_audit(&item.value()?)?);
         }
         out.reverse();
         Ok(out)
@@ -278,7 +336,7 @@ impl Store {
         let mut batch = self.db.batch();
         for item in self.audit.iter() {
             let (k, v) = item.into_inner()?;
-            if postcard::from_bytes::<AuditEntry>(&v).is_ok_and(|e| e.at < before) {
+            if decode_audit(&v).is_ok_and(|e| e.at < before) {
                 batch.remove(&self.audit, k);
             }
         }
@@ -468,9 +526,16 @@ impl Store {
         Ok(out)
     }
 
-    /// How many profiles are stored (approximate; exact for insert-only workloads).
-    pub fn approximate_profiles(&self) -> usize {
-        self.profiles.approximate_len()
+    /// How many people have a stored profile: one per key, however many superseded
+    /// versions the tables still hold (fjall's own length estimate counts those). A scan
+    /// of the keys.
+    pub fn people(&self) -> Result<usize, StoreError> {
+        let mut n = 0;
+        for item in self.profiles.iter() {
+            item.key()?;
+            n += 1;
+        }
+        Ok(n)
     }
 
     /// Commits every write atomically, with the configured durability.
@@ -478,16 +543,16 @@ impl Store {
         if writes.is_empty() {
             return Ok(());
         }
+        let writes = in_order(writes);
         let mut batch = self.db.batch();
         for write in writes {
             match write {
                 Write::Profile(person, profile) => {
-                    let mut bytes = vec![PROFILE_FORMAT];
-                    bytes.extend(
-                        postcard::to_stdvec(&profile)
-                            .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                    batch.insert(
+                        &self.profiles,
+                        key(&person),
+                        encode(PROFILE_FORMAT, &profile)?,
                     );
-                    batch.insert(&self.profiles, key(&person), bytes);
                 }
                 Write::DeleteProfile(person) => batch.remove(&self.profiles, key(&person)),
                 Write::Seen(person, event_id, at) => {
@@ -531,12 +596,11 @@ impl Store {
                     if state.is_empty() {
                         batch.remove(&self.triggers, key(&person));
                     } else {
-                        let mut bytes = vec![PROFILE_FORMAT];
-                        bytes.extend(
-                            postcard::to_stdvec(&state)
-                                .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                        batch.insert(
+                            &self.triggers,
+                            key(&person),
+                            encode(TRIGGER_STATE_FORMAT, &state)?,
                         );
-                        batch.insert(&self.triggers, key(&person), bytes);
                     }
                 }
                 Write::TimerIndex(due, person, present) => {
@@ -568,6 +632,7 @@ impl Store {
                     value.extend(totals.conversions.to_be_bytes());
                     batch.insert(&self.outcomes, outcome_key(&rule, &variant, shard), value);
                 }
+                Write::Nothing => {}
             }
         }
         let batch = match self.sync {
@@ -731,7 +796,7 @@ mod tests {
 
     #[test]
     fn the_audit_keeps_the_latest_decisions_moves_with_a_merge_and_goes_with_erasure() {
-        use crate::trigger::{AuditEntry, Outcome, Suppressed};
+        use crate::trigger::state::{AuditEntry, Outcome, Suppressed};
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), SyncMode::Always).unwrap();
         let entry = |at: i64, rule: &str| AuditEntry {

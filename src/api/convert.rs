@@ -2,9 +2,17 @@
 //! exhaustively, so a field added to the proto is a compile error here until someone
 //! decides what it means.
 
+use crate::delivery::webhook::DeadLetter;
+use crate::engine::Merge;
 use crate::event::{Event, EventKind, FieldError, PersonKey, Properties, Reason, MAX_ID_BYTES};
+use crate::features::{self, FeatureSpec};
+use crate::identity::Pseudonymizer;
+use crate::model::{LoadFailure, Model, ModelSet, Score};
 use crate::pb;
+use crate::profile::Profile;
+use crate::segments::Segments;
 use crate::time::Time;
+use crate::trigger::{Explanation, VariantOutcome};
 
 /// The latest instant a protobuf Timestamp may hold (9999-12-31T23:59:59Z).
 const MAX_TIMESTAMP_SECONDS: i64 = 253_402_300_799;
@@ -94,8 +102,8 @@ fn properties(pb: pb::EventProperties) -> Properties {
     }
 }
 
-/// The person named by a user id and/or an anonymous id.
-pub fn person_key(user_id: &str, anonymous_id: &str) -> Result<PersonKey, FieldError> {
+/// The person named by a user id and/or an anonymous id, as given (not pseudonymized).
+fn person_key(user_id: &str, anonymous_id: &str) -> Result<PersonKey, FieldError> {
     for (field, id) in [("user_id", user_id), ("anonymous_id", anonymous_id)] {
         if id.len() > MAX_ID_BYTES {
             return Err(FieldError::new(
@@ -114,13 +122,20 @@ pub fn person_key(user_id: &str, anonymous_id: &str) -> Result<PersonKey, FieldE
     })
 }
 
-/// The person a request names.
-pub fn person(pb: Option<pb::PersonRef>, field: &str) -> Result<PersonKey, FieldError> {
+/// The person a request names, pseudonymized: the only way a request's ids become a
+/// [`PersonKey`], so no RPC can look up a raw id when pseudonymization is on.
+pub fn person(
+    pb: Option<pb::PersonRef>,
+    field: &str,
+    pseudonymizer: &Pseudonymizer,
+) -> Result<PersonKey, FieldError> {
     let pb::PersonRef {
         user_id,
         anonymous_id,
     } = pb.ok_or_else(|| FieldError::new(field, Reason::Missing, "is required"))?;
-    person_key(&user_id, &anonymous_id).map_err(|e| e.under(field))
+    person_key(&user_id, &anonymous_id)
+        .map(|p| pseudonymizer.person(p))
+        .map_err(|e| e.under(field))
 }
 
 /// A protobuf Timestamp as a `Time`, refusing values the protobuf spec does not allow.
@@ -187,6 +202,222 @@ pub fn trigger(t: crate::trigger::Trigger) -> pb::Trigger {
         experiment: t.experiment.unwrap_or_default(),
         variant: t.variant.unwrap_or_default(),
     }
+}
+
+/// Both ids of an `Identify` call, checked, as the (visitor, user) to merge.
+pub fn identify(
+    pb: pb::IdentifyRequest,
+    pseudonymizer: &Pseudonymizer,
+) -> Result<(PersonKey, PersonKey), FieldError> {
+    let pb::IdentifyRequest {
+        anonymous_id,
+        user_id,
+    } = pb;
+    for (field, id) in [("anonymous_id", &anonymous_id), ("user_id", &user_id)] {
+        if id.is_empty() {
+            return Err(FieldError::new(field, Reason::Missing, "is required"));
+        }
+    }
+    person_key(&user_id, &anonymous_id)?;
+    Ok((
+        pseudonymizer.person(PersonKey::Anonymous(anonymous_id)),
+        pseudonymizer.person(PersonKey::User(user_id)),
+    ))
+}
+
+pub fn identify_response(merged: Merge) -> pb::IdentifyResponse {
+    pb::IdentifyResponse {
+        merged: merged == Merge::Merged,
+    }
+}
+
+/// One model's answer, as the API reports it.
+pub fn model_score(model: &Model, probability: f64) -> pb::ModelScore {
+    pb::ModelScore {
+        model: model.manifest.name.clone(),
+        version: model.manifest.version.clone(),
+        probability,
+    }
+}
+
+/// Scored rows as the Score response carries them.
+pub fn score_response(rows: Vec<Vec<Score>>) -> pb::ScoreResponse {
+    pb::ScoreResponse {
+        rows: rows
+            .into_iter()
+            .map(|scores| pb::RowScores {
+                scores: scores
+                    .iter()
+                    .map(|s| model_score(&s.model, s.probability))
+                    .collect(),
+            })
+            .collect(),
+        feature_spec_version: FeatureSpec::current().version.to_owned(),
+    }
+}
+
+/// A person's profile at `now` as GetProfile answers it: every feature with its
+/// definition, the open session, the cart, the segments.
+pub fn profile_response(
+    profile: &Profile,
+    now: Time,
+    segments: Option<&Segments>,
+) -> pb::GetProfileResponse {
+    let spec = FeatureSpec::current();
+    let row = features::extract(profile, now);
+    let features = spec
+        .features
+        .iter()
+        .zip(row.values())
+        .map(|(def, &value)| pb::FeatureValue {
+            name: def.name.to_owned(),
+            value,
+            description: def.description.to_owned(),
+        })
+        .collect();
+    let session = profile.open_session(now).map(|s| pb::SessionState {
+        active: true,
+        started_at: Some(timestamp(s.start)),
+        last_event_at: Some(timestamp(s.last)),
+        page_views: s.page_views,
+        product_views: s.product_views,
+        distinct_products: s.products.len() as u32,
+    });
+    let cart = profile.cart();
+    let cart = pb::CartState {
+        lines: cart
+            .lines
+            .iter()
+            .map(|l| pb::CartLine {
+                product_id: l.product_id.clone(),
+                quantity: l.quantity,
+                price: l.price,
+            })
+            .collect(),
+        items: cart.items(),
+        value: cart.value(),
+        last_add_at: cart.last_add.map(timestamp),
+        checkout_started: cart.checkout_started,
+    };
+    pb::GetProfileResponse {
+        features,
+        session,
+        cart: Some(cart),
+        first_seen: profile.first_seen().map(timestamp),
+        last_seen: profile.last_seen().map(timestamp),
+        feature_spec_version: spec.version.to_owned(),
+        top_category: profile
+            .top_category(now)
+            .map(|(name, _)| name.to_owned())
+            .unwrap_or_default(),
+        segment: segments
+            .and_then(|s| s.assign(&row))
+            .map(|s| s.name.clone())
+            .unwrap_or_default(),
+        rule_segments: crate::segments::rule_segments(&row)
+            .into_iter()
+            .map(str::to_owned)
+            .collect(),
+    }
+}
+
+pub fn explain_response(e: Explanation) -> pb::ExplainTriggersResponse {
+    pb::ExplainTriggersResponse {
+        decisions: e
+            .decisions
+            .into_iter()
+            .map(|a| pb::TriggerDecision {
+                time: Some(timestamp(a.at)),
+                outcome: a.outcome.as_str().to_owned(),
+                rule: a.rule,
+                trigger_id: a.trigger_id,
+                variant: a.variant.unwrap_or_default(),
+            })
+            .collect(),
+        timers: e
+            .timers
+            .into_iter()
+            .map(|t| pb::PendingTimer {
+                rule: t.rule,
+                due: Some(timestamp(t.due)),
+                step: t.step,
+                cause: t.cause,
+            })
+            .collect(),
+    }
+}
+
+/// The experiment report, only `rule`'s variants unless it is empty.
+pub fn experiment_report(
+    outcomes: Vec<VariantOutcome>,
+    rule: &str,
+) -> pb::GetExperimentReportResponse {
+    pb::GetExperimentReportResponse {
+        variants: outcomes
+            .into_iter()
+            .filter(|o| rule.is_empty() || o.rule == rule)
+            .map(|o| pb::VariantOutcome {
+                conversion_rate: if o.totals.exposures == 0 {
+                    0.0
+                } else {
+                    o.totals.conversions as f64 / o.totals.exposures as f64
+                },
+                rule: o.rule,
+                experiment: o.experiment,
+                variant: o.variant,
+                exposures: o.totals.exposures,
+                conversions: o.totals.conversions,
+            })
+            .collect(),
+    }
+}
+
+pub fn dead_letters(letters: Vec<DeadLetter>) -> pb::ListDeadLettersResponse {
+    pb::ListDeadLettersResponse {
+        dead_letters: letters
+            .into_iter()
+            .map(|d| pb::DeadLetter {
+                cursor: d.seq,
+                attempts: d.attempts,
+                last_error: d.last_error,
+                time: Some(timestamp(Time(d.at_ms))),
+                trigger: Some(trigger(d.trigger)),
+            })
+            .collect(),
+    }
+}
+
+pub fn model_infos(set: &ModelSet) -> Vec<pb::ModelInfo> {
+    set.iter()
+        .map(|m| {
+            let manifest = &m.manifest;
+            pb::ModelInfo {
+                name: manifest.name.clone(),
+                version: manifest.version.clone(),
+                format: manifest.format.as_str().to_owned(),
+                predicts: manifest.predicts.clone(),
+                features: manifest.features.clone(),
+                sha256: manifest.sha256.clone(),
+                loaded_at: Some(timestamp(m.loaded_at)),
+            }
+        })
+        .collect()
+}
+
+pub fn load_errors(failures: &[LoadFailure]) -> Vec<pb::ModelLoadError> {
+    failures
+        .iter()
+        .map(|f| pb::ModelLoadError {
+            manifest: f
+                .manifest
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            reason: f.error.reason().to_owned(),
+            message: f.error.to_string(),
+            at: Some(timestamp(f.at)),
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -14,7 +14,8 @@ use tonic::Code;
 use crate::event::Reason;
 use crate::metrics::Metrics;
 
-/// The RPCs of `nudge.v1.NudgeService`, the metric label for each.
+/// The RPCs of `nudge.v1.NudgeService`, the metric label for each. A test holds this list
+/// to the service descriptor, so a new RPC cannot be counted as `unknown`.
 const RPCS: &[&str] = &[
     "Track",
     "TrackStream",
@@ -24,6 +25,11 @@ const RPCS: &[&str] = &[
     "GetProfile",
     "ListModels",
     "ReloadModels",
+    "SubscribeTriggers",
+    "ExplainTriggers",
+    "GetExperimentReport",
+    "ReloadRules",
+    "ListDeadLetters",
 ];
 
 #[derive(Clone)]
@@ -234,6 +240,34 @@ mod tests {
         assert_eq!(rpc_label("/nudge.v1.NudgeService/Nope"), "unknown");
         assert_eq!(rpc_label("/grpc.health.v1.Health/Check"), "health");
         assert_eq!(rpc_label("/some/user-controlled/path"), "unknown");
+    }
+
+    #[test]
+    fn every_rpc_of_the_service_descriptor_has_its_own_label() {
+        use prost::Message;
+        let set = prost_types::FileDescriptorSet::decode(crate::pb::FILE_DESCRIPTOR_SET)
+            .expect("the compiled descriptor set decodes");
+        let service = set
+            .file
+            .iter()
+            .filter(|f| f.package() == "nudge.v1")
+            .flat_map(|f| &f.service)
+            .find(|s| s.name() == "NudgeService")
+            .expect("nudge.v1.NudgeService is in the descriptor");
+        let mut methods: Vec<&str> = service.method.iter().map(|m| m.name()).collect();
+        methods.sort_unstable();
+        let mut labelled = RPCS.to_vec();
+        labelled.sort_unstable();
+        assert_eq!(
+            labelled, methods,
+            "RPCS must list exactly the service's methods"
+        );
+        for method in methods {
+            assert_eq!(
+                rpc_label(&format!("/nudge.v1.NudgeService/{method}")),
+                method
+            );
+        }
     }
 
     #[test]

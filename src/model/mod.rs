@@ -13,6 +13,7 @@ pub mod onnx;
 pub mod paths;
 pub mod publish;
 pub mod reload;
+pub mod score;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -23,6 +24,7 @@ use arc_swap::ArcSwap;
 use crate::features::{FeatureRow, FeatureSpec};
 use crate::time::Time;
 pub use manifest::{Manifest, ModelFormat};
+pub use score::{score_row, score_rows, Score, Scores};
 
 /// A backend that turns feature rows into probabilities. A faster backend joins by
 /// implementing this.

@@ -6,13 +6,35 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use super::{LoadError, ModelRegistry, ReloadReport};
+use super::{LoadError, LoadFailure, ModelRegistry, ModelSet, ReloadReport};
 use crate::metrics::Metrics;
 use crate::time::Clock;
 
 /// How long file changes settle before a reload: a publish writes a model and then its
 /// manifest, and each write raises events.
 const SETTLE: Duration = Duration::from_millis(200);
+
+/// Publishes which models serve (`nudge_model_info`) and counts the ones that were refused.
+pub fn record_models(metrics: &Metrics, set: &ModelSet, failures: &[LoadFailure]) {
+    // Zero series for every refusal reason, so alerts see them before the first failure.
+    for reason in LoadError::REASONS {
+        metrics.model_load_failures.with_label_values(&[reason]);
+    }
+    metrics.model_info.reset();
+    for model in set.iter() {
+        let m = &model.manifest;
+        metrics
+            .model_info
+            .with_label_values(&[m.name.as_str(), m.version.as_str(), m.format.as_str()])
+            .set(1);
+    }
+    for failure in failures {
+        metrics
+            .model_load_failures
+            .with_label_values(&[failure.error.reason()])
+            .inc();
+    }
+}
 
 /// Runs reloads and reports them.
 pub struct Reloader {
@@ -47,8 +69,7 @@ impl Reloader {
             .unwrap_or_else(|e| Err(LoadError::Runtime(format!("the reload panicked: {e}"))));
         match &result {
             Ok(report) => {
-                self.metrics
-                    .record_models(&report.set, &report.new_failures);
+                record_models(&self.metrics, &report.set, &report.new_failures);
                 for failure in &report.new_failures {
                     tracing::error!(
                         trigger,
@@ -94,11 +115,17 @@ impl Reloader {
     /// closes.
     pub async fn run(self: Arc<Self>, mut triggers: mpsc::Receiver<&'static str>) {
         while let Some(trigger) = triggers.recv().await {
-            tokio::time::sleep(SETTLE).await;
-            while triggers.try_recv().is_ok() {}
+            settle(&mut triggers).await;
             let _ = self.reload(trigger).await;
         }
     }
+}
+
+/// Lets a burst of change notifications settle, then drops the ones that arrived meanwhile:
+/// one reload answers them all.
+pub async fn settle(triggers: &mut mpsc::Receiver<&'static str>) {
+    tokio::time::sleep(SETTLE).await;
+    while triggers.try_recv().is_ok() {}
 }
 
 /// Watches `dir` and sends a trigger on every change. The watcher stops when dropped.

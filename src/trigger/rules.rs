@@ -20,25 +20,16 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use cel_interpreter::Program;
 use serde::Deserialize;
+
+pub use super::expr::{Expr, CONTEXT_VARIABLES};
 use sha2::{Digest, Sha256};
 
 use crate::event::EventKind;
-use crate::features::FEATURES;
 use crate::time::{DAY_MS, HOUR_MS, MINUTE_MS};
 
 /// The most rules one file may hold (rule names are metric labels).
 pub const MAX_RULES: usize = 200;
-
-/// Variables a CEL expression may name, besides the FeatureSpec's feature names.
-pub const CONTEXT_VARIABLES: &[(&str, &str)] = &[
-    ("scores", "map of model name to probability, e.g. scores.purchase"),
-    ("event", "the current event: kind, product_id, category, price, order_value, page, attributes (for timers, kind is \"timer\")"),
-    ("segment", "the person's k-means segment name (\"\" without a segments file)"),
-    ("segments", "the person's rule-based segments, e.g. 'at_risk' in segments"),
-    ("stage", "the journey stage: awareness, consideration or decision"),
-];
 
 /// Every problem found in a rules file.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -203,64 +194,6 @@ pub struct Journey {
 pub const DEFAULT_DECISION: &str = "cart_items > 0 || checkout_since_cart_add > 0";
 pub const DEFAULT_CONSIDERATION: &str =
     "session_product_views >= 2 || product_views_30d >= 3 || searches_30d >= 2";
-
-/// A compiled CEL expression and its source.
-pub struct Expr {
-    pub source: String,
-    pub program: Program,
-}
-
-impl std::fmt::Debug for Expr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_tuple("Expr").field(&self.source).finish()
-    }
-}
-
-impl Expr {
-    /// Compiles `source`, refusing names that are neither features nor context variables.
-    pub fn compile(source: &str) -> Result<Expr, String> {
-        if source.trim().is_empty() {
-            return Err("the expression is empty".into());
-        }
-        // The parser must not take the server down on any input; it returns errors for
-        // every input tried, and this guard holds if one is missed.
-        let program = std::panic::catch_unwind(|| Program::compile(source))
-            .map_err(|_| "the expression does not parse".to_owned())?
-            .map_err(|e| {
-                let message = e.to_string();
-                // The first line names the position; the rest lists every token the
-                // grammar expected, which is noise here.
-                message.lines().next().unwrap_or("").to_owned()
-            })?;
-        let unknown: Vec<String> = program
-            .references()
-            .variables()
-            .into_iter()
-            .filter(|v| !is_known_variable(v))
-            .map(str::to_owned)
-            .collect();
-        if !unknown.is_empty() {
-            return Err(format!(
-                "unknown name{} {}: use feature names (see GetProfile) or {}",
-                if unknown.len() > 1 { "s" } else { "" },
-                unknown.join(", "),
-                CONTEXT_VARIABLES
-                    .iter()
-                    .map(|(n, _)| *n)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ));
-        }
-        Ok(Expr {
-            source: source.to_owned(),
-            program,
-        })
-    }
-}
-
-fn is_known_variable(name: &str) -> bool {
-    FEATURES.iter().any(|f| f.name == name) || CONTEXT_VARIABLES.iter().any(|(n, _)| *n == name)
-}
 
 /// Parses a duration such as `30s`, `30m`, `24h` or `7d` into milliseconds.
 pub fn parse_duration(text: &str) -> Result<i64, String> {
@@ -599,6 +532,12 @@ impl RuleSet {
 
     pub fn get(&self, name: &str) -> Option<&Rule> {
         self.rules.iter().find(|r| r.name == name)
+    }
+
+    /// Whether some expression reads `name` (a feature or a context variable): what is
+    /// not read need not be computed.
+    pub fn reads(&self, name: &str) -> bool {
+        self.variables.contains(name)
     }
 }
 

@@ -1,10 +1,14 @@
 //! The pure trigger core: every condition kind, suppression and experiments, with time
 //! given by the test.
 
+use std::collections::BTreeMap;
+
+use super::experiment::{assign_variant, record_purchase};
+use super::rules::RuleSet;
 use super::*;
-use crate::event::{EventKind, Properties};
+use crate::event::{Event, EventKind, Properties};
 use crate::features::Feature;
-use crate::time::{DAY_MS, HOUR_MS, MINUTE_MS};
+use crate::time::{HOUR_MS, MINUTE_MS};
 
 const T0: Time = Time(1_772_445_600_000); // 2026-03-02T10:00:00Z
 
@@ -68,7 +72,13 @@ impl Person {
         self.last_seen = self.last_seen.max(Some(e.time));
         let explain = |_: &str| Vec::new();
         let mut state = std::mem::take(&mut self.state);
-        let firings = evaluate_event(rules, &mut state, &self.facts(e.time, &explain), &e);
+        let firings = evaluate(
+            rules,
+            &mut state,
+            &self.facts(e.time, &explain),
+            Cause::Event(&e),
+        )
+        .firings;
         self.state = state;
         summary(&firings)
     }
@@ -76,7 +86,7 @@ impl Person {
     fn tick(&mut self, rules: &RuleSet, now: Time) -> Vec<(String, String)> {
         let explain = |_: &str| Vec::new();
         let mut state = std::mem::take(&mut self.state);
-        let firings = evaluate_timers(rules, &mut state, &self.facts(now, &explain));
+        let firings = evaluate(rules, &mut state, &self.facts(now, &explain), Cause::Due).firings;
         self.state = state;
         summary(&firings)
     }
@@ -263,7 +273,13 @@ fn trigger_ids_are_stable_per_rule_person_and_cause() {
         p.on(&rules, event("add", EventKind::AddToCart, T0));
         let explain = |_: &str| Vec::new();
         let mut state = std::mem::take(&mut p.state);
-        evaluate_timers(&rules, &mut state, &p.facts(T0.plus_ms(HOUR_MS), &explain))
+        evaluate(
+            &rules,
+            &mut state,
+            &p.facts(T0.plus_ms(HOUR_MS), &explain),
+            Cause::Due,
+        )
+        .firings
     };
     let (a, b) = (run(), run());
     assert_eq!(a[0].trigger.trigger_id, b[0].trigger.trigger_id);
@@ -432,31 +448,47 @@ fn variants_are_sticky_split_by_weight_and_holdouts_are_not_delivered() {
         assert!((got - share).abs() < 0.018, "{variant}: {got} vs {share}");
     }
 
-    let mut p = Person::new();
-    p.set_score("purchase", 0.9);
-    let explain = |_: &str| Vec::new();
-    let mut state = TriggerState::default();
-    let firings = evaluate_event(
-        &rules,
-        &mut state,
-        &p.facts(T0, &explain),
-        &event("e", EventKind::PageView, T0),
-    );
-    let variant = assign_variant(experiment, &person());
-    let f = &firings[0];
-    assert_eq!(f.trigger.variant.as_deref(), Some(variant));
-    match variant {
-        HOLDOUT => assert_eq!(f.outcome, Outcome::Holdout),
-        "a" => assert_eq!(f.trigger.action.template, "A"),
-        _ => assert_eq!(f.trigger.action.params["percent"], "15"),
+    // One person in each variant, so every branch below runs.
+    let mut seen = BTreeMap::new();
+    for i in 0.. {
+        let key = PersonKey::User(format!("user-{i}"));
+        seen.entry(assign_variant(experiment, &key)).or_insert(key);
+        if seen.len() == 3 {
+            break;
+        }
     }
-    // The exposure converts on a purchase inside the window, once.
-    assert_eq!(state.exposures.len(), 1);
-    assert_eq!(
-        record_purchase(&mut state, T0.plus_ms(HOUR_MS)),
-        vec![("intent".to_owned(), variant.to_owned())]
-    );
-    assert!(record_purchase(&mut state, T0.plus_ms(2 * HOUR_MS)).is_empty());
+    for (variant, key) in seen {
+        let mut p = Person::new();
+        p.set_score("purchase", 0.9);
+        let explain = |_: &str| Vec::new();
+        let mut state = TriggerState::default();
+        let mut facts = p.facts(T0, &explain);
+        facts.person = &key;
+        let mut e = event("e", EventKind::PageView, T0);
+        e.person = key.clone();
+        let firings = evaluate(&rules, &mut state, &facts, Cause::Event(&e)).firings;
+        let f = &firings[0];
+        assert_eq!(f.trigger.variant.as_deref(), Some(variant));
+        match variant {
+            HOLDOUT => assert_eq!(f.outcome, Outcome::Holdout),
+            "a" => {
+                assert_eq!(f.outcome, Outcome::Delivered);
+                assert_eq!(f.trigger.action.template, "A");
+            }
+            "b" => {
+                assert_eq!(f.outcome, Outcome::Delivered);
+                assert_eq!(f.trigger.action.params["percent"], "15");
+            }
+            other => panic!("unexpected variant {other}"),
+        }
+        // The exposure (holdout included) converts on a purchase inside the window, once.
+        assert_eq!(state.exposures.len(), 1);
+        assert_eq!(
+            record_purchase(&mut state, T0.plus_ms(HOUR_MS)),
+            vec![("intent".to_owned(), variant.to_owned())]
+        );
+        assert!(record_purchase(&mut state, T0.plus_ms(2 * HOUR_MS)).is_empty());
+    }
 }
 
 #[test]
@@ -472,14 +504,17 @@ fn a_trigger_carries_scores_stage_contributions_and_the_action() {
         }]
     };
     let mut state = TriggerState::default();
-    let firings = evaluate_event(
-        &rules,
-        &mut state,
-        &p.facts(T0, &explain),
-        &event("e", EventKind::AddToCart, T0),
-    );
+    let e = event("e", EventKind::AddToCart, T0);
+    let firings = evaluate(&rules, &mut state, &p.facts(T0, &explain), Cause::Event(&e)).firings;
     let t = &firings[0].trigger;
-    assert_eq!(t.trigger_id, trigger_id("intent", &person(), "event:e"));
+    assert_eq!(t.cause, "event:e");
+    assert!(
+        t.trigger_id.len() == 36
+            && t.trigger_id.starts_with("trg_")
+            && t.trigger_id[4..].bytes().all(|b| b.is_ascii_hexdigit()),
+        "{}",
+        t.trigger_id
+    );
     assert_eq!(t.user_id.as_deref(), Some("u1"));
     assert_eq!(t.time_ms, T0.millis());
     assert_eq!(t.scores["purchase"], 0.8);
@@ -502,62 +537,4 @@ fn merging_states_keeps_the_earlier_timer_and_the_latest_firing() {
     a.state.merge(b.state);
     assert_eq!(a.state.timers.len(), 1);
     assert_eq!(a.state.timers[0].cause, "b1");
-}
-
-#[test]
-fn the_outbox_keeps_what_is_young_or_not_yet_delivered_by_every_endpoint() {
-    use crate::store::{Store, SyncMode, Write};
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(Store::open(dir.path(), SyncMode::Always).unwrap());
-    let trigger = |seq: u64, at: Time| {
-        let t = Trigger {
-            trigger_id: format!("t{seq}"),
-            rule: "r".into(),
-            user_id: Some("u".into()),
-            anonymous_id: None,
-            time_ms: at.millis(),
-            cause: String::new(),
-            scores: BTreeMap::new(),
-            journey_stage: "awareness".into(),
-            contributions: BTreeMap::new(),
-            action: Default::default(),
-            experiment: None,
-            variant: None,
-        };
-        Write::Outbox(seq, serde_json::to_vec(&t).unwrap())
-    };
-    // Four triggers a day apart: 3, 2 and 1 days old, and one from now.
-    store
-        .commit(
-            (1..=4)
-                .map(|i| trigger(i, T0.plus_ms(i as i64 * DAY_MS)))
-                .collect(),
-        )
-        .unwrap();
-    let now = T0.plus_ms(4 * DAY_MS);
-    let triggers = Triggers::open(
-        std::path::PathBuf::new(),
-        store.clone(),
-        Arc::new(crate::metrics::Metrics::new()),
-    )
-    .unwrap();
-    // An endpoint that has delivered up to 1 holds the rest back.
-    store
-        .advance_cursor(&webhook::consumer("crm"), 1, &[])
-        .unwrap();
-    let endpoints = ["crm".to_owned()];
-    assert_eq!(
-        triggers.trim_outbox(now, 36 * HOUR_MS, &endpoints).unwrap(),
-        1
-    );
-    assert_eq!(triggers.outbox.first().unwrap(), Some(2));
-    // Once it caught up, what is older than the retention goes; the young one stays.
-    store
-        .advance_cursor(&webhook::consumer("crm"), 4, &[])
-        .unwrap();
-    assert_eq!(
-        triggers.trim_outbox(now, 36 * HOUR_MS, &endpoints).unwrap(),
-        1
-    );
-    assert_eq!(triggers.outbox.first().unwrap(), Some(3));
 }

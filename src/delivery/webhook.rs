@@ -14,6 +14,7 @@
 
 use std::collections::BTreeSet;
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,12 +27,142 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::outbox::Outbox;
-use super::Trigger;
 use crate::metrics::Metrics;
-use crate::store::Store;
+use crate::store::{Store, StoreError};
+use crate::trigger::Trigger;
 
-/// One endpoint's settings.
-#[derive(Clone, Debug)]
+/// One `[[triggers.webhooks]]` entry of the config file.
+#[derive(Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// A name for logs, metrics and the endpoint's cursor; keep it when the URL changes.
+    pub name: String,
+    pub url: String,
+    /// The signing secret, `whsec_` + base64 (Standard Webhooks); or `secret_file`.
+    #[serde(default)]
+    pub secret: String,
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
+    /// Only these rules' triggers; all when empty.
+    #[serde(default)]
+    pub rules: Vec<String>,
+    #[serde(default = "defaults::concurrency")]
+    pub concurrency: usize,
+    #[serde(default = "defaults::rate_per_second")]
+    pub rate_per_second: f64,
+    #[serde(default = "defaults::max_attempts")]
+    pub max_attempts: u32,
+    #[serde(default = "defaults::initial_backoff_ms")]
+    pub initial_backoff_ms: u64,
+    #[serde(default = "defaults::max_backoff_ms")]
+    pub max_backoff_ms: u64,
+    #[serde(default = "defaults::timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+mod defaults {
+    pub fn concurrency() -> usize {
+        4
+    }
+    pub fn rate_per_second() -> f64 {
+        50.0
+    }
+    pub fn max_attempts() -> u32 {
+        12
+    }
+    pub fn initial_backoff_ms() -> u64 {
+        1000
+    }
+    pub fn max_backoff_ms() -> u64 {
+        600_000
+    }
+    pub fn timeout_ms() -> u64 {
+        10_000
+    }
+}
+
+/// Shown as `<redacted>`: a config printed by `nudge check-config` or a log line must not
+/// carry the signing secret.
+const REDACTED: &str = "<redacted>";
+
+impl std::fmt::Debug for WebhookConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookConfig")
+            .field("name", &self.name)
+            .field("url", &self.url)
+            .field(
+                "secret",
+                &if self.secret.is_empty() { "" } else { REDACTED },
+            )
+            .field("secret_file", &self.secret_file)
+            .field("rules", &self.rules)
+            .field("concurrency", &self.concurrency)
+            .field("rate_per_second", &self.rate_per_second)
+            .field("max_attempts", &self.max_attempts)
+            .field("initial_backoff_ms", &self.initial_backoff_ms)
+            .field("max_backoff_ms", &self.max_backoff_ms)
+            .field("timeout_ms", &self.timeout_ms)
+            .finish()
+    }
+}
+
+impl WebhookConfig {
+    /// Every problem with this entry, each prefixed with `at` (where it is in the file).
+    pub fn problems(&self, at: &str) -> Vec<String> {
+        let mut problems = Vec::new();
+        if !(self.url.starts_with("http://") || self.url.starts_with("https://")) {
+            problems.push(format!("{at}: url must start with http:// or https://"));
+        }
+        if !(self.rate_per_second.is_finite() && self.rate_per_second > 0.0) {
+            problems.push(format!("{at}: rate_per_second must be positive"));
+        }
+        if self.initial_backoff_ms == 0 || self.max_backoff_ms < self.initial_backoff_ms {
+            problems.push(format!(
+                "{at}: initial_backoff_ms must be at least 1 and at most max_backoff_ms"
+            ));
+        }
+        if let Err(e) = Endpoint::try_from(self) {
+            problems.push(format!("{at}: {e}"));
+        }
+        problems
+    }
+}
+
+impl TryFrom<&WebhookConfig> for Endpoint {
+    type Error = String;
+
+    /// The endpoint's delivery settings, with its secret read and decoded.
+    fn try_from(c: &WebhookConfig) -> Result<Endpoint, String> {
+        let secret = match &c.secret_file {
+            Some(path) => std::fs::read_to_string(path)
+                .map_err(|e| format!("{}: {e}", path.display()))?
+                .trim()
+                .to_owned(),
+            None => c.secret.clone(),
+        };
+        if secret.is_empty() {
+            return Err("give a secret or a secret_file".into());
+        }
+        if c.concurrency == 0 || c.max_attempts == 0 {
+            return Err("concurrency and max_attempts must be at least 1".into());
+        }
+        Ok(Endpoint {
+            name: c.name.clone(),
+            url: c.url.clone(),
+            secret: secret_key(&secret)?,
+            rules: c.rules.clone(),
+            concurrency: c.concurrency,
+            rate_per_second: c.rate_per_second,
+            max_attempts: c.max_attempts,
+            initial_backoff: Duration::from_millis(c.initial_backoff_ms),
+            max_backoff: Duration::from_millis(c.max_backoff_ms),
+            timeout: Duration::from_millis(c.timeout_ms),
+        })
+    }
+}
+
+/// One endpoint's settings, checked.
+#[derive(Clone)]
 pub struct Endpoint {
     pub name: String,
     pub url: String,
@@ -47,15 +178,44 @@ pub struct Endpoint {
     pub timeout: Duration,
 }
 
-/// The key of a Standard Webhooks secret: the base64 after `whsec_`, or the bytes of a
-/// secret without that prefix.
-pub fn secret_key(secret: &str) -> Result<Vec<u8>, String> {
-    match secret.strip_prefix("whsec_") {
-        Some(b64) => base64::engine::general_purpose::STANDARD
-            .decode(b64)
-            .map_err(|e| format!("the secret after whsec_ is not base64: {e}")),
-        None => Ok(secret.as_bytes().to_vec()),
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("name", &self.name)
+            .field("url", &self.url)
+            .field("secret", &REDACTED)
+            .field("rules", &self.rules)
+            .field("concurrency", &self.concurrency)
+            .field("rate_per_second", &self.rate_per_second)
+            .field("max_attempts", &self.max_attempts)
+            .field("initial_backoff", &self.initial_backoff)
+            .field("max_backoff", &self.max_backoff)
+            .field("timeout", &self.timeout)
+            .finish()
     }
+}
+
+/// The shortest signing key accepted, in bytes: the Standard Webhooks specification asks
+/// for secrets of 24 to 64 bytes.
+const MIN_SECRET_BYTES: usize = 24;
+
+/// The key of a Standard Webhooks secret: base64, with or without the `whsec_` prefix —
+/// exactly as the reference libraries read it, so a receiver verifying with one of them
+/// and the same secret string agrees with Nudge's signatures.
+pub fn secret_key(secret: &str) -> Result<Vec<u8>, String> {
+    let b64 = secret.strip_prefix("whsec_").unwrap_or(secret);
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .map_err(|e| {
+            format!("the secret must be base64 (optionally after whsec_), as Standard Webhooks libraries read it: {e}")
+        })?;
+    if key.len() < MIN_SECRET_BYTES {
+        return Err(format!(
+            "the secret decodes to {} bytes; Standard Webhooks secrets are at least {MIN_SECRET_BYTES}",
+            key.len()
+        ));
+    }
+    Ok(key)
 }
 
 /// The `webhook-signature` header for a message.
@@ -98,7 +258,7 @@ pub fn dead_letters(
     store: &Store,
     endpoint: &str,
     limit: usize,
-) -> Result<Vec<DeadLetter>, crate::store::StoreError> {
+) -> Result<Vec<DeadLetter>, StoreError> {
     Ok(store
         .dead_letters(&consumer(endpoint))?
         .into_iter()
@@ -157,14 +317,14 @@ pub async fn run(
     let shared = Arc::new(Shared {
         client,
         endpoint: endpoint.clone(),
-        permits: Semaphore::new(endpoint.concurrency.max(1)),
+        permits: Semaphore::new(endpoint.concurrency),
         pacer: Pacer {
             interval: Duration::from_secs_f64(1.0 / endpoint.rate_per_second.max(0.001)),
             next: tokio::sync::Mutex::new(Instant::now()),
         },
         metrics: metrics.clone(),
     });
-    let window = endpoint.concurrency.max(1) * 8;
+    let window = endpoint.concurrency * 8;
     let mut read_to = cursor;
     let mut pending: BTreeSet<u64> = BTreeSet::new();
     let mut tasks: JoinSet<(u64, Option<Vec<u8>>)> = JoinSet::new();
@@ -262,7 +422,7 @@ impl Shared {
                     self.count("delivered");
                     return None;
                 }
-                Err(failure) if attempt >= e.max_attempts.max(1) => {
+                Err(failure) if attempt >= e.max_attempts => {
                     self.count("dead_letter");
                     tracing::error!(endpoint = %e.name, trigger_id = %trigger.trigger_id, attempts = attempt, error = %failure.message, "webhook delivery gave up; stored as a dead letter");
                     let record = DeadLetter {

@@ -13,8 +13,10 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
 
-use super::Trigger;
+use super::webhook;
 use crate::store::{Store, StoreError};
+use crate::time::Time;
+use crate::trigger::Trigger;
 
 pub struct Outbox {
     store: Arc<Store>,
@@ -120,12 +122,60 @@ impl Outbox {
             })
             .collect())
     }
+
+    /// A webhook endpoint's dead letters, oldest first, at most `limit`.
+    pub fn dead_letters(
+        &self,
+        endpoint: &str,
+        limit: usize,
+    ) -> Result<Vec<webhook::DeadLetter>, StoreError> {
+        webhook::dead_letters(&self.store, endpoint, limit)
+    }
+
+    /// Deletes entries older than `retention_ms` that every webhook endpoint (`endpoints`)
+    /// has taken care of; returns how many.
+    pub fn trim(
+        &self,
+        now: Time,
+        retention_ms: i64,
+        endpoints: &[String],
+    ) -> Result<usize, StoreError> {
+        let mut up_to = self.watermark();
+        for name in endpoints {
+            up_to = up_to.min(self.store.cursor(&webhook::consumer(name))?);
+        }
+        // Entries are in time order: find the last one that is old enough.
+        let mut cut = 0;
+        let mut cursor = self.first()?.map_or(0, |f| f.saturating_sub(1));
+        'scan: loop {
+            let batch = self.read(cursor, 1024)?;
+            if batch.is_empty() {
+                break;
+            }
+            for (seq, t) in batch {
+                if seq > up_to || now.since(Time(t.time_ms)) < retention_ms {
+                    break 'scan;
+                }
+                cut = seq;
+                cursor = seq;
+            }
+        }
+        if cut == 0 {
+            return Ok(0);
+        }
+        self.store.trim_outbox(cut)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::store::{SyncMode, Write};
+    use crate::time::{DAY_MS, HOUR_MS};
+    use crate::trigger::Trigger;
+
+    /// 2026-03-02T10:00:00Z.
+    const T0: Time = Time(1_772_445_600_000);
 
     #[test]
     fn readers_see_only_what_every_earlier_batch_has_committed() {
@@ -155,5 +205,52 @@ mod tests {
         drop(outbox);
         let reopened = Outbox::open(store).unwrap();
         assert_eq!(reopened.reserve(1).numbers(), 4..5, "4 never committed");
+    }
+
+    #[test]
+    fn the_outbox_keeps_what_is_young_or_not_yet_delivered_by_every_endpoint() {
+        use std::collections::BTreeMap;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path(), SyncMode::Always).unwrap());
+        let trigger = |seq: u64, at: Time| {
+            let t = Trigger {
+                trigger_id: format!("t{seq}"),
+                rule: "r".into(),
+                user_id: Some("u".into()),
+                anonymous_id: None,
+                time_ms: at.millis(),
+                cause: String::new(),
+                scores: BTreeMap::new(),
+                journey_stage: "awareness".into(),
+                contributions: BTreeMap::new(),
+                action: Default::default(),
+                experiment: None,
+                variant: None,
+            };
+            Write::Outbox(seq, serde_json::to_vec(&t).unwrap())
+        };
+        // Four triggers a day apart: 3, 2 and 1 days old, and one from now.
+        store
+            .commit(
+                (1..=4)
+                    .map(|i| trigger(i, T0.plus_ms(i as i64 * DAY_MS)))
+                    .collect(),
+            )
+            .unwrap();
+        let now = T0.plus_ms(4 * DAY_MS);
+        let outbox = Outbox::open(store.clone()).unwrap();
+        // An endpoint that has delivered up to 1 holds the rest back.
+        store
+            .advance_cursor(&webhook::consumer("crm"), 1, &[])
+            .unwrap();
+        let endpoints = ["crm".to_owned()];
+        assert_eq!(outbox.trim(now, 36 * HOUR_MS, &endpoints).unwrap(), 1);
+        assert_eq!(outbox.first().unwrap(), Some(2));
+        // Once it caught up, what is older than the retention goes; the young one stays.
+        store
+            .advance_cursor(&webhook::consumer("crm"), 4, &[])
+            .unwrap();
+        assert_eq!(outbox.trim(now, 36 * HOUR_MS, &endpoints).unwrap(), 1);
+        assert_eq!(outbox.first().unwrap(), Some(3));
     }
 }

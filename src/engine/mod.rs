@@ -1,0 +1,408 @@
+//! The engine owns every profile. People are spread over shards by a stable hash of their
+//! key; each shard is one thread that alone applies events to its people, extracts their
+//! features, scores them, evaluates their trigger rules and writes them to the store, so
+//! no lock guards profile state.
+//!
+//! - this file: [`Engine`], the handle the API and the server hold, and routing (alias
+//!   resolution, the shard of a person, bounded queues);
+//! - [`shard`]: the shard thread, its commands and the group commit;
+//! - [`merge`]: the identity merge protocol across two shards, both halves;
+//! - [`timers`]: each shard's index of pending timers by due time.
+//!
+//! Queues are bounded: when one is full the caller is told at once
+//! ([`EngineError::Overloaded`]). An answer is a promise: a shard answers only after the
+//! store batch holding the request's effects is committed.
+
+mod merge;
+mod shard;
+mod timers;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::event::{Event, PersonKey};
+use crate::identity::Identities;
+use crate::metrics::Metrics;
+use crate::model::{Model, ModelRegistry, Scores};
+use crate::profile::Profile;
+use crate::store::{Store, StoreError};
+use crate::time::Time;
+use crate::trigger::rules::{RuleSet, RulesError};
+use crate::trigger::{Explanation, Live, OutcomeTotals, VariantOutcome};
+pub use merge::Merge;
+use shard::{Command, Reply, Shard};
+use timers::TimerIndex;
+
+/// How the engine is laid out.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// Shard threads; each owns a slice of the people.
+    pub shards: usize,
+    /// Requests waiting per shard before callers are turned away.
+    pub queue_capacity: usize,
+    /// How long an event id is remembered for idempotency.
+    pub dedup_horizon_ms: i64,
+}
+
+/// Why the engine could not do what was asked.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum EngineError {
+    #[error("the engine is overloaded (a shard queue is full); retry with backoff")]
+    Overloaded,
+    #[error("the engine is shutting down")]
+    ShuttingDown,
+    /// Shared by every request of the group whose commit failed.
+    #[error("the store failed; nothing of this request was acknowledged: {0}")]
+    Store(#[source] Arc<StoreError>),
+    #[error("{0}")]
+    Conflict(#[from] merge::Conflict),
+}
+
+impl From<StoreError> for EngineError {
+    fn from(e: StoreError) -> Self {
+        EngineError::Store(Arc::new(e))
+    }
+}
+
+/// What became of a tracked event.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Applied; the person's scores after it.
+    Accepted(Scores),
+    /// Its id was seen within the horizon: nothing changed; the person's current scores.
+    Duplicate(Scores),
+}
+
+/// The handle to the shard threads.
+pub struct Engine {
+    shards: Vec<mpsc::Sender<Command>>,
+    /// Taken by [`Engine::shutdown`].
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    identities: Arc<Identities>,
+    rules: Arc<Live>,
+    store: Arc<Store>,
+    /// One identity merge (or erasure) at a time.
+    merges: tokio::sync::Mutex<()>,
+    metrics: Arc<Metrics>,
+}
+
+impl Engine {
+    pub fn start(
+        options: &EngineOptions,
+        store: Arc<Store>,
+        identities: Arc<Identities>,
+        models: Arc<ModelRegistry>,
+        rules: Arc<Live>,
+        outbox: Arc<crate::delivery::outbox::Outbox>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Engine, EngineError> {
+        let count = options.shards.max(1);
+        // Each shard takes its own people's timers and its own experiment totals.
+        let mut timers: Vec<TimerIndex> = (0..count)
+            .map(|_| TimerIndex::new(metrics.clone()))
+            .collect();
+        for (due, person) in store.timer_index()? {
+            timers[shard_index(&person, count)].insert(due, person);
+        }
+        let mut outcomes = vec![BTreeMap::new(); count];
+        for (rule, variant, shard, totals) in store.outcomes()? {
+            if let Some(o) = outcomes.get_mut(usize::from(shard)) {
+                o.insert((rule, variant), totals);
+            }
+        }
+        let mut shards = Vec::with_capacity(count);
+        let mut threads = Vec::with_capacity(count);
+        for (i, (timers, outcomes)) in timers.into_iter().zip(outcomes).enumerate() {
+            let (tx, rx) = mpsc::channel(options.queue_capacity.max(1));
+            let shard = Shard::new(
+                i as u16,
+                timers,
+                outcomes,
+                store.clone(),
+                models.clone(),
+                rules.clone(),
+                outbox.clone(),
+                metrics.clone(),
+                options.dedup_horizon_ms,
+            );
+            let thread = std::thread::Builder::new()
+                .name(format!("nudge-shard-{i}"))
+                .spawn(move || shard.run(rx))
+                .expect("spawning a shard thread");
+            shards.push(tx);
+            threads.push(thread);
+        }
+        Ok(Engine {
+            shards,
+            threads: Mutex::new(threads),
+            identities,
+            rules,
+            store,
+            merges: tokio::sync::Mutex::new(()),
+            metrics,
+        })
+    }
+
+    fn shard_of(&self, person: &PersonKey) -> usize {
+        shard_index(person, self.shards.len())
+    }
+
+    /// Applies validated events in order and answers each event's outcome. An event that
+    /// carries both a user id and a not-yet-linked anonymous id first merges the anonymous
+    /// visitor into the user. Either every event is queued or none is: capacity on every
+    /// shard involved is reserved first.
+    pub async fn track(
+        &self,
+        events: Vec<(usize, Event)>,
+        now: Time,
+    ) -> Result<Vec<(usize, Outcome)>, EngineError> {
+        let received = Instant::now();
+        for (_, event) in &events {
+            if let Some(anonymous) = &event.linked {
+                // Most events that carry both ids belong to a link made long ago: check
+                // without the merge lock first.
+                if self.identities.read().alias_of(anonymous) == Some(&event.person) {
+                    continue;
+                }
+                match self.merge(anonymous.clone(), event.person.clone()).await {
+                    Ok(_) => {}
+                    // The event still belongs to its user; only the link is refused.
+                    Err(EngineError::Conflict(reason)) => {
+                        tracing::warn!(%reason, "identity link refused");
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        let mut replies = Vec::new();
+        {
+            // Resolve and queue under the read lock, so no merge slips in between.
+            let resolver = self.identities.read();
+            let mut per_shard: Vec<Vec<(usize, Event)>> = vec![Vec::new(); self.shards.len()];
+            for (index, mut event) in events {
+                event.person = resolver.resolve(&event.person);
+                per_shard[self.shard_of(&event.person)].push((index, event));
+            }
+            let mut permits = Vec::new();
+            for (shard, batch) in self.shards.iter().zip(per_shard) {
+                if batch.is_empty() {
+                    continue;
+                }
+                permits.push((shard.try_reserve().map_err(full_or_closed)?, batch));
+            }
+            for (permit, events) in permits {
+                let (reply, answer) = oneshot::channel();
+                permit.send(Command::Track {
+                    events,
+                    now,
+                    received,
+                    reply,
+                });
+                replies.push(answer);
+            }
+        }
+        let mut results = Vec::new();
+        for answer in replies {
+            results.extend(answer.await.map_err(|_| EngineError::ShuttingDown)??);
+        }
+        results.sort_unstable_by_key(|(index, _)| *index);
+        Ok(results)
+    }
+
+    /// Scores a person's live profile; `None` if Nudge has no events for them.
+    pub async fn score(
+        &self,
+        person: PersonKey,
+        models: Vec<Arc<Model>>,
+        now: Time,
+    ) -> Result<Option<Scores>, EngineError> {
+        self.ask(&person, |person, reply| Command::Score {
+            person,
+            models,
+            now,
+            reply,
+        })
+        .await
+    }
+
+    /// Asks every shard to fire the timers due at `now`. A shard whose queue is full
+    /// skips this tick; its timers fire at the next one.
+    pub fn tick(&self, now: Time) {
+        for shard in &self.shards {
+            let _ = shard.try_send(Command::Tick { now, done: None });
+        }
+    }
+
+    /// Fires the timers due at `now` on every shard, waiting for room in their queues,
+    /// and returns once every shard has committed what fired. For callers that drive time
+    /// themselves (tests, tools); the server's ticker uses [`Engine::tick`].
+    pub async fn tick_and_wait(&self, now: Time) -> Result<(), EngineError> {
+        let mut answers = Vec::with_capacity(self.shards.len());
+        for shard in &self.shards {
+            let (done, answer) = oneshot::channel();
+            shard
+                .send(Command::Tick {
+                    now,
+                    done: Some(done),
+                })
+                .await
+                .map_err(|_| EngineError::ShuttingDown)?;
+            answers.push(answer);
+        }
+        for answer in answers {
+            answer.await.map_err(|_| EngineError::ShuttingDown)??;
+        }
+        Ok(())
+    }
+
+    /// A person's recent trigger decisions with reasons, and pending timers.
+    pub async fn explain(&self, person: PersonKey) -> Result<Explanation, EngineError> {
+        self.ask(&person, |person, reply| Command::Explain { person, reply })
+            .await
+    }
+
+    /// A copy of a person's profile; `None` if Nudge has no events for them.
+    pub async fn profile(&self, person: PersonKey) -> Result<Option<Profile>, EngineError> {
+        self.ask(&person, |person, reply| Command::Profile { person, reply })
+            .await
+    }
+
+    /// Deletes everything about a person — profile, aliases, idempotency records, trigger
+    /// state and timers, audit — durably, then their delivered triggers. Answers whether
+    /// there was a profile; erasing twice is harmless.
+    pub async fn erase(&self, person: PersonKey) -> Result<bool, EngineError> {
+        let (existed, people) = {
+            // The person and their aliases must not change while they are erased.
+            let _merging = self.merges.lock().await;
+            let person = self.identities.read().resolve(&person);
+            let mut people: Vec<PersonKey> = self
+                .identities
+                .write()
+                .iter()
+                .filter(|(_, owner)| **owner == person)
+                .map(|(alias, _)| alias.clone())
+                .collect();
+            people.push(person.clone());
+            let existed = self
+                .ask(&person, |person, reply| Command::Erase { person, reply })
+                .await?;
+            self.identities.forget(&person);
+            (existed, people)
+        };
+        // Delivered triggers name the person too. The scan of the outbox runs without the
+        // merge lock: logins (merges) must not wait behind it, and nothing can deliver a
+        // new trigger for ids that no longer resolve to a person.
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || crate::delivery::forget(&store, &people))
+            .await
+            .map_err(|_| EngineError::ShuttingDown)??;
+        self.metrics.erasures.inc();
+        Ok(existed)
+    }
+
+    /// Reads the rules file again; a file with problems is refused (and counted) and the
+    /// running rules stay. `cause` is for the log.
+    pub fn reload_rules(&self, cause: &str) -> Result<Arc<RuleSet>, RulesError> {
+        match self.rules.reload() {
+            Ok(reloaded) => {
+                if reloaded.changed {
+                    let rules = &reloaded.rules;
+                    self.metrics.rules_reloads.with_label_values(&["ok"]).inc();
+                    self.metrics.rules_loaded.set(rules.rules.len() as i64);
+                    tracing::info!(cause, version = %rules.version, rules = rules.rules.len(), "rules now running");
+                }
+                Ok(reloaded.rules)
+            }
+            Err(e) => {
+                self.metrics
+                    .rules_reloads
+                    .with_label_values(&["refused"])
+                    .inc();
+                tracing::error!(cause, file = %self.rules.path().display(), error = %e, "rules refused; the running rules stay");
+                Err(e)
+            }
+        }
+    }
+
+    /// Exposures and conversions per rule and variant, summed over the shards' committed
+    /// totals.
+    pub async fn experiment_report(&self) -> Result<Vec<VariantOutcome>, EngineError> {
+        let store = self.store.clone();
+        let stored = tokio::task::spawn_blocking(move || store.outcomes())
+            .await
+            .map_err(|_| EngineError::ShuttingDown)??;
+        let mut sums: BTreeMap<(String, String), OutcomeTotals> = BTreeMap::new();
+        for (rule, variant, _, t) in stored {
+            let sum = sums.entry((rule, variant)).or_default();
+            sum.exposures += t.exposures;
+            sum.conversions += t.conversions;
+        }
+        let rules = self.rules.current();
+        Ok(sums
+            .into_iter()
+            .map(|((rule, variant), totals)| VariantOutcome {
+                experiment: rules
+                    .get(&rule)
+                    .and_then(|r| r.experiment.as_ref())
+                    .map(|e| e.name.clone())
+                    .unwrap_or_default(),
+                rule,
+                variant,
+                totals,
+            })
+            .collect())
+    }
+
+    /// Sends a command for `person` (resolved through aliases) to its shard and waits.
+    async fn ask<T>(
+        &self,
+        person: &PersonKey,
+        command: impl FnOnce(PersonKey, Reply<T>) -> Command,
+    ) -> Result<T, EngineError> {
+        let (reply, answer) = oneshot::channel();
+        {
+            let person = self.identities.read().resolve(person);
+            let shard = self.shard_of(&person);
+            self.shards[shard]
+                .try_send(command(person, reply))
+                .map_err(full_or_closed)?;
+        }
+        answer.await.map_err(|_| EngineError::ShuttingDown)?
+    }
+
+    /// Drains the engine: every shard commits and answers what was queued before this
+    /// call, then stops; the threads are joined. A drain token per shard
+    /// ([`Command::Stop`]) marks the end of its queue, so no reference counting decides
+    /// when the shards may go: handles that outlive this (a cancelled call's) get
+    /// `ShuttingDown`. A second call finds nothing left to stop.
+    pub async fn shutdown(&self) {
+        for shard in &self.shards {
+            // A shard that is already gone needs no token.
+            let _ = shard.send(Command::Stop).await;
+        }
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        let _ = tokio::task::spawn_blocking(move || {
+            for thread in threads {
+                // A shard that panicked has already reported it through the panic hook.
+                let _ = thread.join();
+            }
+        })
+        .await;
+    }
+}
+
+/// The shard that owns `person` among `shards`.
+pub fn shard_index(person: &PersonKey, shards: usize) -> usize {
+    (person.stable_hash() % shards as u64) as usize
+}
+
+fn full_or_closed<T>(e: mpsc::error::TrySendError<T>) -> EngineError {
+    match e {
+        mpsc::error::TrySendError::Full(_) => EngineError::Overloaded,
+        mpsc::error::TrySendError::Closed(_) => EngineError::ShuttingDown,
+    }
+}

@@ -1,0 +1,693 @@
+//! One shard: the thread that owns a slice of the people — their profiles, their trigger
+//! states while a group touches them, their timers — and its work loop.
+//!
+//! Group commit: a shard takes every command waiting in its queue (up to a limit), applies
+//! them, writes all their changes — each changed profile once, plus an idempotency record
+//! per event, trigger states, timer index entries, audit and outbox entries — in one
+//! atomic store batch with one fsync, and only then answers. If the commit fails, the
+//! group's people are dropped from memory (the store still has their last good state) and
+//! every answer is the error.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::merge::Resume;
+use super::timers::TimerIndex;
+use super::{EngineError, Outcome};
+use crate::delivery::outbox::Outbox;
+use crate::event::{Event, PersonKey};
+use crate::features::{self, FeatureRow};
+use crate::metrics::Metrics;
+use crate::model::{score_row, Model, ModelRegistry, Scores};
+use crate::profile::Profile;
+use crate::segments;
+use crate::store::{Store, Write};
+use crate::time::Time;
+use crate::trigger::rules::RuleSet;
+use crate::trigger::{
+    self, Cause, Contribution, Explanation, Facts, Firing, History, Live, Outcome as Decision,
+    OutcomeTotals, Trigger, TriggerState,
+};
+
+/// The most commands one shard folds into one commit.
+const MAX_GROUP: usize = 512;
+/// The most people whose timers one tick handles (the rest wait for the next tick).
+const MAX_TIMERS_PER_TICK: usize = 2048;
+
+pub(super) type Reply<T> = oneshot::Sender<Result<T, EngineError>>;
+
+/// What a shard is asked to do.
+pub(super) enum Command {
+    Track {
+        events: Vec<(usize, Event)>,
+        now: Time,
+        received: Instant,
+        reply: Reply<Vec<(usize, Outcome)>>,
+    },
+    /// Fire the timers due at `now`; `done`, if any, answers once they are committed.
+    Tick { now: Time, done: Option<Reply<()>> },
+    /// A person's trigger state (decisions, timers), for explaining.
+    Explain {
+        person: PersonKey,
+        reply: Reply<Explanation>,
+    },
+    Score {
+        person: PersonKey,
+        models: Vec<Arc<Model>>,
+        now: Time,
+        reply: Reply<Option<Scores>>,
+    },
+    Profile {
+        person: PersonKey,
+        reply: Reply<Option<Profile>>,
+    },
+    /// Stop after everything queued before this is committed, until resumed (a merge).
+    Pause {
+        paused: oneshot::Sender<()>,
+        resume: std::sync::mpsc::Receiver<Resume>,
+    },
+    /// Fold `from` (whose shard is paused, or this one) into `into`.
+    Absorb {
+        from: PersonKey,
+        into: PersonKey,
+        reply: Reply<()>,
+    },
+    /// Delete everything about a person; answers whether there was a profile.
+    Erase {
+        person: PersonKey,
+        reply: Reply<bool>,
+    },
+    /// The drain token: commit and answer everything queued before it, then stop.
+    Stop,
+}
+
+/// An answer held back until the group's commit: the value, unless the commit fails.
+struct Answer<T> {
+    reply: Reply<T>,
+    value: Result<T, EngineError>,
+}
+
+impl<T> Answer<T> {
+    fn send(self, committed: &Result<(), EngineError>) {
+        let value = match committed {
+            Ok(()) => self.value,
+            Err(e) => Err(e.clone()),
+        };
+        // Callers that gave up (deadline, cancellation) no longer listen; that is fine.
+        let _ = self.reply.send(value);
+    }
+}
+
+enum Pending {
+    Track(Answer<Vec<(usize, Outcome)>>),
+    Explain(Answer<Explanation>),
+    Score(Answer<Option<Scores>>),
+    Profile(Answer<Option<Profile>>),
+    Absorbed(Answer<()>),
+    Erased(Answer<bool>),
+    Ticked(Answer<()>),
+}
+
+impl Pending {
+    fn send(self, committed: &Result<(), EngineError>) {
+        match self {
+            Pending::Track(a) => a.send(committed),
+            Pending::Explain(a) => a.send(committed),
+            Pending::Score(a) => a.send(committed),
+            Pending::Profile(a) => a.send(committed),
+            Pending::Absorbed(a) => a.send(committed),
+            Pending::Erased(a) => a.send(committed),
+            Pending::Ticked(a) => a.send(committed),
+        }
+    }
+}
+
+/// The writes and answers of one group of commands.
+#[derive(Default)]
+pub(super) struct Group {
+    pub(super) writes: Vec<Write>,
+    pending: Vec<Pending>,
+    /// People whose profile changed: written once at the end.
+    pub(super) dirty: HashSet<PersonKey>,
+    /// Event ids recorded in this group, not yet in the store.
+    pub(super) seen: HashSet<(PersonKey, String)>,
+    /// People whose trigger state changed.
+    pub(super) dirty_states: HashSet<PersonKey>,
+    /// Delivered triggers for the outbox, with when their event was received.
+    delivered: Vec<(Trigger, Option<Instant>)>,
+    /// Experiment totals that changed.
+    dirty_outcomes: HashSet<(String, String)>,
+    /// Timer index entries taken out of memory, put back if the commit fails.
+    pub(super) unindexed: Vec<(Time, PersonKey)>,
+}
+
+/// What one command's evaluation shares: the models and rules it started with, and `now`.
+struct Round<'a> {
+    models: &'a [Arc<Model>],
+    rules: &'a RuleSet,
+    now: Time,
+}
+
+/// A person as scored at `now`: what rules are evaluated on.
+struct Scored<'a> {
+    person: &'a PersonKey,
+    row: &'a FeatureRow,
+    scores: &'a Scores,
+    history: History,
+}
+
+/// One shard: the profiles and trigger states of its people, their timers, and the work
+/// loop.
+pub(super) struct Shard {
+    index: u16,
+    pub(super) profiles: HashMap<PersonKey, Profile>,
+    /// The trigger states this group touched (the store holds them between groups).
+    pub(super) states: HashMap<PersonKey, TriggerState>,
+    pub(super) timers: TimerIndex,
+    /// This shard's share of each (rule, variant)'s experiment totals.
+    outcomes: BTreeMap<(String, String), OutcomeTotals>,
+    /// Decisions made since start: orders the audit entries of one millisecond.
+    decisions: u64,
+    pub(super) store: Arc<Store>,
+    models: Arc<ModelRegistry>,
+    rules: Arc<Live>,
+    outbox: Arc<Outbox>,
+    pub(super) metrics: Arc<Metrics>,
+    dedup_horizon_ms: i64,
+}
+
+impl Shard {
+    #[allow(clippy::too_many_arguments)] // one constructor, called once, with named parts
+    pub(super) fn new(
+        index: u16,
+        timers: TimerIndex,
+        outcomes: BTreeMap<(String, String), OutcomeTotals>,
+        store: Arc<Store>,
+        models: Arc<ModelRegistry>,
+        rules: Arc<Live>,
+        outbox: Arc<Outbox>,
+        metrics: Arc<Metrics>,
+        dedup_horizon_ms: i64,
+    ) -> Shard {
+        Shard {
+            index,
+            profiles: HashMap::new(),
+            states: HashMap::new(),
+            timers,
+            outcomes,
+            decisions: 0,
+            store,
+            models,
+            rules,
+            outbox,
+            metrics,
+            dedup_horizon_ms,
+        }
+    }
+
+    pub(super) fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        while let Some(first) = rx.blocking_recv() {
+            let mut commands = vec![first];
+            while commands.len() < MAX_GROUP
+                && !matches!(commands.last(), Some(Command::Pause { .. } | Command::Stop))
+            {
+                match rx.try_recv() {
+                    Ok(command) => commands.push(command),
+                    Err(_) => break,
+                }
+            }
+            let mut group = Group::default();
+            let mut pause = None;
+            let mut stop = false;
+            for command in commands {
+                match command {
+                    Command::Pause { paused, resume } => pause = Some((paused, resume)),
+                    Command::Stop => stop = true,
+                    command => self.handle(command, &mut group),
+                }
+            }
+            self.commit(group);
+            if stop {
+                // What is still queued is dropped with the receiver: its callers hear
+                // `ShuttingDown`, and none of it was acknowledged.
+                return;
+            }
+            if let Some((paused, resume)) = pause {
+                let _ = paused.send(());
+                // Blocks until the merge is done; an engine that is gone resumes us too.
+                if let Ok(Resume {
+                    evict: Some(person),
+                }) = resume.recv()
+                {
+                    self.evict(&person);
+                }
+            }
+        }
+    }
+
+    fn handle(&mut self, command: Command, group: &mut Group) {
+        let pending = match command {
+            Command::Track {
+                events,
+                now,
+                received,
+                reply,
+            } => {
+                let models: Vec<Arc<Model>> = self.models.current().iter().cloned().collect();
+                let rules = self.rules.current();
+                let round = Round {
+                    models: &models,
+                    rules: &rules,
+                    now,
+                };
+                let value = events
+                    .into_iter()
+                    .map(|(index, event)| Ok((index, self.track(&event, &round, received, group)?)))
+                    .collect();
+                Pending::Track(Answer { reply, value })
+            }
+            Command::Tick { now, done } => {
+                let value = self.fire_timers(now, group);
+                if let Err(e) = &value {
+                    tracing::error!(error = %e, "firing timers failed; they stay pending");
+                }
+                match done {
+                    Some(reply) => Pending::Ticked(Answer { reply, value }),
+                    None => return,
+                }
+            }
+            Command::Explain { person, reply } => Pending::Explain(Answer {
+                reply,
+                value: self.explain(&person),
+            }),
+            Command::Score {
+                person,
+                models,
+                now,
+                reply,
+            } => {
+                let value = self.read(&person).map(|profile| {
+                    profile.map(|p| score_row(&models, &features::extract(&p, now), &self.metrics))
+                });
+                Pending::Score(Answer { reply, value })
+            }
+            Command::Profile { person, reply } => Pending::Profile(Answer {
+                reply,
+                value: self.read(&person),
+            }),
+            Command::Absorb { from, into, reply } => Pending::Absorbed(Answer {
+                reply,
+                value: self.absorb(&from, &into, group),
+            }),
+            Command::Erase { person, reply } => Pending::Erased(Answer {
+                reply,
+                value: self.erase(person, group),
+            }),
+            Command::Pause { .. } | Command::Stop => unreachable!("pauses and stops end a group"),
+        };
+        group.pending.push(pending);
+    }
+
+    fn track(
+        &mut self,
+        event: &Event,
+        round: &Round<'_>,
+        received: Instant,
+        group: &mut Group,
+    ) -> Result<Outcome, EngineError> {
+        let duplicate = self.is_duplicate(event, round.now, group)?;
+        let metrics = self.metrics.clone();
+        let profile = self.load(&event.person)?;
+        if duplicate {
+            let row = features::extract(profile, round.now);
+            return Ok(Outcome::Duplicate(score_row(round.models, &row, &metrics)));
+        }
+        profile.apply(event);
+        let row = features::extract(profile, round.now);
+        let history = History::of(profile);
+        group.dirty.insert(event.person.clone());
+        group.seen.insert((event.person.clone(), event.id.clone()));
+        group.writes.push(Write::Seen(
+            event.person.clone(),
+            event.id.clone(),
+            round.now,
+        ));
+        let scores = score_row(round.models, &row, &metrics);
+        if !round.rules.rules.is_empty() {
+            let scored = Scored {
+                person: &event.person,
+                row: &row,
+                scores: &scores,
+                history,
+            };
+            self.evaluate(scored, Cause::Event(event), Some(received), round, group)?;
+        }
+        Ok(Outcome::Accepted(scores))
+    }
+
+    /// Evaluates the rules for one person and one cause, and turns the decisions into
+    /// metrics, experiment totals, timer index changes, audit and outbox entries. Returns
+    /// the pending timers' due times.
+    fn evaluate(
+        &mut self,
+        scored: Scored<'_>,
+        cause: Cause<'_>,
+        received: Option<Instant>,
+        round: &Round<'_>,
+        group: &mut Group,
+    ) -> Result<Vec<Time>, EngineError> {
+        let Scored {
+            person,
+            row,
+            scores,
+            history,
+        } = scored;
+        let rules = round.rules;
+        let named: Vec<(String, f64)> = scores
+            .iter()
+            .filter_map(|s| s.as_ref().ok())
+            .map(|s| (s.model.name().to_owned(), s.probability))
+            .collect();
+        // Segments only when some rule reads them (nearest-centroid search per event).
+        let segment_set = self.models.segments();
+        let segment = segment_set
+            .as_ref()
+            .as_ref()
+            .filter(|_| rules.reads("segment"))
+            .and_then(|s| s.assign(row))
+            .map(|s| s.name.as_str());
+        let rule_segments = if rules.reads("segments") {
+            segments::rule_segments(row)
+        } else {
+            Vec::new()
+        };
+        // Once per model however many triggers this evaluation delivers.
+        let explained: RefCell<HashMap<String, Vec<Contribution>>> = Default::default();
+        let explain = |model: &str| -> Vec<Contribution> {
+            if let Some(c) = explained.borrow().get(model) {
+                return c.clone();
+            }
+            let contributions: Vec<Contribution> = round
+                .models
+                .iter()
+                .find(|m| m.name() == model)
+                .map(|m| {
+                    m.contributions(row, trigger::TOP_CONTRIBUTIONS)
+                        .into_iter()
+                        .map(|(feature, value)| Contribution {
+                            feature: feature.to_owned(),
+                            value,
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            explained
+                .borrow_mut()
+                .insert(model.to_owned(), contributions.clone());
+            contributions
+        };
+        let facts = Facts {
+            person,
+            row,
+            scores: &named,
+            segment,
+            segments: &rule_segments,
+            history,
+            explain: &explain,
+            now: round.now,
+        };
+        let state = self.load_state(person)?;
+        let before = state.dues();
+        let decisions = trigger::evaluate(rules, state, &facts, cause);
+        let after = state.dues();
+        let removed: Vec<Time> = before
+            .iter()
+            .filter(|d| !after.contains(d))
+            .copied()
+            .collect();
+        let added: Vec<Time> = after
+            .iter()
+            .filter(|d| !before.contains(d))
+            .copied()
+            .collect();
+        self.timers
+            .remove(person, &removed, &mut group.writes, &mut group.unindexed);
+        self.timers.add(person, &added, &mut group.writes);
+        // Latches move on most evaluations; the state is small.
+        group.dirty_states.insert(person.clone());
+        for firing in &decisions.firings {
+            self.decisions += 1;
+            group.writes.push(Write::Audit(
+                person.clone(),
+                Box::new(firing.audit_entry()),
+                self.decisions,
+            ));
+        }
+        for Firing { trigger, outcome } in decisions.firings {
+            self.metrics
+                .triggers
+                .with_label_values(&[trigger.rule.as_str(), outcome.as_str()])
+                .inc();
+            if matches!(outcome, Decision::Delivered | Decision::Holdout) {
+                if let Some(variant) = &trigger.variant {
+                    let key = (trigger.rule.clone(), variant.clone());
+                    self.metrics
+                        .exposures
+                        .with_label_values(&[&key.0, &key.1])
+                        .inc();
+                    self.outcomes.entry(key.clone()).or_default().exposures += 1;
+                    group.dirty_outcomes.insert(key);
+                }
+            }
+            if matches!(cause, Cause::Due) {
+                self.metrics.timers_fired.inc();
+            }
+            if outcome == Decision::Delivered {
+                group.delivered.push((trigger, received));
+            }
+        }
+        for key in decisions.conversions {
+            self.metrics
+                .conversions
+                .with_label_values(&[&key.0, &key.1])
+                .inc();
+            self.outcomes.entry(key.clone()).or_default().conversions += 1;
+            group.dirty_outcomes.insert(key);
+        }
+        Ok(after)
+    }
+
+    /// Fires the timers due at `now`, person by person.
+    fn fire_timers(&mut self, now: Time, group: &mut Group) -> Result<(), EngineError> {
+        let due = self.timers.pop_due(now, MAX_TIMERS_PER_TICK);
+        if due.is_empty() {
+            return Ok(());
+        }
+        let models: Vec<Arc<Model>> = self.models.current().iter().cloned().collect();
+        let rules = self.rules.current();
+        let round = Round {
+            models: &models,
+            rules: &rules,
+            now,
+        };
+        let mut people: Vec<PersonKey> = due.iter().map(|(_, p)| p.clone()).collect();
+        people.sort_unstable();
+        people.dedup();
+        group.unindexed.extend(due.iter().cloned());
+        for person in people {
+            let profile = self.read(&person)?;
+            let row = profile
+                .as_ref()
+                .map_or(FeatureRow::missing(), |p| features::extract(p, now));
+            let scores = score_row(&models, &row, &self.metrics);
+            let history = profile.as_ref().map(History::of).unwrap_or_default();
+            let scored = Scored {
+                person: &person,
+                row: &row,
+                scores: &scores,
+                history,
+            };
+            let remaining = self.evaluate(scored, Cause::Due, None, &round, group)?;
+            // Index entries that came due and no longer match a timer leave the store.
+            for (at, _) in due.iter().filter(|(_, p)| *p == person) {
+                if !remaining.contains(at) {
+                    group
+                        .writes
+                        .push(Write::TimerIndex(*at, person.clone(), false));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn erase(&mut self, person: PersonKey, group: &mut Group) -> Result<bool, EngineError> {
+        let existed = match self.profiles.remove(&person) {
+            Some(_) => {
+                self.metrics.profiles.dec();
+                true
+            }
+            None => self.store.load_profile(&person)?.is_some(),
+        };
+        group.dirty.remove(&person);
+        group.seen.retain(|(p, _)| *p != person);
+        group.writes.push(Write::DeleteProfile(person.clone()));
+        let state = self.take_state(&person)?;
+        self.timers.remove(
+            &person,
+            &state.dues(),
+            &mut group.writes,
+            &mut group.unindexed,
+        );
+        group.dirty_states.remove(&person);
+        group
+            .writes
+            .push(Write::Triggers(person.clone(), Box::default()));
+        // Also covers what this group wrote for the person before (idempotency records,
+        // audit entries): the store applies a batch in order.
+        group.writes.push(Write::Forget(person));
+        Ok(existed)
+    }
+
+    /// The person's trigger state and latest decisions.
+    fn explain(&self, person: &PersonKey) -> Result<Explanation, EngineError> {
+        let state = match self.states.get(person) {
+            Some(s) => s.clone(),
+            None => self.store.load_triggers(person)?.unwrap_or_default(),
+        };
+        Ok(Explanation {
+            decisions: self.store.audit(person, trigger::AUDIT_LEN)?,
+            timers: state.timers,
+        })
+    }
+
+    /// The person's trigger state for writing, loaded into memory.
+    pub(super) fn load_state(
+        &mut self,
+        person: &PersonKey,
+    ) -> Result<&mut TriggerState, EngineError> {
+        if !self.states.contains_key(person) {
+            let stored = self.store.load_triggers(person)?.unwrap_or_default();
+            self.states.insert(person.clone(), stored);
+        }
+        Ok(self.states.get_mut(person).expect("just inserted"))
+    }
+
+    /// Removes the person's trigger state from memory, returning it (from the store if it
+    /// was not in memory).
+    pub(super) fn take_state(&mut self, person: &PersonKey) -> Result<TriggerState, EngineError> {
+        match self.states.remove(person) {
+            Some(s) => Ok(s),
+            None => Ok(self.store.load_triggers(person)?.unwrap_or_default()),
+        }
+    }
+
+    /// The person's profile, from memory or the store, without creating one.
+    fn read(&self, person: &PersonKey) -> Result<Option<Profile>, EngineError> {
+        match self.profiles.get(person) {
+            Some(p) => Ok(Some(p.clone())),
+            None => Ok(self.store.load_profile(person)?),
+        }
+    }
+
+    /// The person's profile for writing, loaded into memory (a new one if unknown).
+    pub(super) fn load(&mut self, person: &PersonKey) -> Result<&mut Profile, EngineError> {
+        if !self.profiles.contains_key(person) {
+            let stored = self.store.load_profile(person)?.unwrap_or_default();
+            self.profiles.insert(person.clone(), stored);
+            self.metrics.profiles.inc();
+        }
+        Ok(self.profiles.get_mut(person).expect("just inserted"))
+    }
+
+    /// Drops a person from memory (the store has them, or they were merged away).
+    pub(super) fn evict(&mut self, person: &PersonKey) {
+        if self.profiles.remove(person).is_some() {
+            self.metrics.profiles.dec();
+        }
+        self.states.remove(person);
+    }
+
+    fn is_duplicate(&self, event: &Event, now: Time, group: &Group) -> Result<bool, EngineError> {
+        if group
+            .seen
+            .contains(&(event.person.clone(), event.id.clone()))
+        {
+            return Ok(true);
+        }
+        Ok(self
+            .store
+            .seen_at(&event.person, &event.id)?
+            .is_some_and(|at| now.since(at) < self.dedup_horizon_ms))
+    }
+
+    /// Writes the group in one batch, then answers. If the store fails, the people the
+    /// group changed are dropped from memory (the store still has their last good state)
+    /// and every answer is the error.
+    fn commit(&mut self, mut group: Group) {
+        for person in &group.dirty {
+            if let Some(profile) = self.profiles.get(person) {
+                group
+                    .writes
+                    .push(Write::Profile(person.clone(), Box::new(profile.clone())));
+            }
+        }
+        for person in &group.dirty_states {
+            if let Some(state) = self.states.get(person) {
+                group
+                    .writes
+                    .push(Write::Triggers(person.clone(), Box::new(state.clone())));
+            }
+        }
+        for key in &group.dirty_outcomes {
+            group.writes.push(Write::Outcome {
+                rule: key.0.clone(),
+                variant: key.1.clone(),
+                shard: self.index,
+                totals: self.outcomes.get(key).copied().unwrap_or_default(),
+            });
+        }
+        let reservation = self.outbox.reserve(group.delivered.len());
+        for (seq, (trigger, _)) in reservation.numbers().zip(&group.delivered) {
+            match serde_json::to_vec(trigger) {
+                Ok(bytes) => group.writes.push(Write::Outbox(seq, bytes)),
+                Err(e) => tracing::error!(error = %e, "a trigger does not encode; dropped"),
+            }
+        }
+        let started = Instant::now();
+        let result = self.store.commit(group.writes).map_err(EngineError::from);
+        self.metrics
+            .store_commit_duration
+            .observe(started.elapsed().as_secs_f64());
+        self.outbox.complete(reservation);
+        // Trigger states live in memory only for the group: they are small and read
+        // quickly, and most people are between triggers most of the time.
+        self.states.clear();
+        match &result {
+            Ok(()) => {
+                for (_, received) in &group.delivered {
+                    if let Some(received) = received {
+                        self.metrics
+                            .trigger_latency
+                            .observe(received.elapsed().as_secs_f64());
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "store commit failed; answering UNAVAILABLE");
+                self.metrics.store_errors.inc();
+                for person in &group.dirty {
+                    self.evict(person);
+                }
+                // The store still has the timers as they were before the group.
+                self.timers.restore(group.unindexed);
+            }
+        }
+        for pending in group.pending {
+            pending.send(&result);
+        }
+    }
+}

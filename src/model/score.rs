@@ -1,0 +1,72 @@
+//! Scoring, defined once: every call to a model goes through [`score_rows`], which times it
+//! and counts failures, whether it scores one person after an event or a batch of rows.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::{Model, ScoreError};
+use crate::features::FeatureRow;
+use crate::metrics::Metrics;
+
+/// One model's probability for one row.
+#[derive(Debug, Clone)]
+pub struct Score {
+    pub model: Arc<Model>,
+    pub probability: f64,
+}
+
+/// A model that failed to score, and why.
+pub type Failed = (Arc<Model>, ScoreError);
+
+/// One row's scores: per model, its probability or its error.
+pub type Scores = Vec<Result<Score, Failed>>;
+
+/// Scores `rows` with `model` in one backend call, timed and counted.
+fn timed(
+    model: &Arc<Model>,
+    rows: &[FeatureRow],
+    metrics: &Metrics,
+) -> Result<Vec<f64>, ScoreError> {
+    let started = Instant::now();
+    let result = model.score(rows);
+    metrics.observe_model(model.name(), started.elapsed(), result.is_ok());
+    result
+}
+
+/// Scores one row with each model; a model that fails does not stop the others.
+pub fn score_row(models: &[Arc<Model>], row: &FeatureRow, metrics: &Metrics) -> Scores {
+    models
+        .iter()
+        .map(
+            |model| match timed(model, std::slice::from_ref(row), metrics) {
+                Ok(p) => Ok(Score {
+                    model: model.clone(),
+                    probability: p[0],
+                }),
+                Err(e) => Err((model.clone(), e)),
+            },
+        )
+        .collect()
+}
+
+/// Scores every row with every model, one backend call per model: per row, each model's
+/// score in `models`' order. The first model that fails fails the batch.
+pub fn score_rows(
+    models: &[Arc<Model>],
+    rows: &[FeatureRow],
+    metrics: &Metrics,
+) -> Result<Vec<Vec<Score>>, Failed> {
+    let mut out: Vec<Vec<Score>> = (0..rows.len())
+        .map(|_| Vec::with_capacity(models.len()))
+        .collect();
+    for model in models {
+        let probabilities = timed(model, rows, metrics).map_err(|e| (model.clone(), e))?;
+        for (row, probability) in out.iter_mut().zip(probabilities) {
+            row.push(Score {
+                model: model.clone(),
+                probability,
+            });
+        }
+    }
+    Ok(out)
+}
