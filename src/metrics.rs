@@ -193,9 +193,9 @@ impl Metrics {
                     .expect("unique metric");
                 h
             },
-            timers_pending: gauge(&registry, "nudge_timers_pending", "Absence timers pending."),
+            timers_pending: gauge(&registry, "nudge_timers_pending", "Timers pending: absence deadlines and threshold rechecks."),
             timers_fired: {
-                let c = IntCounter::new("nudge_timers_fired_total", "Absence timers that came due.")
+                let c = IntCounter::new("nudge_timers_fired_total", "Trigger decisions made when timers came due (delivered, held out or suppressed).")
                     .expect("valid metric");
                 registry
                     .register(Box::new(c.clone()))

@@ -836,4 +836,83 @@ mod tests {
         store.commit(vec![Write::Forget(person("u1"))]).unwrap();
         assert!(store.audit(&person("u1"), 10).unwrap().is_empty());
     }
+
+    #[test]
+    fn a_forget_or_a_move_covers_what_the_same_batch_wrote_before_it() {
+        use crate::trigger::state::{AuditEntry, Outcome};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), SyncMode::Always).unwrap();
+        let entry = |at: i64| AuditEntry {
+            at: Time(at),
+            rule: "r".into(),
+            trigger_id: format!("t{at}"),
+            outcome: Outcome::Delivered,
+            variant: None,
+        };
+        // An event and its trigger decision, then the person's erasure, in one group.
+        store
+            .commit(vec![
+                Write::Seen(person("u1"), "e1".into(), Time(1)),
+                Write::Audit(person("u1"), Box::new(entry(1)), 1),
+                Write::DeleteProfile(person("u1")),
+                Write::Forget(person("u1")),
+            ])
+            .unwrap();
+        assert!(store.audit(&person("u1"), 10).unwrap().is_empty());
+        assert_eq!(store.seen_at(&person("u1"), "e1").unwrap(), None);
+
+        // A visitor's event and decision, then the merge into a user, in one group.
+        let visitor = PersonKey::Anonymous("a1".into());
+        store
+            .commit(vec![
+                Write::Seen(visitor.clone(), "e2".into(), Time(2)),
+                Write::Audit(visitor.clone(), Box::new(entry(2)), 2),
+                Write::MoveSeen {
+                    from: visitor.clone(),
+                    to: person("u2"),
+                },
+            ])
+            .unwrap();
+        assert!(store.audit(&visitor, 10).unwrap().is_empty());
+        assert_eq!(store.audit(&person("u2"), 10).unwrap(), vec![entry(2)]);
+        assert_eq!(store.seen_at(&person("u2"), "e2").unwrap(), Some(Time(2)));
+        assert_eq!(store.seen_at(&visitor, "e2").unwrap(), None);
+
+        // What comes after a forget in the batch is kept.
+        store
+            .commit(vec![
+                Write::Forget(person("u3")),
+                Write::Seen(person("u3"), "e3".into(), Time(3)),
+            ])
+            .unwrap();
+        assert_eq!(store.seen_at(&person("u3"), "e3").unwrap(), Some(Time(3)));
+    }
+
+    #[test]
+    fn people_are_counted_once_however_often_their_profile_was_rewritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), SyncMode::Interval(Duration::from_secs(60))).unwrap();
+        for round in 0..50 {
+            let mut profile = Profile::default();
+            profile.apply(&Event {
+                id: format!("e{round}"),
+                person: person("u1"),
+                linked: None,
+                kind: EventKind::PageView,
+                time: Time(1_772_445_600_000 + round),
+                properties: Properties::default(),
+                attributes: Default::default(),
+            });
+            store
+                .commit(vec![
+                    Write::Profile(person("u1"), Box::new(profile.clone())),
+                    Write::Profile(person("u2"), Box::new(profile)),
+                ])
+                .unwrap();
+            if round % 10 == 0 {
+                store.profiles.rotate_memtable_and_wait().unwrap();
+            }
+        }
+        assert_eq!(store.people().unwrap(), 2);
+    }
 }

@@ -410,8 +410,14 @@ impl pb::nudge_service_server::NudgeService for NudgeApi {
         // against the configuration also keeps arbitrary (over-long) input away from the
         // store's keys.
         if !self.endpoints.contains(&endpoint) {
+            let shown: String = endpoint.chars().take(64).collect();
             return Err(ApiError::NotFound(format!(
-                "endpoint: {endpoint:?} is not a configured webhook endpoint; configured: {:?}",
+                "endpoint: {shown:?}{} is not a configured webhook endpoint; configured: {:?}",
+                if shown.len() < endpoint.len() {
+                    "…"
+                } else {
+                    ""
+                },
                 self.endpoints
             ))
             .into());

@@ -204,7 +204,13 @@ const MIN_SECRET_BYTES: usize = 24;
 /// and the same secret string agrees with Nudge's signatures.
 pub fn secret_key(secret: &str) -> Result<Vec<u8>, String> {
     let b64 = secret.strip_prefix("whsec_").unwrap_or(secret);
-    let key = base64::engine::general_purpose::STANDARD
+    // The reference libraries accept the base64 with or without its padding.
+    let lenient = base64::engine::GeneralPurpose::new(
+        &base64::alphabet::STANDARD,
+        base64::engine::GeneralPurposeConfig::new()
+            .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+    );
+    let key = lenient
         .decode(b64)
         .map_err(|e| {
             format!("the secret must be base64 (optionally after whsec_), as Standard Webhooks libraries read it: {e}")
@@ -540,6 +546,89 @@ mod tests {
             sign(&key, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body),
             "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
         );
+    }
+
+    /// Asks the Standard Webhooks reference implementation (Python `standardwebhooks`,
+    /// installed by the test command into `.tools/pyenv`) to verify a message Nudge signed.
+    fn reference_verifies(
+        secret: &str,
+        id: &str,
+        timestamp: i64,
+        body: &[u8],
+        signature: &str,
+    ) -> bool {
+        let python = concat!(env!("CARGO_MANIFEST_DIR"), "/.tools/pyenv/bin/python");
+        let script = r#"
+import sys
+from standardwebhooks import Webhook
+secret, id, ts, sig = sys.argv[1:5]
+body = sys.stdin.buffer.read()
+Webhook(secret).verify(body, {"webhook-id": id, "webhook-timestamp": ts, "webhook-signature": sig})
+"#;
+        let mut child = std::process::Command::new(python)
+            .args(["-c", script, secret, id, &timestamp.to_string(), signature])
+            .stdin(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("the test command installs .tools/pyenv with standardwebhooks");
+        use std::io::Write as _;
+        child.stdin.take().unwrap().write_all(body).unwrap();
+        let out = child.wait_with_output().unwrap();
+        if !out.status.success() {
+            eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+        }
+        out.status.success()
+    }
+
+    #[test]
+    fn the_reference_library_verifies_signatures_for_every_accepted_secret_form() {
+        let now = unix_millis() / 1000;
+        let body = br#"{"type":"trigger.fired","data":{"trigger_id":"trg_1"}}"#;
+        for secret in [
+            "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+            // Without the prefix, as some providers hand secrets out.
+            "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+            // Unpadded base64 (32 bytes of key).
+            "whsec_AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8",
+        ] {
+            let key = secret_key(secret).unwrap();
+            let signature = sign(&key, "trg_1", now, body);
+            assert!(
+                reference_verifies(secret, "trg_1", now, body, &signature),
+                "{secret}"
+            );
+            // And the oracle is not a rubber stamp.
+            assert!(!reference_verifies(secret, "trg_2", now, body, &signature));
+        }
+    }
+
+    #[test]
+    fn secrets_that_are_not_base64_or_too_short_are_refused() {
+        assert!(secret_key("not base64!").unwrap_err().contains("base64"));
+        assert!(secret_key("whsec_c2hvcnQ=")
+            .unwrap_err()
+            .contains("at least 24"));
+    }
+
+    #[test]
+    fn a_printed_config_never_shows_the_secret() {
+        let config: WebhookConfig = toml::from_str(
+            r#"
+            name = "crm"
+            url = "https://crm.example/hooks"
+            secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+            "#,
+        )
+        .unwrap();
+        let endpoint = Endpoint::try_from(&config).unwrap();
+        for shown in [
+            format!("{config:?}"),
+            format!("{config:#?}"),
+            format!("{endpoint:?}"),
+        ] {
+            assert!(!shown.contains("MfKQ9r8G"), "{shown}");
+            assert!(shown.contains("<redacted>"), "{shown}");
+        }
     }
 
     #[test]

@@ -88,6 +88,9 @@ pub struct Engine {
     /// One identity merge (or erasure) at a time.
     merges: tokio::sync::Mutex<()>,
     metrics: Arc<Metrics>,
+    /// Holds an erasure between its commit and its outbox scan (a test's gate).
+    #[cfg(test)]
+    before_forget: Mutex<Option<oneshot::Receiver<()>>>,
 }
 
 impl Engine {
@@ -144,6 +147,8 @@ impl Engine {
             store,
             merges: tokio::sync::Mutex::new(()),
             metrics,
+            #[cfg(test)]
+            before_forget: Mutex::new(None),
         })
     }
 
@@ -296,6 +301,13 @@ impl Engine {
         // Delivered triggers name the person too. The scan of the outbox runs without the
         // merge lock: logins (merges) must not wait behind it, and nothing can deliver a
         // new trigger for ids that no longer resolve to a person.
+        #[cfg(test)]
+        {
+            let gate = self.before_forget.lock().unwrap().take();
+            if let Some(gate) = gate {
+                let _ = gate.await;
+            }
+        }
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || crate::delivery::forget(&store, &people))
             .await
@@ -404,5 +416,117 @@ fn full_or_closed<T>(e: mpsc::error::TrySendError<T>) -> EngineError {
     match e {
         mpsc::error::TrySendError::Full(_) => EngineError::Overloaded,
         mpsc::error::TrySendError::Closed(_) => EngineError::ShuttingDown,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{EventKind, Properties};
+    use crate::model::ModelSet;
+
+    const T0: Time = Time(1_772_445_600_000);
+
+    fn start(dir: &std::path::Path, shards: usize) -> (Arc<Engine>, Arc<Store>) {
+        let store = Arc::new(Store::open(dir, crate::store::SyncMode::Always).unwrap());
+        let engine = Engine::start(
+            &EngineOptions {
+                shards,
+                queue_capacity: 64,
+                dedup_horizon_ms: 3_600_000,
+            },
+            store.clone(),
+            Arc::new(Identities::default()),
+            Arc::new(ModelRegistry::new(ModelSet::default())),
+            Arc::new(Live::open(Default::default()).unwrap()),
+            Arc::new(crate::delivery::outbox::Outbox::open(store.clone()).unwrap()),
+            Arc::new(Metrics::new()),
+        )
+        .unwrap();
+        (Arc::new(engine), store)
+    }
+
+    fn view(id: &str, person: PersonKey) -> (usize, Event) {
+        (
+            0,
+            Event {
+                id: id.into(),
+                person,
+                linked: None,
+                kind: EventKind::PageView,
+                time: T0,
+                properties: Properties::default(),
+                attributes: Default::default(),
+            },
+        )
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn shutdown_drains_every_shard_while_other_handles_still_exist() {
+        let dir = tempfile::tempdir().unwrap();
+        let (engine, store) = start(dir.path(), 2);
+        // Another holder of the engine, as the ticker or a cancelled call may be: the
+        // drain must not depend on it letting go.
+        let other = engine.clone();
+        let queued = {
+            let engine = engine.clone();
+            tokio::spawn(async move {
+                engine
+                    .track(vec![view("e1", PersonKey::User("u1".into()))], T0)
+                    .await
+            })
+        };
+        // The track is answered (committed) before the shards stop, or refused whole.
+        engine.shutdown().await;
+        let user = PersonKey::User("u1".into());
+        match queued.await.unwrap() {
+            Ok(_) => assert!(store.load_profile(&user).unwrap().is_some()),
+            Err(e) => {
+                assert!(matches!(e, EngineError::ShuttingDown), "{e}");
+                assert!(store.load_profile(&user).unwrap().is_none());
+            }
+        }
+        let late = other
+            .track(vec![view("e2", PersonKey::User("u2".into()))], T0)
+            .await;
+        assert!(matches!(late, Err(EngineError::ShuttingDown)), "{late:?}");
+        assert!(
+            engine.threads.lock().unwrap().is_empty(),
+            "every shard joined"
+        );
+        // Draining twice is harmless.
+        engine.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_login_does_not_wait_for_an_erasures_outbox_scan() {
+        let dir = tempfile::tempdir().unwrap();
+        let (engine, _store) = start(dir.path(), 2);
+        let gone = PersonKey::User("gone".into());
+        engine
+            .track(vec![view("e1", gone.clone())], T0)
+            .await
+            .unwrap();
+        let (open_gate, gate) = oneshot::channel();
+        *engine.before_forget.lock().unwrap() = Some(gate);
+        let erasure = {
+            let engine = engine.clone();
+            tokio::spawn(async move { engine.erase(gone).await })
+        };
+        // The erasure now waits before its outbox scan; a merge must still go through.
+        let merged = tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            engine.merge(
+                PersonKey::Anonymous("visitor".into()),
+                PersonKey::User("u1".into()),
+            ),
+        )
+        .await
+        .expect("the merge is not held up by the erasure");
+        assert_eq!(merged.unwrap(), Merge::Merged);
+        assert!(!erasure.is_finished(), "the erasure is still at its gate");
+        open_gate.send(()).unwrap();
+        assert!(erasure.await.unwrap().unwrap(), "there was a profile");
+        engine.shutdown().await;
     }
 }

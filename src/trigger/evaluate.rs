@@ -299,7 +299,10 @@ fn decide(
         } else if within(s.cooldown_ms, last) {
             Some(Suppressed::Cooldown)
         } else if !s.ignore_quiet_hours
-            && rules.quiet_hours.is_some_and(|q| q.contains(now.millis()))
+            && rules
+                .quiet_hours
+                .as_ref()
+                .is_some_and(|q| q.contains(now.millis()))
         {
             Some(Suppressed::QuietHours)
         } else if rules

@@ -160,19 +160,40 @@ pub struct FrequencyCap {
     pub per_ms: i64,
 }
 
-/// A daily window, in a fixed UTC offset, in which triggers are held back (suppressed).
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// A daily window of local time in which triggers are held back (suppressed).
+#[derive(Debug, Clone, PartialEq)]
 pub struct QuietHours {
     /// Minutes after local midnight.
     pub from_minute: u32,
     pub to_minute: u32,
-    pub utc_offset_minutes: i32,
+    pub local: LocalTime,
+}
+
+/// How UTC becomes the local time quiet hours are read in.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LocalTime {
+    /// A fixed offset from UTC, in minutes (no daylight saving).
+    Offset(i32),
+    /// An IANA time zone with its daylight-saving rules (the tz database is bundled, so
+    /// a machine without tzdata reads it the same).
+    Zone(jiff::tz::TimeZone),
+}
+
+impl LocalTime {
+    /// The offset from UTC at `millis`, in milliseconds.
+    fn offset_ms(&self, millis: i64) -> i64 {
+        match self {
+            LocalTime::Offset(minutes) => i64::from(*minutes) * MINUTE_MS,
+            LocalTime::Zone(zone) => jiff::Timestamp::from_millisecond(millis)
+                .map_or(0, |t| i64::from(zone.to_offset(t).seconds()) * 1000),
+        }
+    }
 }
 
 impl QuietHours {
     /// Whether `millis` (UTC) falls in the window; a window may wrap past midnight.
     pub fn contains(&self, millis: i64) -> bool {
-        let local = millis + i64::from(self.utc_offset_minutes) * MINUTE_MS;
+        let local = millis + self.local.offset_ms(millis);
         let minute = (local.rem_euclid(DAY_MS) / MINUTE_MS) as u32;
         if self.from_minute <= self.to_minute {
             (self.from_minute..self.to_minute).contains(&minute)
@@ -247,6 +268,8 @@ struct QuietHoursFile {
     to: String,
     #[serde(default)]
     utc_offset: Option<String>,
+    #[serde(default)]
+    time_zone: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -445,13 +468,28 @@ impl RuleSet {
             };
             let from_minute = minute("from", &q.from);
             let to_minute = minute("to", &q.to);
-            let utc_offset_minutes = match q.utc_offset.as_deref().map(utc_offset) {
-                None => 0,
-                Some(Ok(m)) => m,
-                Some(Err(e)) => {
-                    p.0.push(format!("quiet_hours.utc_offset: {e}"));
-                    0
+            let local = match (q.utc_offset.as_deref(), q.time_zone.as_deref()) {
+                (Some(_), Some(_)) => {
+                    p.0.push("quiet_hours: give utc_offset or time_zone, not both".into());
+                    LocalTime::Offset(0)
                 }
+                (None, None) => LocalTime::Offset(0),
+                (Some(offset), None) => match utc_offset(offset) {
+                    Ok(m) => LocalTime::Offset(m),
+                    Err(e) => {
+                        p.0.push(format!("quiet_hours.utc_offset: {e}"));
+                        LocalTime::Offset(0)
+                    }
+                },
+                (None, Some(name)) => match jiff::tz::db().get(name) {
+                    Ok(zone) => LocalTime::Zone(zone),
+                    Err(e) => {
+                        p.0.push(format!(
+                            "quiet_hours.time_zone: {name:?} is not an IANA time zone such as \"Europe/Berlin\": {e}"
+                        ));
+                        LocalTime::Offset(0)
+                    }
+                },
             };
             if from_minute == to_minute {
                 p.0.push("quiet_hours: from and to are the same time".into());
@@ -459,7 +497,7 @@ impl RuleSet {
             QuietHours {
                 from_minute,
                 to_minute,
-                utc_offset_minutes,
+                local,
             }
         });
         let (decision, consideration) = match &file.journey {
@@ -846,12 +884,43 @@ mod tests {
         let q = QuietHours {
             from_minute: 22 * 60,
             to_minute: 8 * 60,
-            utc_offset_minutes: 60,
+            local: LocalTime::Offset(60),
         };
         // 21:30 UTC is 22:30 local: quiet. 07:30 UTC is 08:30 local: not.
         assert!(q.contains(21 * HOUR_MS + 30 * MINUTE_MS));
         assert!(!q.contains(7 * HOUR_MS + 30 * MINUTE_MS));
         assert!(q.contains(5 * HOUR_MS));
         assert!(!q.contains(12 * HOUR_MS));
+    }
+
+    #[test]
+    fn quiet_hours_in_a_time_zone_follow_daylight_saving() {
+        let rules = RuleSet::parse(
+            "[quiet_hours]\nfrom = \"22:00\"\nto = \"08:00\"\ntime_zone = \"Europe/Berlin\"\n",
+        )
+        .unwrap();
+        let q = rules.quiet_hours.unwrap();
+        // 2026-01-15 (CET, +01:00) and 2026-07-15 (CEST, +02:00), at 06:30 UTC.
+        let winter = 1_768_458_600_000;
+        let summer = 1_784_097_000_000;
+        assert!(q.contains(winter), "07:30 in Berlin in winter: still quiet");
+        assert!(
+            !q.contains(summer),
+            "08:30 in Berlin in summer: quiet is over"
+        );
+        // 20:30 UTC in summer is 22:30 in Berlin.
+        assert!(q.contains(summer + 14 * HOUR_MS));
+        assert!(!q.contains(winter + 14 * HOUR_MS), "21:30 in winter");
+
+        let both = RuleSet::parse(
+            "[quiet_hours]\nfrom = \"22:00\"\nto = \"08:00\"\ntime_zone = \"Mars/Olympus\"\nutc_offset = \"+01:00\"\n",
+        )
+        .unwrap_err();
+        assert!(both.problems[0].contains("not both"), "{both}");
+        let unknown = RuleSet::parse(
+            "[quiet_hours]\nfrom = \"22:00\"\nto = \"08:00\"\ntime_zone = \"Mars/Olympus\"\n",
+        )
+        .unwrap_err();
+        assert!(unknown.problems[0].contains("Mars/Olympus"), "{unknown}");
     }
 }

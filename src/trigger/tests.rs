@@ -538,3 +538,58 @@ fn merging_states_keeps_the_earlier_timer_and_the_latest_firing() {
     assert_eq!(a.state.timers.len(), 1);
     assert_eq!(a.state.timers[0].cause, "b1");
 }
+
+#[test]
+fn the_state_stays_bounded_without_limits_and_forgets_removed_rules() {
+    // No [limits]: nothing reads delivery times, so none are kept, however often a
+    // threshold fires and re-arms.
+    let rules = rules(THRESHOLD);
+    let mut p = Person::new();
+    for i in 0..200 {
+        let at = T0.plus_ms(i * HOUR_MS);
+        p.set_score("purchase", 0.9);
+        assert_eq!(
+            p.on(&rules, event(&format!("up{i}"), EventKind::PageView, at)),
+            [("intent".to_owned(), "delivered".to_owned())]
+        );
+        p.set_score("purchase", 0.1);
+        p.on(&rules, event(&format!("down{i}"), EventKind::PageView, at));
+    }
+    assert!(
+        p.state.delivered.is_empty(),
+        "{:?}",
+        p.state.delivered.len()
+    );
+
+    // With a cap, only the cap's window is kept.
+    let capped = self::rules(&format!(
+        "[limits]\nmax_per_person = 100\nper = \"1d\"\n{THRESHOLD}"
+    ));
+    let mut p = Person::new();
+    for i in 0..200 {
+        let at = T0.plus_ms(i * HOUR_MS);
+        p.set_score("purchase", 0.9);
+        p.on(&capped, event(&format!("up{i}"), EventKind::PageView, at));
+        p.set_score("purchase", 0.1);
+        p.on(&capped, event(&format!("down{i}"), EventKind::PageView, at));
+    }
+    assert_eq!(
+        p.state.delivered.len(),
+        24,
+        "one a hour within the last day"
+    );
+
+    // A rule taken out of the file leaves nothing behind at the next evaluation.
+    p.set_score("purchase", 0.9);
+    p.on(
+        &rules,
+        event("latch", EventKind::PageView, T0.plus_ms(300 * HOUR_MS)),
+    );
+    assert_eq!(p.state.rules.len(), 1);
+    let other = self::rules(ABANDONED);
+    p.on(
+        &other,
+        event("other", EventKind::PageView, T0.plus_ms(301 * HOUR_MS)),
+    );
+    assert!(p.state.rules.is_empty(), "{:?}", p.state.rules);
+}

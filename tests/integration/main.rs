@@ -1,5 +1,6 @@
 //! Nudge's integration tests: one binary, real gRPC over loopback sockets, real models.
 
+mod architecture;
 mod bad_input;
 mod crash;
 mod durability;
@@ -9,6 +10,7 @@ mod identity;
 mod models;
 mod operations;
 mod parity;
+mod regressions;
 mod scoring;
 mod support;
 mod triggers;
