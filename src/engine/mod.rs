@@ -88,9 +88,10 @@ pub struct Engine {
     /// One identity merge (or erasure) at a time.
     merges: tokio::sync::Mutex<()>,
     metrics: Arc<Metrics>,
-    /// Holds an erasure between its commit and its outbox scan (a test's gate).
+    /// Holds an erasure between its commit and its outbox scan (a test's gate): tells the
+    /// first sender it arrived, then waits for the second.
     #[cfg(test)]
-    before_forget: Mutex<Option<oneshot::Receiver<()>>>,
+    before_forget: Mutex<Option<(oneshot::Sender<()>, oneshot::Receiver<()>)>>,
 }
 
 impl Engine {
@@ -304,8 +305,9 @@ impl Engine {
         #[cfg(test)]
         {
             let gate = self.before_forget.lock().unwrap().take();
-            if let Some(gate) = gate {
-                let _ = gate.await;
+            if let Some((arrived, release)) = gate {
+                let _ = arrived.send(());
+                let _ = release.await;
             }
         }
         let store = self.store.clone();
@@ -507,13 +509,15 @@ mod tests {
             .track(vec![view("e1", gone.clone())], T0)
             .await
             .unwrap();
+        let (arrived, at_gate) = oneshot::channel();
         let (open_gate, gate) = oneshot::channel();
-        *engine.before_forget.lock().unwrap() = Some(gate);
+        *engine.before_forget.lock().unwrap() = Some((arrived, gate));
         let erasure = {
             let engine = engine.clone();
             tokio::spawn(async move { engine.erase(gone).await })
         };
-        // The erasure now waits before its outbox scan; a merge must still go through.
+        at_gate.await.unwrap();
+        // The erasure waits before its outbox scan; a merge must still go through.
         let merged = tokio::time::timeout(
             std::time::Duration::from_secs(30),
             engine.merge(
