@@ -3,7 +3,7 @@
 //! reason. A server without a model is live but not ready until one arrives.
 
 use std::collections::{BTreeMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -118,6 +118,21 @@ fn rows() -> pb::ScoreRequest {
     }
 }
 
+/// Tasks sending Score requests while models are swapped.
+const LOAD_TASKS: usize = 3;
+
+/// Waits (up to 10 s) until the load tasks have had `LOAD_TASKS + 1` more answers:
+/// then at least one task sent a whole request after this call began, which the model
+/// serving at that moment answered.
+async fn load_moves_on(answered: &AtomicUsize) {
+    let from = answered.load(Ordering::SeqCst);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while answered.load(Ordering::SeqCst) < from + LOAD_TASKS + 1 {
+        assert!(tokio::time::Instant::now() < deadline, "the load stalled");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 #[tokio::test]
 async fn publishing_under_load_never_fails_a_request() {
     let dir = tempfile::tempdir().unwrap();
@@ -129,9 +144,12 @@ async fn publishing_under_load_never_fails_a_request() {
     let server = TestServer::start_with(config).await;
 
     let stop = Arc::new(AtomicBool::new(false));
-    let load: Vec<_> = (0..3)
+    // Requests answered so far, by all load tasks.
+    let answered = Arc::new(AtomicUsize::new(0));
+    let load: Vec<_> = (0..LOAD_TASKS)
         .map(|_| {
             let stop = stop.clone();
+            let answered = answered.clone();
             let addr = server.grpc_addr;
             tokio::spawn(async move {
                 let mut client =
@@ -149,6 +167,7 @@ async fn publishing_under_load_never_fails_a_request() {
                         }
                         Err(status) => failed.push(status),
                     }
+                    answered.fetch_add(1, Ordering::SeqCst);
                 }
                 (ok, failed, versions)
             })
@@ -156,6 +175,7 @@ async fn publishing_under_load_never_fails_a_request() {
         .collect();
 
     let mut client = server.client().await;
+    load_moves_on(&answered).await;
     let mut good_versions = HashSet::from(["v0".to_owned()]);
     let mut expected: BTreeMap<&str, u32> = BTreeMap::new();
     let mut serving = "v0".to_owned();
@@ -194,10 +214,11 @@ async fn publishing_under_load_never_fails_a_request() {
             }
             None => assert!(report.errors.is_empty(), "{:?}", report.errors),
         }
-        tokio::time::sleep(Duration::from_millis(30)).await;
+        load_moves_on(&answered).await;
     }
     stop.store(true, Ordering::Relaxed);
     let mut total = 0;
+    let mut answered_versions = HashSet::new();
     for task in load {
         let (ok, failed, versions) = task.await.unwrap();
         assert!(
@@ -208,12 +229,12 @@ async fn publishing_under_load_never_fails_a_request() {
             versions.is_subset(&good_versions),
             "an invalid version answered: {versions:?}"
         );
+        answered_versions.extend(versions);
         total += ok;
     }
-    assert!(
-        total > 50,
-        "the load was too light to mean anything: {total} requests"
-    );
+    // Every version that served was asked while it served: the load ran through every swap.
+    assert_eq!(answered_versions, good_versions);
+    assert!(total as usize >= 25 * (LOAD_TASKS + 1), "{total} requests");
 
     let metrics = server.metrics().await;
     for (reason, count) in &expected {
@@ -289,30 +310,58 @@ async fn the_binary_reloads_on_sighup() {
     let data = tempfile::tempdir().unwrap();
     let (_, good) = shipped();
     publish::publish(models.path(), versioned("before-hup"), &good, "txt").unwrap();
-    let grpc = free_port();
     let env = [
         ("NUDGE__MODELS__DIR", models.path().display().to_string()),
         ("NUDGE__MODELS__WATCH", "false".to_owned()),
     ];
-    let mut child = spawn_nudge(data.path(), grpc, &env);
-    let endpoint = format!("http://127.0.0.1:{grpc}");
-    let mut client = loop {
-        match pb::nudge_service_client::NudgeServiceClient::connect(endpoint.clone()).await {
-            Ok(c) => break c,
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    };
+    let mut child = spawn_nudge(data.path(), &env).await;
+    let mut client = pb::nudge_service_client::NudgeServiceClient::new(
+        crate::crash::until_serving(&child).await,
+    );
     assert_eq!(version(&mut client).await, "before-hup");
-    // With watching off, a new file changes nothing until SIGHUP.
+    // With watching off, a new file changes nothing until SIGHUP: the reload that brings
+    // it in is the SIGHUP's (a watcher's event, queued first, would name the reload), and
+    // it is the only reload since the start.
     publish::publish(models.path(), versioned("after-hup"), &good, "txt").unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(version(&mut client).await, "before-hup");
-    let hup = std::process::Command::new("kill")
-        .args(["-HUP", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(hup.success());
+    child.signal("HUP");
     wait_for_version(&mut client, "after-hup").await;
-    child.kill().unwrap();
-    child.wait().unwrap();
+    // The new version answers as soon as it is swapped in; the reload's log line and
+    // count follow it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let (swaps, reloads) = loop {
+        let swaps = swaps_logged(&child.log());
+        let reloads = metric_value(
+            &child.metrics().await,
+            "nudge_model_reloads_total{outcome=\"ok\"}",
+        );
+        if !swaps.is_empty() && reloads.is_some() {
+            break (swaps, reloads);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the reload was not logged and counted; log:\n{}",
+            child.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        swaps,
+        [("SIGHUP".to_owned(), "after-hup".to_owned())],
+        "the one swap is the SIGHUP's"
+    );
+    assert_eq!(reloads, Some(1.0), "one reload since the start");
+    child.kill();
+}
+
+/// The (trigger, version) of each "model now serving" line in a JSON log.
+fn swaps_logged(log: &str) -> Vec<(String, String)> {
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|l| l["fields"]["message"] == "model now serving")
+        .map(|l| {
+            let field = |name: &str| l["fields"][name].as_str().unwrap_or("").to_owned();
+            (field("trigger"), field("version"))
+        })
+        .collect()
 }

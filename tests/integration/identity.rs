@@ -165,53 +165,105 @@ async fn identify_chains_devices_and_refuses_two_users() {
     server.stop().await.unwrap();
 }
 
-#[tokio::test]
+/// The shard a person lives in, among `shards`, as the engine picks it.
+fn shard_of(person: &nudge::event::PersonKey, shards: u64) -> u64 {
+    person.stable_hash() % shards
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_racing_a_merge_are_each_counted_once() {
+    const SHARDS: u64 = 4;
+    const SENDERS: usize = 4;
+    const BATCHES: usize = 25;
     let mut config = test_config();
-    config.engine.shards = 4;
+    config.engine.shards = SHARDS as usize;
     let server = TestServer::start_with(config).await;
     let addr = server.grpc_addr;
-    // Pick a device id that lives in another shard than the user, so the merge crosses.
-    let senders: Vec<_> = (0..4)
-        .map(|w| {
-            tokio::spawn(async move {
-                let mut client = nudge::pb::nudge_service_client::NudgeServiceClient::connect(
-                    format!("http://{addr}"),
-                )
-                .await
-                .unwrap();
-                for batch in 0..25 {
-                    let events = (0..4)
-                        .map(|j| {
-                            let id = format!("r{w}-{batch}-{j}");
-                            if (batch + j) % 2 == 0 {
-                                anon_event(&id, "racer-device", EventType::PageView, T0.plus_ms(j))
-                            } else {
-                                event(&id, "racer", EventType::PageView, T0.plus_ms(j))
-                            }
-                        })
-                        .collect();
-                    client.track(pb::TrackRequest { events }).await.unwrap();
-                }
+    // Three races, the merge let go when the senders have had none, a third and two
+    // thirds of their batches answered. Each race has its own user and device, in
+    // different shards, so the merge crosses shards.
+    for (round, release_after) in [0, BATCHES * SENDERS / 3, 2 * BATCHES * SENDERS / 3]
+        .into_iter()
+        .enumerate()
+    {
+        let user = format!("racer-{round}");
+        let device = (0..)
+            .map(|k| format!("racer-{round}-device-{k}"))
+            .find(|d| {
+                shard_of(&nudge::event::PersonKey::Anonymous(d.clone()), SHARDS)
+                    != shard_of(&nudge::event::PersonKey::User(user.clone()), SHARDS)
             })
-        })
-        .collect();
-    let mut client = server.client().await;
-    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    client
-        .identify(pb::IdentifyRequest {
-            anonymous_id: "racer-device".into(),
-            user_id: "racer".into(),
-        })
-        .await
-        .unwrap();
-    for s in senders {
-        s.await.unwrap();
+            .unwrap();
+        assert_ne!(
+            shard_of(&nudge::event::PersonKey::Anonymous(device.clone()), SHARDS),
+            shard_of(&nudge::event::PersonKey::User(user.clone()), SHARDS),
+        );
+        // Everyone connects first, then all start at once.
+        let start = std::sync::Arc::new(tokio::sync::Barrier::new(SENDERS + 1));
+        let (answered, mut answers) = tokio::sync::watch::channel(0usize);
+        let answered = std::sync::Arc::new(answered);
+        let senders: Vec<_> = (0..SENDERS)
+            .map(|w| {
+                let (start, answered) = (start.clone(), answered.clone());
+                let (user, device) = (user.clone(), device.clone());
+                tokio::spawn(async move {
+                    let mut client = nudge::pb::nudge_service_client::NudgeServiceClient::connect(
+                        format!("http://{addr}"),
+                    )
+                    .await
+                    .unwrap();
+                    start.wait().await;
+                    for batch in 0..BATCHES {
+                        let events = (0..4)
+                            .map(|j| {
+                                let id = format!("r{round}-{w}-{batch}-{j}");
+                                let at = T0.plus_ms(j as i64);
+                                if (batch + j) % 2 == 0 {
+                                    anon_event(&id, &device, EventType::PageView, at)
+                                } else {
+                                    event(&id, &user, EventType::PageView, at)
+                                }
+                            })
+                            .collect();
+                        let r = client.track(pb::TrackRequest { events }).await.unwrap();
+                        assert!(r
+                            .into_inner()
+                            .results
+                            .iter()
+                            .all(|r| r.status == EventStatus::Accepted as i32));
+                        answered.send_modify(|n| *n += 1);
+                    }
+                })
+            })
+            .collect();
+        let mut client = server.client().await;
+        start.wait().await;
+        answers
+            .wait_for(|n| *n >= release_after)
+            .await
+            .expect("the senders report");
+        let merged = client
+            .identify(pb::IdentifyRequest {
+                anonymous_id: device.clone(),
+                user_id: user.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(merged.merged);
+        let when_merged = *answers.borrow();
+        for s in senders {
+            s.await.unwrap();
+        }
+        // Whichever batches ran before, during or after the merge, each event counts once,
+        // and both ids name the one person.
+        let total = (SENDERS * BATCHES * 4) as f64;
+        assert_eq!(page_views(&mut client, person(&user)).await, total);
+        assert_eq!(page_views(&mut client, anonymous(&device)).await, total);
+        eprintln!(
+            "race {round}: the merge answered after {when_merged} of {} batches",
+            SENDERS * BATCHES
+        );
     }
-    assert_eq!(page_views(&mut client, person("racer")).await, 400.0);
-    assert_eq!(
-        page_views(&mut client, anonymous("racer-device")).await,
-        400.0
-    );
     server.stop().await.unwrap();
 }

@@ -1,9 +1,6 @@
 //! Operations: /metrics content, health, reflection, and graceful shutdown — in process and
 //! of the real binary under SIGTERM.
 
-use std::process::Command;
-use std::time::Duration;
-
 use tokio_stream::StreamExt;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -206,24 +203,9 @@ async fn reflection_lists_the_services() {
 
 #[tokio::test]
 async fn the_binary_serves_and_exits_zero_on_sigterm() {
-    let grpc = free_port();
     let data = tempfile::tempdir().unwrap();
-    let child = spawn_nudge(data.path(), grpc, &[]);
-
-    let endpoint = format!("http://127.0.0.1:{grpc}");
-    let mut health = None;
-    for _ in 0..100 {
-        if let Ok(channel) = tonic::transport::Channel::from_shared(endpoint.clone())
-            .unwrap()
-            .connect()
-            .await
-        {
-            health = Some(HealthClient::new(channel));
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let mut health = health.expect("the binary starts listening");
+    let child = spawn_nudge(data.path(), &[]).await;
+    let mut health = HealthClient::new(crate::crash::until_serving(&child).await);
     let status = health
         .check(HealthCheckRequest {
             service: String::new(),
@@ -234,16 +216,8 @@ async fn the_binary_serves_and_exits_zero_on_sigterm() {
         .status;
     assert_eq!(status, ServingStatus::Serving as i32);
 
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let output = tokio::task::spawn_blocking(move || child.wait_with_output())
-        .await
-        .unwrap()
-        .unwrap();
-    let log = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(0), "exit status; log:\n{log}");
-    assert!(log.contains("stopped"), "log:\n{log}");
+    child.signal("TERM");
+    let (status, log) = child.exit().await;
+    assert_eq!(status.code(), Some(0), "exit status; log:\n{log}");
+    assert!(log.contains("\"stopped\""), "log:\n{log}");
 }

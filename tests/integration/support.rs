@@ -1,14 +1,18 @@
-//! Shared test support: a real server on 127.0.0.1:0 with a clock the test sets, a real
-//! gRPC client, and event builders.
+//! Shared test support: a real server on 127.0.0.1:0 with a clock and timer ticks the test
+//! drives, a real gRPC client, event builders, and the real binary with the addresses it
+//! bound read from its log.
 
 use std::collections::HashMap;
+use std::io::BufRead as _;
+use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
 
-use nudge::app::Server;
+use nudge::app::{Server, Ticker};
 use nudge::config::Config;
 use nudge::pb;
 use nudge::pb::nudge_service_client::NudgeServiceClient;
@@ -30,7 +34,6 @@ pub fn test_config() -> Config {
     config.models.dir = repo_path("models");
     config.engine.shards = 2;
     config.triggers.rules = repo_path("config/rules.toml");
-    config.triggers.tick_ms = 20;
     config
 }
 
@@ -40,6 +43,9 @@ pub struct TestServer {
     pub grpc_addr: std::net::SocketAddr,
     pub metrics_addr: std::net::SocketAddr,
     pub clock: Arc<ManualClock>,
+    /// Timers fire only when the test ticks: "nothing fired" is then a statement about a
+    /// tick that happened, not about how long a test waited.
+    ticker: Ticker,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -49,7 +55,8 @@ impl TestServer {
         TestServer::start_with(test_config()).await
     }
 
-    /// Starts a server; unless the config names a store directory, it gets a fresh one.
+    /// Starts a server whose timers fire only on [`TestServer::tick`]; unless the config
+    /// names a store directory, it gets a fresh one.
     pub async fn start_with(mut config: Config) -> TestServer {
         let data = (config.store.dir == Config::default().store.dir).then(|| {
             let dir = tempfile::tempdir().unwrap();
@@ -57,9 +64,10 @@ impl TestServer {
             dir
         });
         let clock = Arc::new(ManualClock::new(T0));
-        let server = Server::bind(config, clock.clone())
+        let mut server = Server::bind(config, clock.clone())
             .await
             .expect("server binds");
+        let ticker = server.manual_ticks();
         let grpc_addr = server.grpc_addr();
         let metrics_addr = server.metrics_addr();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -71,9 +79,22 @@ impl TestServer {
             grpc_addr,
             metrics_addr,
             clock,
+            ticker,
             stop: Some(stop),
             task,
         }
+    }
+
+    /// Fires every timer due at the clock's `now` on every shard; returns once what fired
+    /// is committed, so it is in the outbox, in ExplainTriggers and in the metrics.
+    pub async fn tick(&self) {
+        self.ticker.tick().await.expect("the tick commits");
+    }
+
+    /// Sets the clock to `now`, then ticks.
+    pub async fn tick_at(&self, now: Time) {
+        self.clock.set(now);
+        self.tick().await;
     }
 
     pub async fn channel(&self) -> Channel {
@@ -198,37 +219,153 @@ pub fn metric_value(text: &str, series: &str) -> Option<f64> {
     })
 }
 
-/// A free port on loopback (free when asked; the binary binds it right after).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// The real `nudge` binary, serving with the shipped config and models on ports it chose
+/// itself (`127.0.0.1:0`), read back from its log; killed when dropped.
+pub struct Nudge {
+    child: Option<std::process::Child>,
+    pub grpc_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    /// Every log line so far (JSON, one object a line).
+    log: Arc<Mutex<String>>,
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
-/// The real `nudge` binary serving on `grpc` with the shipped config and models, its store
-/// in `data`, and `env` overrides; stderr (the log) piped.
-pub fn spawn_nudge(
-    data: &std::path::Path,
-    grpc: u16,
-    env: &[(&str, String)],
-) -> std::process::Child {
-    std::process::Command::new(env!("CARGO_BIN_EXE_nudge"))
+/// Starts the binary with its store in `data` and `env` overrides, and waits (up to 30 s)
+/// for its "serving" log line, which names the addresses it bound. Binding port 0 in the
+/// process that serves leaves no window for another test to take the port.
+pub async fn spawn_nudge(data: &std::path::Path, env: &[(&str, String)]) -> Nudge {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_nudge"))
         .args([
             "serve",
             "--config",
             repo_path("config/nudge.toml").to_str().unwrap(),
             "--grpc-addr",
-            &format!("127.0.0.1:{grpc}"),
+            "127.0.0.1:0",
             "--metrics-addr",
-            &format!("127.0.0.1:{}", free_port()),
+            "127.0.0.1:0",
         ])
         .current_dir(repo_path(""))
         .env("NUDGE__STORE__DIR", data)
+        // The test reads the "serving" line, an info line, as data.
+        .env("NUDGE__LOG__FORMAT", "json")
+        .env("RUST_LOG", "info")
         .envs(env.iter().map(|(k, v)| (k, v)))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .unwrap()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let log = Arc::new(Mutex::new(String::new()));
+    let (serving, addrs) = oneshot::channel::<(SocketAddr, SocketAddr)>();
+    let reader = {
+        let log = log.clone();
+        std::thread::spawn(move || {
+            let mut serving = Some(serving);
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some(addrs) = serving_addrs(&line) {
+                    if let Some(tx) = serving.take() {
+                        let _ = tx.send(addrs);
+                    }
+                }
+                let mut log = log.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        })
+    };
+    let mut nudge = Nudge {
+        child: Some(child),
+        grpc_addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        metrics_addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        log,
+        reader: Some(reader),
+    };
+    match tokio::time::timeout(Duration::from_secs(30), addrs).await {
+        Ok(Ok((grpc, metrics))) => {
+            nudge.grpc_addr = grpc;
+            nudge.metrics_addr = metrics;
+            nudge
+        }
+        Ok(Err(_)) => panic!("the binary exited before serving; log:\n{}", nudge.log()),
+        Err(_) => panic!(
+            "the binary did not serve within 30 s; log:\n{}",
+            nudge.log()
+        ),
+    }
+}
+
+/// The gRPC and metrics addresses of a JSON "serving" log line.
+fn serving_addrs(line: &str) -> Option<(SocketAddr, SocketAddr)> {
+    let json: serde_json::Value = serde_json::from_str(line).ok()?;
+    let fields = &json["fields"];
+    if fields["message"] != "serving" {
+        return None;
+    }
+    Some((
+        fields["grpc_addr"].as_str()?.parse().ok()?,
+        fields["metrics_addr"].as_str()?.parse().ok()?,
+    ))
+}
+
+impl Nudge {
+    pub fn id(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// The log so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Sends `signal` (a `kill` name: HUP, TERM) to the process.
+    pub fn signal(&self, signal: &str) {
+        let sent = std::process::Command::new("kill")
+            .args([&format!("-{signal}"), &self.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success(), "kill -{signal}");
+    }
+
+    /// SIGKILL, and waits for the process to be gone.
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// Waits for the process to exit by itself; its exit status and its whole log.
+    pub async fn exit(mut self) -> (std::process::ExitStatus, String) {
+        let mut child = self.child.take().unwrap();
+        let reader = self.reader.take().unwrap();
+        let status = tokio::task::spawn_blocking(move || {
+            let status = child.wait().unwrap();
+            // The log ends with the process: the reader sees end of file and stops.
+            reader.join().unwrap();
+            status
+        })
+        .await
+        .unwrap();
+        (status, self.log())
+    }
+
+    /// The binary's metrics in Prometheus text.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("http://{}/metrics", self.metrics_addr))
+            .await
+            .expect("metrics answers")
+            .text()
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for Nudge {
+    /// A test that fails midway leaves no server running.
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
