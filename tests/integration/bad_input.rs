@@ -264,3 +264,83 @@ async fn bad_score_requests_name_the_field() {
     );
     server.stop().await.unwrap();
 }
+
+/// Sends bytes as they are, so a test can put a malformed message on the wire.
+#[derive(Clone, Copy)]
+struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+
+    fn encoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+
+    fn decoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        prost::bytes::BufMut::put_slice(dst, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Vec<u8>>, tonic::Status> {
+        let len = prost::bytes::Buf::remaining(src);
+        Ok(Some(prost::bytes::Buf::copy_to_bytes(src, len).to_vec()))
+    }
+}
+
+/// A malformed request is answered with the proto field's name (`Event.type`), not the
+/// Rust identifier prost generates for it (`r#type`).
+#[tokio::test]
+async fn a_malformed_message_names_the_proto_field() {
+    let server = TestServer::start().await;
+    let mut grpc = tonic::client::Grpc::new(server.channel().await);
+    // TrackRequest { events (1, length-delimited): Event { type (4) sent as a
+    // length-delimited field where the enum must be a varint } }.
+    let event = [0x22, 0x01, b'A'];
+    let mut request = vec![0x0a, event.len() as u8];
+    request.extend(event);
+    grpc.ready().await.unwrap();
+    let err = grpc
+        .unary(
+            tonic::Request::new(request),
+            tonic::codegen::http::uri::PathAndQuery::from_static("/nudge.v1.NudgeService/Track"),
+            RawCodec,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+    assert!(err.message().contains("Event.type:"), "{}", err.message());
+    assert!(!err.message().contains("r#"), "{}", err.message());
+    let metrics = server.metrics().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "nudge_invalid_input_total{reason=\"undecodable\",rpc=\"Track\"}"
+        ),
+        Some(1.0)
+    );
+    server.stop().await.unwrap();
+}
