@@ -23,8 +23,11 @@ use crate::profile::Profile;
 use crate::time::Time;
 use crate::trigger::{AuditEntry, TriggerState};
 
-/// The version byte in front of every stored profile.
-const PROFILE_FORMAT: u8 = 1;
+/// The version byte in front of every stored profile. Format 1 (a checkout flag in the
+/// cart instead of its times) is still read, through `profile::v1`.
+const PROFILE_FORMAT: u8 = 2;
+/// The version byte in front of every stored trigger state.
+const TRIGGER_FORMAT: u8 = 1;
 
 /// When commits are fsynced.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -220,6 +223,9 @@ impl Store {
             Some((&PROFILE_FORMAT, body)) => postcard::from_bytes(body)
                 .map(Some)
                 .map_err(|e| StoreError::Corrupt(e.to_string())),
+            Some((1, body)) => postcard::from_bytes::<crate::profile::v1::Profile>(body)
+                .map(|p| Some(p.into()))
+                .map_err(|e| StoreError::Corrupt(e.to_string())),
             Some((version, _)) => Err(StoreError::Corrupt(format!(
                 "unknown profile format {version}"
             ))),
@@ -252,7 +258,7 @@ impl Store {
             return Ok(None);
         };
         match bytes.split_first() {
-            Some((&PROFILE_FORMAT, body)) => postcard::from_bytes(body)
+            Some((&TRIGGER_FORMAT, body)) => postcard::from_bytes(body)
                 .map(Some)
                 .map_err(|e| StoreError::Corrupt(format!("trigger state: {e}"))),
             _ => Err(StoreError::Corrupt("unknown trigger state format".into())),
@@ -531,7 +537,7 @@ impl Store {
                     if state.is_empty() {
                         batch.remove(&self.triggers, key(&person));
                     } else {
-                        let mut bytes = vec![PROFILE_FORMAT];
+                        let mut bytes = vec![TRIGGER_FORMAT];
                         bytes.extend(
                             postcard::to_stdvec(&state)
                                 .map_err(|e| StoreError::Corrupt(e.to_string()))?,
@@ -670,6 +676,18 @@ mod tests {
 
     fn person(id: &str) -> PersonKey {
         PersonKey::User(id.into())
+    }
+
+    #[test]
+    fn a_profile_stored_in_format_1_still_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), SyncMode::Always).unwrap();
+        let mut bytes = vec![1];
+        bytes.extend(hex::decode(crate::profile::v1::FORMAT_1_FIXTURE).unwrap());
+        store.profiles.insert(key(&person("u1")), bytes).unwrap();
+        let profile = store.load_profile(&person("u1")).unwrap().unwrap();
+        assert_eq!(profile.cart().items(), 2);
+        assert!(profile.cart().checkout_started());
     }
 
     #[test]

@@ -433,7 +433,7 @@ impl pb::nudge_service_server::NudgeService for NudgeApi {
             items: cart.items(),
             value: cart.value(),
             last_add_at: cart.last_add.map(convert::timestamp),
-            checkout_started: cart.checkout_started,
+            checkout_started: cart.checkout_started(),
         };
         Ok(Response::new(pb::GetProfileResponse {
             features,

@@ -265,6 +265,63 @@ async fn bad_score_requests_name_the_field() {
     server.stop().await.unwrap();
 }
 
+/// Finite but huge amounts are refused with `out_of_range` naming the field, before they
+/// reach a profile: `price = 1e308` would make the cart's value infinite.
+#[tokio::test]
+async fn huge_amounts_are_out_of_range() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let u = "big-spender";
+    let mut huge_price = event("e3", u, EventType::AddToCart, T0.plus_ms(3_000));
+    let p = props(&mut huge_price);
+    p.product_id = Some("p".into());
+    p.price = Some(1e308);
+    p.quantity = Some(10);
+    let mut huge_order = event("e4", u, EventType::Purchase, T0.plus_ms(4_000));
+    props(&mut huge_order).order_value = Some(1.7e308);
+    let mut fine_add = event("e2", u, EventType::AddToCart, T0.plus_ms(2_000));
+    let p = props(&mut fine_add);
+    p.product_id = Some("q".into());
+    p.price = Some(25.0);
+    p.quantity = Some(2);
+    let events = vec![
+        event("e0", u, EventType::PageView, T0),
+        product_view("e1", u, T0.plus_ms(1_000), "q", "c", Some(5.0)),
+        fine_add,
+        huge_price,
+        huge_order,
+    ];
+    let response = track(&mut client, events).await;
+    let statuses: Vec<i32> = response.results.iter().map(|r| r.status).collect();
+    let (accepted, rejected) = (EventStatus::Accepted as i32, EventStatus::Rejected as i32);
+    assert_eq!(statuses, [accepted, accepted, accepted, rejected, rejected]);
+    for (at, field) in [
+        (3, "events[3].properties.price"),
+        (4, "events[4].properties.order_value"),
+    ] {
+        let error = response.results[at].error.as_ref().unwrap();
+        assert_eq!(
+            (error.field.as_str(), error.reason.as_str()),
+            (field, "out_of_range")
+        );
+        assert!(error.message.contains("at most"), "{}", error.message);
+    }
+
+    let f = features(&mut client, u).await;
+    assert_feature(&f, "cart_value", 50.0);
+    assert_feature(&f, "revenue_90d", 0.0);
+    assert!(f.values().all(|v| !v.is_infinite()), "{f:?}");
+    let metrics = server.metrics().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "nudge_invalid_input_total{reason=\"out_of_range\",rpc=\"Track\"}"
+        ),
+        Some(2.0)
+    );
+    server.stop().await.unwrap();
+}
+
 /// Sends bytes as they are, so a test can put a malformed message on the wire.
 #[derive(Clone, Copy)]
 struct RawCodec;
