@@ -228,7 +228,7 @@ pub fn extract(profile: &Profile, now: Time) -> FeatureRow {
     );
     row.set(
         CheckoutSinceCartAdd,
-        f64::from(u8::from(cart.last_add.is_some() && cart.checkout_started)),
+        f64::from(u8::from(cart.last_add.is_some() && cart.checkout_started())),
     );
 
     let days = &profile.days;
@@ -249,7 +249,7 @@ pub fn extract(profile: &Profile, now: Time) -> FeatureRow {
         s30 += 1;
         if !s.is_open(now) {
             ended += 1;
-            ended_pages += s.page_views;
+            ended_pages = ended_pages.saturating_add(s.page_views);
             bounced += u32::from(s.page_views <= 1);
         }
     }
@@ -311,7 +311,7 @@ pub fn extract(profile: &Profile, now: Time) -> FeatureRow {
     let mut distinct = 0u32;
     for c in &profile.categories {
         let views = c.views.last_days(today, CATEGORY_DAYS);
-        categorized += views;
+        categorized = categorized.saturating_add(views);
         distinct += u32::from(views > 0);
     }
     let top = profile.top_category(now).map_or(0, |(_, views)| views);
@@ -326,6 +326,99 @@ pub fn extract(profile: &Profile, now: Time) -> FeatureRow {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::{Event, EventKind, PersonKey, Properties};
+    use crate::profile::MAX_CART_LINES;
+    use crate::time::MINUTE_MS;
+
+    // The largest values validation accepts.
+    use crate::event::{
+        MAX_DWELL_SECONDS as DWELL_SECONDS, MAX_ORDER_VALUE as ORDER_VALUE, MAX_PRICE as PRICE,
+        MAX_QUANTITY as QUANTITY,
+    };
+
+    fn event(kind: EventKind, at: Time, product: &str) -> Event {
+        Event {
+            id: "e".into(),
+            person: PersonKey::User("u".into()),
+            linked: None,
+            kind,
+            time: at,
+            properties: Properties {
+                product_id: Some(product.into()),
+                category: Some(format!("c{}", product.len() % 3)),
+                price: Some(PRICE),
+                quantity: Some(QUANTITY),
+                order_value: Some(ORDER_VALUE),
+                dwell_seconds: Some(DWELL_SECONDS),
+                ..Properties::default()
+            },
+            attributes: Default::default(),
+        }
+    }
+
+    /// Every feature of the row is a finite number that is not negative.
+    fn assert_bounded(row: &FeatureRow, when: &str) {
+        for (def, value) in FEATURES.iter().zip(row.values()) {
+            assert!(
+                value.is_finite() && *value >= 0.0,
+                "{when}: {} = {value}",
+                def.name
+            );
+        }
+    }
+
+    /// The largest accepted amounts, sent as often as a day and the retention allow, and
+    /// merged into the same person again and again, never make a feature infinite: the
+    /// per-field limits bound each event and the sums saturate.
+    #[test]
+    fn the_largest_accepted_values_keep_every_feature_finite() {
+        let now = Time(1_772_445_600_000);
+        let retention = 90 * DAY_MS;
+        let mut p = Profile::default();
+        let push = |p: &mut Profile, e: Event| {
+            e.validate(now, retention).expect("the event is valid");
+            p.apply(&e);
+        };
+        // Purchases of the largest order value, 1,100 a day over the whole retention.
+        for day in 0..90 {
+            let start = now.plus_ms(-retention + day * DAY_MS);
+            for i in 0..1_100 {
+                push(
+                    &mut p,
+                    event(EventKind::Purchase, start.plus_ms(i * 1000), ""),
+                );
+            }
+        }
+        // Then, in the open session: a full cart at the largest price and quantity, every
+        // line added many times, and product views of the longest dwell time.
+        let session = now.plus_ms(-10 * MINUTE_MS);
+        for round in 0..20 {
+            for line in 0..MAX_CART_LINES + 5 {
+                let at = session.plus_ms(round * 1000 + line as i64);
+                push(&mut p, event(EventKind::AddToCart, at, &format!("p{line}")));
+                push(
+                    &mut p,
+                    event(EventKind::ProductView, at, &format!("p{line}")),
+                );
+            }
+        }
+        push(&mut p, event(EventKind::CheckoutStarted, now, ""));
+        assert_bounded(&extract(&p, now), "after the events");
+
+        // The most a cart can hold: every line at the most units a line can count.
+        for line in &mut p.cart.lines {
+            line.quantity = u32::MAX;
+        }
+        assert_bounded(&extract(&p, now), "with a full cart");
+
+        // Many identities of the same person merged into one: every counter adds up.
+        for _ in 0..1_100 {
+            let copy = p.clone();
+            p.merge(copy);
+        }
+        assert_bounded(&extract(&p, now), "after merges");
+        assert_bounded(&extract(&p, now.plus_ms(DAY_MS)), "a day later");
+    }
 
     #[test]
     fn the_spec_is_well_formed() {

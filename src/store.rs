@@ -30,8 +30,9 @@ use crate::profile::Profile;
 use crate::time::Time;
 use crate::trigger::state::{AuditEntry, OutcomeTotals, TriggerState};
 
-/// The version byte in front of every stored profile.
-const PROFILE_FORMAT: u8 = 1;
+/// The version byte in front of every stored profile. Format 1 (a checkout flag in the
+/// cart instead of its times) is still read, through `profile::v1`.
+const PROFILE_FORMAT: u8 = 2;
 /// The version byte in front of every stored trigger state; its own, so that a new
 /// profile format does not invalidate trigger states, nor the other way round.
 const TRIGGER_STATE_FORMAT: u8 = 1;
@@ -288,10 +289,15 @@ impl Store {
     }
 
     pub fn load_profile(&self, person: &PersonKey) -> Result<Option<Profile>, StoreError> {
-        self.profiles
-            .get(key(person))?
-            .map(|bytes| decode("profile", PROFILE_FORMAT, &bytes))
-            .transpose()
+        let Some(bytes) = self.profiles.get(key(person))? else {
+            return Ok(None);
+        };
+        match bytes.first() {
+            Some(1) => {
+                decode::<crate::profile::v1::Profile>("profile", 1, &bytes).map(|p| Some(p.into()))
+            }
+            _ => decode("profile", PROFILE_FORMAT, &bytes).map(Some),
+        }
     }
 
     /// When `event_id` was seen for `person`, if it was.
@@ -735,6 +741,18 @@ mod tests {
 
     fn person(id: &str) -> PersonKey {
         PersonKey::User(id.into())
+    }
+
+    #[test]
+    fn a_profile_stored_in_format_1_still_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), SyncMode::Always).unwrap();
+        let mut bytes = vec![1];
+        bytes.extend(hex::decode(crate::profile::v1::FORMAT_1_FIXTURE).unwrap());
+        store.profiles.insert(key(&person("u1")), bytes).unwrap();
+        let profile = store.load_profile(&person("u1")).unwrap().unwrap();
+        assert_eq!(profile.cart().items(), 2);
+        assert!(profile.cart().checkout_started());
     }
 
     #[test]

@@ -297,7 +297,7 @@ pub fn profile_response(
         items: cart.items(),
         value: cart.value(),
         last_add_at: cart.last_add.map(timestamp),
-        checkout_started: cart.checkout_started,
+        checkout_started: cart.checkout_started(),
     };
     pb::GetProfileResponse {
         features,

@@ -159,7 +159,7 @@ where
                     Reason::Undecodable,
                     format!(
                         "the request is not a valid protobuf message: {}",
-                        percent_decode(message)
+                        proto_field_names(&percent_decode(message))
                     ),
                 )),
                 _ => None,
@@ -205,6 +205,12 @@ fn percent_encode(text: &str) -> String {
         }
     }
     out
+}
+
+/// prost's decode errors name fields by their Rust identifiers (`Event.r#type: ...`, for
+/// a proto field that is a Rust keyword); the caller knows the proto name, `Event.type`.
+fn proto_field_names(text: &str) -> String {
+    text.replace(".r#", ".")
 }
 
 fn percent_decode(text: &str) -> String {

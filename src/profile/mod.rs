@@ -7,14 +7,21 @@
 //!
 //! Order: per-day counters and sessions do not depend on the order events arrive in — a
 //! late event lands in its own day and its own session. The cart describes the person's
-//! latest state, so a cart event older than the cart's latest change is counted but does
-//! not change the cart. Time on product pages measured from gaps needs events in order; a
-//! late product view without a dwell time adds no time.
+//! latest state, so a cart event older than the cart's latest change of its lines is
+//! counted but does not change the lines. The times of the latest addition, checkout and
+//! purchase are maxima, so "minutes since the latest addition" and "checkout since the
+//! latest addition" do not depend on the order either. Time on product pages measured
+//! from gaps needs events in order; a late product view without a dwell time adds no time.
+//!
+//! Bounds: counters saturate instead of wrapping, and revenue sums saturate at
+//! [`MAX_REVENUE`], so with the limits `crate::event` puts on each number no feature can
+//! become infinite however many events a person sends.
 //!
 //! `Profile::merge` combines two people into one (identity stitching): counters add up,
 //! sessions that are parts of the same visit become one, carts combine.
 
 pub mod session;
+pub mod v1;
 pub mod window;
 
 use serde::{Deserialize, Serialize};
@@ -32,6 +39,20 @@ pub const MAX_CATEGORIES: usize = 16;
 pub const HISTORY_DAYS: i32 = 90;
 /// Days of per-category history kept.
 pub const CATEGORY_DAYS: i32 = 30;
+/// Where revenue sums (a day's, a window's, a lifetime's) stop growing. Orders are at most
+/// `event::MAX_ORDER_VALUE` (1e15), so a thousand of the largest orders reach it; f64
+/// holds it with room to spare, so no sum of revenue can become infinite.
+pub const MAX_REVENUE: f64 = 1e18;
+
+/// Adds revenue, saturating at [`MAX_REVENUE`].
+fn add_revenue(total: f64, more: f64) -> f64 {
+    (total + more).min(MAX_REVENUE)
+}
+
+/// Counts one more, saturating instead of wrapping.
+fn bump(count: &mut u32) {
+    *count = count.saturating_add(1);
+}
 
 /// Everything Nudge knows about one person.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -71,7 +92,7 @@ impl DayValue for DayStats {
         add(&mut self.searches, o.searches);
         add(&mut self.cart_adds, o.cart_adds);
         add(&mut self.purchases, o.purchases);
-        self.revenue += o.revenue;
+        self.revenue = add_revenue(self.revenue, o.revenue);
         add(&mut self.email_opens, o.email_opens);
         add(&mut self.email_clicks, o.email_clicks);
     }
@@ -81,10 +102,15 @@ impl DayValue for DayStats {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Cart {
     pub lines: Vec<CartLine>,
+    /// Time of the latest add-to-cart, late ones included.
     pub last_add: Option<Time>,
-    /// Whether checkout started after the latest addition.
-    pub checkout_started: bool,
-    /// Time of the latest event that changed the cart; older cart events are late.
+    /// Time of the latest checkout start, late ones included.
+    pub last_checkout: Option<Time>,
+    /// Time of the latest purchase, late ones included: a purchase ends the checkout
+    /// before it.
+    pub last_purchase: Option<Time>,
+    /// Time of the latest event that changed the lines; older cart events are late. A
+    /// checkout leaves the lines as they are, so it does not make an addition late.
     pub last_change: Option<Time>,
 }
 
@@ -111,20 +137,43 @@ impl Cart {
             .sum()
     }
 
-    /// Whether an event at `t` is at least as new as the cart's state.
+    /// Whether checkout started after the latest addition (at the same millisecond counts
+    /// as after) and no purchase has followed it. Computed from the three latest times, so
+    /// the answer does not depend on the order the events arrived in.
+    pub fn checkout_started(&self) -> bool {
+        self.last_checkout.is_some()
+            && self.last_checkout >= self.last_add
+            && self.last_checkout > self.last_purchase
+    }
+
+    /// Whether an event at `t` is at least as new as the cart's lines.
     fn is_current(&self, t: Time) -> bool {
         self.last_change.is_none_or(|last| t >= last)
     }
 
     fn add(&mut self, t: Time, product_id: &str, quantity: u32, price: Option<f64>) {
-        self.add_line(CartLine {
-            product_id: product_id.to_owned(),
-            quantity,
-            price: price.unwrap_or(f64::NAN),
-        });
-        self.last_add = Some(t);
-        self.checkout_started = false;
-        self.last_change = Some(t);
+        self.last_add = self.last_add.max(Some(t));
+        if self.is_current(t) {
+            self.add_line(CartLine {
+                product_id: product_id.to_owned(),
+                quantity,
+                price: price.unwrap_or(f64::NAN),
+            });
+            self.last_change = Some(t);
+        }
+    }
+
+    fn checkout(&mut self, t: Time) {
+        self.last_checkout = self.last_checkout.max(Some(t));
+    }
+
+    /// A purchase ends the checkout and, unless it is late, empties the cart.
+    fn purchase(&mut self, t: Time) {
+        self.last_purchase = self.last_purchase.max(Some(t));
+        if self.is_current(t) {
+            self.lines.clear();
+            self.last_change = Some(t);
+        }
     }
 
     /// Adds units of a product; a NaN price keeps the line's known price.
@@ -146,6 +195,9 @@ impl Cart {
 
     /// Removes `quantity` units of a product, or the whole line when `quantity` is `None`.
     fn remove(&mut self, t: Time, product_id: &str, quantity: Option<u32>) {
+        if !self.is_current(t) {
+            return;
+        }
         if let Some(at) = self.lines.iter().position(|l| l.product_id == product_id) {
             let line = &mut self.lines[at];
             line.quantity = quantity.map_or(0, |q| line.quantity.saturating_sub(q));
@@ -156,23 +208,17 @@ impl Cart {
         self.last_change = Some(t);
     }
 
-    /// Combines another cart of the same person (identity stitching): lines add up, and the
-    /// latest addition decides whether checkout has started since.
+    /// Combines another cart of the same person (identity stitching): lines add up, and
+    /// the latest addition, checkout and purchase of either decide whether checkout has
+    /// started since, as if one profile had seen all the events.
     fn merge(&mut self, other: Cart) {
         for line in other.lines {
             self.add_line(line);
         }
-        if other.last_add > self.last_add {
-            self.checkout_started = other.checkout_started;
-        }
         self.last_add = self.last_add.max(other.last_add);
+        self.last_checkout = self.last_checkout.max(other.last_checkout);
+        self.last_purchase = self.last_purchase.max(other.last_purchase);
         self.last_change = self.last_change.max(other.last_change);
-    }
-
-    fn clear(&mut self, t: Time) {
-        self.lines.clear();
-        self.checkout_started = false;
-        self.last_change = Some(t);
     }
 }
 
@@ -200,22 +246,25 @@ impl Profile {
 
         match event.kind {
             EventKind::PageView => {
-                self.days.update(day, |d| d.page_views += 1);
+                self.days.update(day, |d| bump(&mut d.page_views));
                 if let Some(s) = session {
-                    s.page_views += 1;
+                    bump(&mut s.page_views);
                 }
             }
             EventKind::ProductView => {
                 self.days.update(day, |d| {
-                    d.page_views += 1;
-                    d.product_views += 1;
+                    bump(&mut d.page_views);
+                    bump(&mut d.product_views);
                 });
                 if let Some(s) = session {
-                    s.page_views += 1;
+                    bump(&mut s.page_views);
                     let product = props.product_id.as_deref().unwrap_or_default();
                     s.view_product(fnv1a(product.bytes()));
                     match props.dwell_seconds {
-                        Some(dwell) => s.product_time_ms += (dwell * 1000.0) as i64,
+                        Some(dwell) => {
+                            let ms = (dwell * 1000.0) as i64;
+                            s.product_time_ms = s.product_time_ms.saturating_add(ms);
+                        }
                         None if t >= s.last => s.open_product_view = Some(t),
                         None => {}
                     }
@@ -225,52 +274,41 @@ impl Profile {
                 }
             }
             EventKind::Search => {
-                self.days.update(day, |d| d.searches += 1);
+                self.days.update(day, |d| bump(&mut d.searches));
                 if let Some(s) = session {
-                    s.searches += 1;
+                    bump(&mut s.searches);
                 }
             }
             EventKind::AddToCart => {
-                self.days.update(day, |d| d.cart_adds += 1);
+                self.days.update(day, |d| bump(&mut d.cart_adds));
                 if let Some(s) = session {
-                    s.cart_adds += 1;
+                    bump(&mut s.cart_adds);
                 }
-                if self.cart.is_current(t) {
-                    let product = props.product_id.as_deref().unwrap_or_default();
-                    self.cart
-                        .add(t, product, props.quantity.unwrap_or(1), props.price);
-                }
+                let product = props.product_id.as_deref().unwrap_or_default();
+                self.cart
+                    .add(t, product, props.quantity.unwrap_or(1), props.price);
             }
             EventKind::RemoveFromCart => {
-                if self.cart.is_current(t) {
-                    let product = props.product_id.as_deref().unwrap_or_default();
-                    self.cart.remove(t, product, props.quantity);
-                }
+                let product = props.product_id.as_deref().unwrap_or_default();
+                self.cart.remove(t, product, props.quantity);
             }
-            EventKind::CheckoutStarted => {
-                if self.cart.is_current(t) {
-                    self.cart.checkout_started = true;
-                    self.cart.last_change = Some(t);
-                }
-            }
+            EventKind::CheckoutStarted => self.cart.checkout(t),
             EventKind::Purchase => {
                 let value = props.order_value.unwrap_or(0.0);
                 self.days.update(day, |d| {
-                    d.purchases += 1;
-                    d.revenue += value;
+                    bump(&mut d.purchases);
+                    d.revenue = add_revenue(d.revenue, value);
                 });
                 self.lifetime_purchases = self.lifetime_purchases.saturating_add(1);
-                self.lifetime_revenue += value;
+                self.lifetime_revenue = add_revenue(self.lifetime_revenue, value);
                 self.last_purchase = Some(self.last_purchase.map_or(t, |l| l.max(t)));
-                if self.cart.is_current(t) {
-                    self.cart.clear(t);
-                }
+                self.cart.purchase(t);
             }
             EventKind::EmailOpen => {
-                self.days.update(day, |d| d.email_opens += 1);
+                self.days.update(day, |d| bump(&mut d.email_opens));
             }
             EventKind::EmailClick => {
-                self.days.update(day, |d| d.email_clicks += 1);
+                self.days.update(day, |d| bump(&mut d.email_clicks));
             }
         }
     }
@@ -299,7 +337,7 @@ impl Profile {
         self.lifetime_purchases = self
             .lifetime_purchases
             .saturating_add(other.lifetime_purchases);
-        self.lifetime_revenue += other.lifetime_revenue;
+        self.lifetime_revenue = add_revenue(self.lifetime_revenue, other.lifetime_revenue);
         self.last_purchase = self.last_purchase.max(other.last_purchase);
     }
 
@@ -328,7 +366,7 @@ impl Profile {
                 self.categories.len() - 1
             }
         };
-        self.categories[at].views.update(day, |v| *v += 1);
+        self.categories[at].views.update(day, bump);
     }
 
     pub fn first_seen(&self) -> Option<Time> {
@@ -418,10 +456,10 @@ mod tests {
             T.plus_ms(5 * MINUTE_MS),
             "",
         ));
-        assert!(p.cart.checkout_started);
+        assert!(p.cart.checkout_started());
         p.apply(&event(EventKind::Purchase, T.plus_ms(6 * MINUTE_MS), ""));
         assert_eq!(p.cart.items(), 0);
-        assert!(!p.cart.checkout_started);
+        assert!(!p.cart.checkout_started());
         assert_eq!((p.lifetime_purchases, p.lifetime_revenue), (1, 25.0));
     }
 

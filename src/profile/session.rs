@@ -57,7 +57,7 @@ impl Session {
         let open = self
             .open_product_view
             .map_or(0, |t| now.since(t).clamp(0, PRODUCT_GAP_CAP_MS));
-        self.product_time_ms + open
+        self.product_time_ms.saturating_add(open)
     }
 
     /// Whether an event at `t` belongs to this session.
@@ -76,7 +76,8 @@ impl Session {
     pub(crate) fn extend(&mut self, t: Time) {
         if t >= self.last {
             if let Some(viewed) = self.open_product_view.take() {
-                self.product_time_ms += t.since(viewed).clamp(0, PRODUCT_GAP_CAP_MS);
+                let gap = t.since(viewed).clamp(0, PRODUCT_GAP_CAP_MS);
+                self.product_time_ms = self.product_time_ms.saturating_add(gap);
             }
             self.last = t;
         }
@@ -84,7 +85,7 @@ impl Session {
     }
 
     pub(crate) fn view_product(&mut self, hash: u64) {
-        self.product_views += 1;
+        self.product_views = self.product_views.saturating_add(1);
         match self.products.binary_search(&hash) {
             Ok(_) => {}
             Err(at) if self.products.len() < MAX_SESSION_PRODUCTS => {
@@ -101,15 +102,18 @@ impl Session {
     fn absorb(&mut self, other: Session) {
         let other_is_later = other.last > self.last;
         self.start = self.start.min(other.start);
-        self.page_views += other.page_views;
-        self.product_views += other.product_views;
-        self.product_time_ms += other.product_time_ms;
-        self.searches += other.searches;
-        self.cart_adds += other.cart_adds;
+        // Saturating: merging many identities of one person must not wrap a counter.
+        self.page_views = self.page_views.saturating_add(other.page_views);
+        self.product_views = self.product_views.saturating_add(other.product_views);
+        self.product_time_ms = self.product_time_ms.saturating_add(other.product_time_ms);
+        self.searches = self.searches.saturating_add(other.searches);
+        self.cart_adds = self.cart_adds.saturating_add(other.cart_adds);
         let complete = |s: &Session| s.products.len() as u32 == s.distinct_products;
         if !complete(self) || !complete(&other) {
             // An older part whose list was dropped: the count can only be estimated.
-            self.distinct_products += other.distinct_products;
+            self.distinct_products = self
+                .distinct_products
+                .saturating_add(other.distinct_products);
             self.products.clear();
         } else {
             for hash in other.products {

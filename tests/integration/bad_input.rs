@@ -264,3 +264,140 @@ async fn bad_score_requests_name_the_field() {
     );
     server.stop().await.unwrap();
 }
+
+/// Finite but huge amounts are refused with `out_of_range` naming the field, before they
+/// reach a profile: `price = 1e308` would make the cart's value infinite.
+#[tokio::test]
+async fn huge_amounts_are_out_of_range() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let u = "big-spender";
+    let mut huge_price = event("e3", u, EventType::AddToCart, T0.plus_ms(3_000));
+    let p = props(&mut huge_price);
+    p.product_id = Some("p".into());
+    p.price = Some(1e308);
+    p.quantity = Some(10);
+    let mut huge_order = event("e4", u, EventType::Purchase, T0.plus_ms(4_000));
+    props(&mut huge_order).order_value = Some(1.7e308);
+    let mut fine_add = event("e2", u, EventType::AddToCart, T0.plus_ms(2_000));
+    let p = props(&mut fine_add);
+    p.product_id = Some("q".into());
+    p.price = Some(25.0);
+    p.quantity = Some(2);
+    let events = vec![
+        event("e0", u, EventType::PageView, T0),
+        product_view("e1", u, T0.plus_ms(1_000), "q", "c", Some(5.0)),
+        fine_add,
+        huge_price,
+        huge_order,
+    ];
+    let response = track(&mut client, events).await;
+    let statuses: Vec<i32> = response.results.iter().map(|r| r.status).collect();
+    let (accepted, rejected) = (EventStatus::Accepted as i32, EventStatus::Rejected as i32);
+    assert_eq!(statuses, [accepted, accepted, accepted, rejected, rejected]);
+    for (at, field) in [
+        (3, "events[3].properties.price"),
+        (4, "events[4].properties.order_value"),
+    ] {
+        let error = response.results[at].error.as_ref().unwrap();
+        assert_eq!(
+            (error.field.as_str(), error.reason.as_str()),
+            (field, "out_of_range")
+        );
+        assert!(error.message.contains("at most"), "{}", error.message);
+    }
+
+    let f = features(&mut client, u).await;
+    assert_feature(&f, "cart_value", 50.0);
+    assert_feature(&f, "revenue_90d", 0.0);
+    assert!(f.values().all(|v| !v.is_infinite()), "{f:?}");
+    let metrics = server.metrics().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "nudge_invalid_input_total{reason=\"out_of_range\",rpc=\"Track\"}"
+        ),
+        Some(2.0)
+    );
+    server.stop().await.unwrap();
+}
+
+/// Sends bytes as they are, so a test can put a malformed message on the wire.
+#[derive(Clone, Copy)]
+struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+
+    fn encoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+
+    fn decoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        prost::bytes::BufMut::put_slice(dst, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Vec<u8>>, tonic::Status> {
+        let len = prost::bytes::Buf::remaining(src);
+        Ok(Some(prost::bytes::Buf::copy_to_bytes(src, len).to_vec()))
+    }
+}
+
+/// A malformed request is answered with the proto field's name (`Event.type`), not the
+/// Rust identifier prost generates for it (`r#type`).
+#[tokio::test]
+async fn a_malformed_message_names_the_proto_field() {
+    let server = TestServer::start().await;
+    let mut grpc = tonic::client::Grpc::new(server.channel().await);
+    // TrackRequest { events (1, length-delimited): Event { type (4) sent as a
+    // length-delimited field where the enum must be a varint } }.
+    let event = [0x22, 0x01, b'A'];
+    let mut request = vec![0x0a, event.len() as u8];
+    request.extend(event);
+    grpc.ready().await.unwrap();
+    let err = grpc
+        .unary(
+            tonic::Request::new(request),
+            tonic::codegen::http::uri::PathAndQuery::from_static("/nudge.v1.NudgeService/Track"),
+            RawCodec,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+    assert!(err.message().contains("Event.type:"), "{}", err.message());
+    assert!(!err.message().contains("r#"), "{}", err.message());
+    let metrics = server.metrics().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "nudge_invalid_input_total{reason=\"undecodable\",rpc=\"Track\"}"
+        ),
+        Some(1.0)
+    );
+    server.stop().await.unwrap();
+}

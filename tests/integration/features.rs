@@ -1,7 +1,13 @@
-//! A scripted browsing session, sent over gRPC, moves the features to exact values.
+//! A scripted browsing session, sent over gRPC, moves the features to exact values; the
+//! order in which the same events arrive does not change them.
 
+use std::collections::BTreeMap;
+
+use nudge::event::{Event, EventKind, PersonKey, Properties};
+use nudge::features::{extract, FeatureRow, FEATURES};
 use nudge::pb::{self, EventStatus, EventType};
-use nudge::time::{DAY_MS, MINUTE_MS};
+use nudge::profile::Profile;
+use nudge::time::{Time, DAY_MS, MINUTE_MS};
 
 use crate::support::*;
 
@@ -174,5 +180,182 @@ fn readme_lists_every_feature_with_its_definition() {
             readme.contains(&line),
             "README is missing or has a stale line: {line}"
         );
+    }
+}
+
+/// An `add_to_cart` that arrives after the later `checkout_started` (event time earlier,
+/// received later) gives the same features as the two in time order: the minutes since
+/// the addition are counted and the checkout is after it.
+#[tokio::test]
+async fn a_late_cart_addition_gives_the_features_of_the_events_in_order() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let events = |user: &str| {
+        let mut add = event("add", user, EventType::AddToCart, T0.plus_ms(2 * MINUTE_MS));
+        let p = props(&mut add);
+        p.product_id = Some("p1".into());
+        p.price = Some(40.0);
+        p.quantity = Some(2);
+        let checkout = event(
+            "checkout",
+            user,
+            EventType::CheckoutStarted,
+            T0.plus_ms(5 * MINUTE_MS),
+        );
+        let view = product_view("view", user, T0, "p1", "shoes", Some(30.0));
+        (view, add, checkout)
+    };
+    server.clock.set(T0.plus_ms(10 * MINUTE_MS));
+    let (view, add, checkout) = events("in-order");
+    track(&mut client, vec![view, add, checkout]).await;
+    let (view, add, checkout) = events("late-add");
+    track(&mut client, vec![view, checkout]).await;
+    track(&mut client, vec![add]).await;
+
+    let in_order = features(&mut client, "in-order").await;
+    let late = features(&mut client, "late-add").await;
+    assert_feature(&late, "minutes_since_cart_add", 8.0);
+    assert_feature(&late, "checkout_since_cart_add", 1.0);
+    assert_feature(&late, "cart_items", 2.0);
+    assert_feature(&late, "cart_value", 80.0);
+    for (name, value) in &in_order {
+        assert_feature(&late, name, *value);
+    }
+    server.stop().await.unwrap();
+}
+
+/// A browsing history with a cart, built so that every feature is defined by the README's
+/// order rules: product views carry their dwell time, and each cart event is one no other
+/// cart event makes late (the purchase is days before the addition and the checkout).
+fn history(start: Time) -> Vec<Event> {
+    let e = |i: usize, kind: EventKind, minute: i64, product: &str| Event {
+        id: format!("e{i}"),
+        person: PersonKey::User("u".into()),
+        linked: None,
+        kind,
+        time: start.plus_ms(minute * MINUTE_MS),
+        properties: Properties {
+            product_id: Some(product.to_owned()),
+            category: Some(format!("c{}", product.len() % 2)),
+            price: Some(40.0),
+            quantity: Some(2),
+            order_value: Some(55.0),
+            dwell_seconds: Some(30.0),
+            ..Properties::default()
+        },
+        attributes: BTreeMap::new(),
+    };
+    vec![
+        e(0, EventKind::Purchase, -3 * 24 * 60, ""),
+        e(1, EventKind::PageView, -3 * 24 * 60 - 5, ""),
+        e(2, EventKind::PageView, 0, ""),
+        e(3, EventKind::ProductView, 1, "p1"),
+        e(4, EventKind::AddToCart, 2, "p1"),
+        e(5, EventKind::Search, 3, ""),
+        e(6, EventKind::EmailOpen, 4, ""),
+        e(7, EventKind::CheckoutStarted, 5, ""),
+        e(8, EventKind::ProductView, 6, "p22"),
+    ]
+}
+
+fn row_of(events: &[&Event], now: Time) -> FeatureRow {
+    let mut profile = Profile::default();
+    for e in events {
+        profile.apply(e);
+    }
+    extract(&profile, now)
+}
+
+/// The first feature whose bits differ between two rows.
+fn first_difference(a: &FeatureRow, b: &FeatureRow) -> Option<String> {
+    FEATURES
+        .iter()
+        .zip(a.values().iter().zip(b.values()))
+        .find(|(_, (x, y))| x.to_bits() != y.to_bits())
+        .map(|(f, (x, y))| format!("{}: {x} vs {y}", f.name))
+}
+
+/// Every order of arrival of the same events gives the same feature row, bit for bit.
+#[test]
+fn every_order_of_the_same_events_gives_the_same_features() {
+    let now = T0.plus_ms(10 * MINUTE_MS);
+    let events = history(T0);
+    let in_time_order = {
+        let mut sorted: Vec<&Event> = events.iter().collect();
+        sorted.sort_by_key(|e| e.time);
+        row_of(&sorted, now)
+    };
+    assert_eq!(
+        in_time_order.get(nudge::features::Feature::CheckoutSinceCartAdd),
+        1.0
+    );
+    assert_eq!(
+        in_time_order.get(nudge::features::Feature::MinutesSinceCartAdd),
+        8.0
+    );
+
+    // All 9! = 362,880 orders, by Heap's algorithm.
+    let mut order: Vec<&Event> = events.iter().collect();
+    let n = order.len();
+    let mut c = vec![0; n];
+    let mut checked = 1;
+    let check = |order: &[&Event]| {
+        let row = row_of(order, now);
+        if let Some(diff) = first_difference(&in_time_order, &row) {
+            let ids: Vec<&str> = order.iter().map(|e| e.id.as_str()).collect();
+            panic!("order {ids:?} changes {diff}");
+        }
+    };
+    check(&order);
+    let mut i = 0;
+    while i < n {
+        if c[i] < i {
+            order.swap(if i % 2 == 0 { 0 } else { c[i] }, i);
+            check(&order);
+            checked += 1;
+            c[i] += 1;
+            i = 0;
+        } else {
+            c[i] = 0;
+            i += 1;
+        }
+    }
+    assert_eq!(checked, (1..=n).product::<usize>());
+
+    // A longer history (several days of visits around the cart) in many shuffled orders.
+    let mut long = history(T0);
+    for day in 1..7 {
+        for (i, mut e) in history(T0.plus_ms(-day * DAY_MS - 7 * MINUTE_MS))
+            .into_iter()
+            .enumerate()
+        {
+            let cart = matches!(
+                e.kind,
+                EventKind::AddToCart | EventKind::CheckoutStarted | EventKind::Purchase
+            );
+            if !cart {
+                e.id = format!("d{day}-{i}");
+                long.push(e);
+            }
+        }
+    }
+    let mut sorted: Vec<&Event> = long.iter().collect();
+    sorted.sort_by_key(|e| e.time);
+    let expected = row_of(&sorted, now);
+    let mut order: Vec<&Event> = long.iter().collect();
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    for _ in 0..2_000 {
+        // Fisher-Yates with a fixed xorshift sequence, so a failure repeats.
+        for i in (1..order.len()).rev() {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            order.swap(i, (state % (i as u64 + 1)) as usize);
+        }
+        let row = row_of(&order, now);
+        if let Some(diff) = first_difference(&expected, &row) {
+            let ids: Vec<&str> = order.iter().map(|e| e.id.as_str()).collect();
+            panic!("order {ids:?} changes {diff}");
+        }
     }
 }
