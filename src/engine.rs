@@ -408,26 +408,17 @@ impl Engine {
     }
 
     async fn merge_inner(&self, from: PersonKey, into: PersonKey) -> Result<Merge, EngineError> {
-        let (PersonKey::Anonymous(_), PersonKey::User(_)) = (&from, &into) else {
-            return Err(EngineError::Conflict(
-                "only an anonymous id can be merged into a user id; two known users are never merged".into(),
-            ));
-        };
         let _merging = self.merges.lock().await;
         let (from_shard, into_shard) = (self.shard_of(&from), self.shard_of(&into));
         let mut paused = None;
         {
             let mut aliases = self.identities.write();
-            match aliases.get(&from) {
-                Some(current) if *current == into => return Ok(Merge::AlreadyMerged),
-                Some(_) => {
-                    return Err(EngineError::Conflict(
-                        "the anonymous id already belongs to another user; two known users are never merged".into(),
-                    ))
-                }
-                None => {}
+            // The same decision the trainer's replay takes.
+            match crate::identity::link(&mut aliases, &from, &into) {
+                Ok(crate::identity::Link::New) => {}
+                Ok(crate::identity::Link::Already) => return Ok(Merge::AlreadyMerged),
+                Err(refused) => return Err(EngineError::Conflict(refused.to_string())),
             }
-            aliases.insert(from.clone(), into.clone());
             if from_shard != into_shard {
                 // Queued behind everything already routed to the anonymous key.
                 let (paused_tx, paused_rx) = oneshot::channel();
