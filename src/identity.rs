@@ -178,7 +178,10 @@ mod tests {
 
     #[test]
     fn links_go_from_an_anonymous_id_to_one_user_only() {
-        let (jane, joe) = (PersonKey::User("jane".into()), PersonKey::User("joe".into()));
+        let (jane, joe) = (
+            PersonKey::User("jane".into()),
+            PersonKey::User("joe".into()),
+        );
         let phone = PersonKey::Anonymous("phone".into());
         let mut aliases = HashMap::new();
         let check = |aliases: &mut HashMap<_, _>, from: &PersonKey, to: &PersonKey, want| {
@@ -187,9 +190,23 @@ mod tests {
         check(&mut aliases, &phone, &jane, Ok(Link::New));
         check(&mut aliases, &phone, &jane, Ok(Link::Already));
         check(&mut aliases, &phone, &joe, Err(LinkRefused::OtherUser));
-        check(&mut aliases, &joe, &jane, Err(LinkRefused::NotAnonymousToUser));
-        check(&mut aliases, &phone, &phone, Err(LinkRefused::NotAnonymousToUser));
-        assert_eq!(aliases, HashMap::from([(phone, jane)]), "refusals change nothing");
+        check(
+            &mut aliases,
+            &joe,
+            &jane,
+            Err(LinkRefused::NotAnonymousToUser),
+        );
+        check(
+            &mut aliases,
+            &phone,
+            &phone,
+            Err(LinkRefused::NotAnonymousToUser),
+        );
+        assert_eq!(
+            aliases,
+            HashMap::from([(phone, jane)]),
+            "refusals change nothing"
+        );
     }
 
     #[test]

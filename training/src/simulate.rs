@@ -386,7 +386,13 @@ impl PersonSim {
     /// An email event: the address belongs to the user, whatever the device.
     fn push_email(&mut self, time: Time, kind: EventKind) {
         let user = self.user.clone().expect("emails reach known users");
-        self.push_as(PersonKey::User(user), None, time, kind, Properties::default());
+        self.push_as(
+            PersonKey::User(user),
+            None,
+            time,
+            kind,
+            Properties::default(),
+        );
     }
 
     fn push(&mut self, time: Time, kind: EventKind, properties: Properties) {
@@ -428,10 +434,9 @@ impl PersonSim {
         let price: LogNormal<f64> = LogNormal::new(3.5, 0.6).expect("valid parameters");
         // The session in which a known user logs in on this device, and at which page.
         let device = &mut self.devices[self.device];
-        let login_page = (self.user.is_some()
-            && !device.logged_in
-            && device.sessions >= device.login_session)
-            .then(|| self.rng.random_range(0..pages));
+        let login_page =
+            (self.user.is_some() && !device.logged_in && device.sessions >= device.login_session)
+                .then(|| self.rng.random_range(0..pages));
         device.sessions += 1;
         for page in 0..pages {
             if page > 0 {
@@ -573,6 +578,43 @@ mod tests {
                     .expect("simulated events are valid");
             }
         }
+    }
+
+    #[test]
+    fn known_users_browse_anonymously_then_log_in_on_each_device() {
+        let people = simulate(&config());
+        let (mut logged_in, mut several) = (0, 0);
+        for h in &people {
+            let logins: Vec<&Event> = h.logins().collect();
+            for device in &h.devices {
+                let carries = |e: &Event| e.person == *device || e.linked.as_ref() == Some(device);
+                let on_device: Vec<&Event> = h.events.iter().filter(|e| carries(e)).collect();
+                let login = on_device.iter().position(|e| e.linked.is_some());
+                match (&h.person, login) {
+                    // The login is the device's last event under its anonymous id; the
+                    // earlier ones are anonymous only.
+                    (PersonKey::User(_), Some(at)) => {
+                        assert_eq!(at, on_device.len() - 1, "{:?}", h.person);
+                        assert_eq!(on_device[at].person, h.person);
+                        assert!(on_device[..at].iter().all(|e| e.person == *device));
+                    }
+                    (PersonKey::User(_), None) => {}
+                    (PersonKey::Anonymous(_), _) => {
+                        assert_eq!(*device, h.person);
+                        assert!(login.is_none(), "an anonymous visitor never logs in");
+                    }
+                }
+            }
+            logged_in += usize::from(!logins.is_empty());
+            several += usize::from(logins.len() > 1);
+        }
+        let anonymous = people
+            .iter()
+            .filter(|h| matches!(h.person, PersonKey::Anonymous(_)))
+            .count();
+        assert!((50..=100).contains(&anonymous), "{anonymous} never log in");
+        assert!(logged_in >= 90, "only {logged_in} people logged in");
+        assert!(several >= 20, "only {several} logged in on several devices");
     }
 
     #[test]
