@@ -60,6 +60,47 @@ impl Pseudonymizer {
     }
 }
 
+/// What linking an anonymous visitor to a known user does to the aliases.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Link {
+    /// A new alias was set: the visitor's profile must now be folded into the user's
+    /// (`Profile::merge`, the user's profile taking the visitor's).
+    New,
+    /// The visitor already belongs to this user: nothing changes.
+    Already,
+}
+
+/// Why a link was refused. Either way the event still belongs to the user it names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LinkRefused {
+    #[error("only an anonymous id can be merged into a user id; two known users are never merged")]
+    NotAnonymousToUser,
+    #[error("the anonymous id already belongs to another user; two known users are never merged")]
+    OtherUser,
+}
+
+/// Links `anonymous` to `user` in `aliases` if the rules allow it: only an anonymous key is
+/// ever an alias, only of a user key, and an anonymous key already linked to one user is
+/// never linked to another. The one decision the server's merges and the trainer's replay
+/// both take, so that training stitches identities exactly as serving does.
+pub fn link(
+    aliases: &mut HashMap<PersonKey, PersonKey>,
+    anonymous: &PersonKey,
+    user: &PersonKey,
+) -> Result<Link, LinkRefused> {
+    let (PersonKey::Anonymous(_), PersonKey::User(_)) = (anonymous, user) else {
+        return Err(LinkRefused::NotAnonymousToUser);
+    };
+    match aliases.get(anonymous) {
+        Some(current) if current == user => Ok(Link::Already),
+        Some(_) => Err(LinkRefused::OtherUser),
+        None => {
+            aliases.insert(anonymous.clone(), user.clone());
+            Ok(Link::New)
+        }
+    }
+}
+
 /// The aliases in force: anonymous key → the person it belongs to.
 #[derive(Debug, Default)]
 pub struct Identities {
@@ -133,6 +174,39 @@ mod tests {
         assert!(!id.contains("jane"));
         assert_eq!(Pseudonymizer::default().person(email.clone()), email);
         assert!(!format!("{a:?}").contains("secret"));
+    }
+
+    #[test]
+    fn links_go_from_an_anonymous_id_to_one_user_only() {
+        let (jane, joe) = (
+            PersonKey::User("jane".into()),
+            PersonKey::User("joe".into()),
+        );
+        let phone = PersonKey::Anonymous("phone".into());
+        let mut aliases = HashMap::new();
+        let check = |aliases: &mut HashMap<_, _>, from: &PersonKey, to: &PersonKey, want| {
+            assert_eq!(link(aliases, from, to), want, "{from:?} -> {to:?}");
+        };
+        check(&mut aliases, &phone, &jane, Ok(Link::New));
+        check(&mut aliases, &phone, &jane, Ok(Link::Already));
+        check(&mut aliases, &phone, &joe, Err(LinkRefused::OtherUser));
+        check(
+            &mut aliases,
+            &joe,
+            &jane,
+            Err(LinkRefused::NotAnonymousToUser),
+        );
+        check(
+            &mut aliases,
+            &phone,
+            &phone,
+            Err(LinkRefused::NotAnonymousToUser),
+        );
+        assert_eq!(
+            aliases,
+            HashMap::from([(phone, jane)]),
+            "refusals change nothing"
+        );
     }
 
     #[test]

@@ -17,6 +17,7 @@ use tokio::sync::oneshot;
 use super::shard::{Command, Group, Shard};
 use super::{full_or_closed, Engine, EngineError};
 use crate::event::PersonKey;
+use crate::identity::{self, Link};
 use crate::store::Write;
 use crate::time::Time;
 
@@ -25,15 +26,6 @@ use crate::time::Time;
 pub enum Merge {
     Merged,
     AlreadyMerged,
-}
-
-/// Why two ids cannot become one person.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum Conflict {
-    #[error("only an anonymous id can be merged into a user id; two known users are never merged")]
-    NotAnonymousIntoUser,
-    #[error("the anonymous id already belongs to another user; two known users are never merged")]
-    LinkedElsewhere,
 }
 
 /// What a paused shard does when it resumes.
@@ -57,20 +49,17 @@ impl Engine {
     }
 
     async fn merge_inner(&self, from: PersonKey, into: PersonKey) -> Result<Merge, EngineError> {
-        let (PersonKey::Anonymous(_), PersonKey::User(_)) = (&from, &into) else {
-            return Err(Conflict::NotAnonymousIntoUser.into());
-        };
         let _merging = self.merges.lock().await;
         let (from_shard, into_shard) = (self.shard_of(&from), self.shard_of(&into));
         let mut paused = None;
         {
             let mut aliases = self.identities.write();
-            match aliases.get(&from) {
-                Some(current) if *current == into => return Ok(Merge::AlreadyMerged),
-                Some(_) => return Err(Conflict::LinkedElsewhere.into()),
-                None => {}
+            // The same decision the trainer's replay takes.
+            match identity::link(&mut aliases, &from, &into) {
+                Ok(Link::New) => {}
+                Ok(Link::Already) => return Ok(Merge::AlreadyMerged),
+                Err(refused) => return Err(refused.into()),
             }
-            aliases.insert(from.clone(), into.clone());
             if from_shard != into_shard {
                 // Queued behind everything already routed to the anonymous key.
                 let (paused_tx, paused_rx) = oneshot::channel();

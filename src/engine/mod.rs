@@ -59,7 +59,7 @@ pub enum EngineError {
     #[error("the store failed; nothing of this request was acknowledged: {0}")]
     Store(#[source] Arc<StoreError>),
     #[error("{0}")]
-    Conflict(#[from] merge::Conflict),
+    Conflict(#[from] crate::identity::LinkRefused),
 }
 
 impl From<StoreError> for EngineError {

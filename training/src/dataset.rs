@@ -2,9 +2,15 @@
 //! server's own `Profile::apply` and `features::extract` with the event's time as `now`,
 //! take examples, and label each from that person's later events only.
 //!
+//! Identities are stitched as the server stitches them ([`crate::replay`]): an event that
+//! carries both ids merges the anonymous visitor into the user before it is applied, so
+//! every example's features are the ones the server had at that moment. Examples taken
+//! before a login keep the visitor's features; their labels come from the one person's
+//! later events, the user's included.
+//!
 //! Input streams: only the profiles, the examples and the examples still waiting for their
-//! label's horizon to pass are held. Each person's events must be in time order; people may
-//! interleave.
+//! label's horizon to pass are held. Each person's events must be in time order (from a
+//! login on, the visitor's and the user's together); people may interleave.
 //!
 //! Sampling: purchase examples after every event (its score is read live, during
 //! sessions); churn examples at the last event of every session (a question about a person
@@ -14,6 +20,7 @@ use std::collections::{HashMap, VecDeque};
 
 use anyhow::bail;
 
+use crate::replay::People;
 use nudge::event::{Event, EventKind, PersonKey};
 use nudge::features::{self, FeatureRow};
 use nudge::profile::{Profile, SESSION_TIMEOUT_MS};
@@ -87,10 +94,53 @@ struct PersonState {
     session_end: Option<Waiting>,
 }
 
+impl PersonState {
+    /// Folds a visitor who just logged in into this user: the profile as the server merges
+    /// it, the waiting examples joined. Of the two latest session ends, the later waits on;
+    /// the earlier is labeled now from the merged sessions if it ended a session (it may
+    /// have been part of one visit with the other's), and dropped when that is past the
+    /// kept session history and so cannot be told.
+    fn absorb(&mut self, visitor: PersonState, churn: &mut Vec<Example>) {
+        self.profile.merge(visitor.profile);
+        self.last = self.last.max(visitor.last);
+        self.last_visit = self.last_visit.max(visitor.last_visit);
+        let mut purchase: Vec<Waiting> = std::mem::take(&mut self.purchase)
+            .into_iter()
+            .chain(visitor.purchase)
+            .collect();
+        purchase.sort_by_key(|w| w.time);
+        self.purchase = purchase.into();
+        let mut ends: Vec<Waiting> = [self.session_end.take(), visitor.session_end]
+            .into_iter()
+            .flatten()
+            .collect();
+        ends.sort_by_key(|w| w.time);
+        self.session_end = ends.pop();
+        let sessions: Vec<_> = self.profile.sessions().iter().collect();
+        for w in ends {
+            let Some(at) = sessions
+                .iter()
+                .position(|s| s.start <= w.time && w.time <= s.last)
+            else {
+                continue;
+            };
+            if let (true, Some(next)) = (sessions[at].last == w.time, sessions.get(at + 1)) {
+                churn.push(Example {
+                    person: self.index,
+                    time: w.time,
+                    row: w.row,
+                    label: next.start.since(w.time) > Target::Churn30d.horizon_ms(),
+                });
+            }
+        }
+    }
+}
+
 /// Builds examples for both derived targets from one pass over the events.
 #[derive(Default)]
 pub struct Builder {
-    people: HashMap<PersonKey, PersonState>,
+    people: People<PersonState>,
+    next_index: usize,
     pub purchase: Vec<Example>,
     pub churn: Vec<Example>,
     latest: Option<Time>,
@@ -99,14 +149,24 @@ pub struct Builder {
 
 impl Builder {
     pub fn push(&mut self, event: &Event) -> anyhow::Result<()> {
-        let next = self.people.len();
-        let st = self
-            .people
-            .entry(event.person.clone())
-            .or_insert_with(|| PersonState {
-                index: next,
+        let Builder {
+            people,
+            next_index,
+            churn,
+            ..
+        } = self;
+        let new = || {
+            *next_index += 1;
+            PersonState {
+                index: *next_index - 1,
                 ..PersonState::default()
-            });
+            }
+        };
+        let (_, st) = people.route(event, new, |user, visitor| {
+            if let Some(visitor) = visitor {
+                user.absorb(visitor, churn);
+            }
+        });
         let t = event.time;
         if st.last.is_some_and(|last| t < last) {
             bail!(
@@ -169,11 +229,24 @@ impl Builder {
         Ok(())
     }
 
+    /// The features of the person `key` names as of `now`, from the events pushed so far;
+    /// `None` if no event reached them.
+    pub fn features(&self, key: &PersonKey, now: Time) -> Option<FeatureRow> {
+        self.people
+            .get(key)
+            .map(|st| features::extract(&st.profile, now))
+    }
+
+    /// How many logins linked a visitor to a user, and how many the rule refused.
+    pub fn links(&self) -> (usize, usize) {
+        (self.people.links, self.people.refused_links)
+    }
+
     /// Labels what is still waiting as of `history_end` (default: the latest event) and
     /// drops the examples whose horizon reaches past it (censored).
     pub fn finish(mut self, history_end: Option<Time>) -> (Vec<Example>, Vec<Example>) {
         let end = history_end.or(self.latest).unwrap_or_default();
-        for st in self.people.into_values() {
+        for (_, st) in self.people.into_states() {
             for w in st.purchase {
                 if end.since(w.time) >= Target::Purchase24h.horizon_ms() {
                     self.purchase.push(Example {
@@ -210,48 +283,107 @@ impl Builder {
 }
 
 /// Examples at the times of given labels: features as of each label's time, from the
-/// person's events up to it.
+/// person's events up to it, identities stitched as in [`Builder`]. A label given under an
+/// anonymous id takes the visitor's features while the visitor is on their own, and the
+/// user's once the visitor has logged in — what the server answers for that id then.
 pub fn examples_for_labels(
     events: impl Iterator<Item = anyhow::Result<Event>>,
     labels: Vec<GivenLabel>,
 ) -> anyhow::Result<Vec<Example>> {
+    struct Labeled {
+        index: usize,
+        profile: Profile,
+        last: Time,
+    }
+    /// Takes the labels of `waiting` before `t` with `profile`'s features.
+    fn take(
+        waiting: Option<&mut VecDeque<GivenLabel>>,
+        index: usize,
+        profile: &Profile,
+        t: Time,
+        out: &mut Vec<Example>,
+    ) {
+        let Some(waiting) = waiting else { return };
+        while waiting.front().is_some_and(|l| l.time < t) {
+            let l = waiting.pop_front().expect("checked");
+            out.push(Example {
+                person: index,
+                time: l.time,
+                row: features::extract(profile, l.time),
+                label: l.label,
+            });
+        }
+    }
     let mut by_person: HashMap<PersonKey, VecDeque<GivenLabel>> = HashMap::new();
     let mut sorted = labels;
     sorted.sort_by_key(|l| l.time);
     for l in sorted {
         by_person.entry(l.person.clone()).or_default().push_back(l);
     }
-    let mut profiles: HashMap<PersonKey, (usize, Profile, Time)> = HashMap::new();
+    let mut people: People<Labeled> = People::default();
+    let mut next_index = 0;
     let mut out = Vec::new();
     for event in events {
         let event = event?;
-        let next = profiles.len();
-        let (index, profile, last) = profiles
-            .entry(event.person.clone())
-            .or_insert_with(|| (next, Profile::default(), Time(i64::MIN)));
-        if event.time < *last {
+        let new = || {
+            next_index += 1;
+            Labeled {
+                index: next_index - 1,
+                profile: Profile::default(),
+                last: Time(i64::MIN),
+            }
+        };
+        let (person, state) = people.route(&event, new, |user, visitor| {
+            // Labels before the login see each side as it was; later ones, the one person.
+            let anonymous = event.linked.as_ref().expect("a link names the visitor");
+            take(
+                by_person.get_mut(&event.person),
+                user.index,
+                &user.profile,
+                event.time,
+                &mut out,
+            );
+            let (index, profile) = match &visitor {
+                Some(v) => (v.index, v.profile.clone()),
+                None => (usize::MAX, Profile::default()),
+            };
+            take(
+                by_person.get_mut(anonymous),
+                index,
+                &profile,
+                event.time,
+                &mut out,
+            );
+            if let Some(rest) = by_person.remove(anonymous) {
+                let mine = by_person.entry(event.person.clone()).or_default();
+                let mut all: Vec<GivenLabel> = mine.drain(..).chain(rest).collect();
+                all.sort_by_key(|l| l.time);
+                *mine = all.into();
+            }
+            if let Some(v) = visitor {
+                user.profile.merge(v.profile);
+                user.last = user.last.max(v.last);
+            }
+        });
+        if event.time < state.last {
             bail!(
                 "event {:?} is older than the person's previous event",
                 event.id
             );
         }
-        if let Some(waiting) = by_person.get_mut(&event.person) {
-            while waiting.front().is_some_and(|l| l.time < event.time) {
-                let l = waiting.pop_front().expect("checked");
-                out.push(Example {
-                    person: *index,
-                    time: l.time,
-                    row: features::extract(profile, l.time),
-                    label: l.label,
-                });
-            }
-        }
-        profile.apply(&event);
-        *last = event.time;
+        take(
+            by_person.get_mut(&person),
+            state.index,
+            &state.profile,
+            event.time,
+            &mut out,
+        );
+        state.profile.apply(&event);
+        state.last = event.time;
     }
-    for (person, waiting) in by_person {
-        let (index, profile) = match profiles.get(&person) {
-            Some((index, profile, _)) => (*index, profile.clone()),
+    for (key, waiting) in by_person {
+        let (index, profile) = match people.get(&key) {
+            Some(st) => (st.index, st.profile.clone()),
             None => (usize::MAX, Profile::default()),
         };
         for l in waiting {
@@ -397,6 +529,51 @@ mod tests {
             upto(&after),
             "features at t depend only on events up to t"
         );
+    }
+
+    #[test]
+    fn a_login_stitches_the_visitor_into_the_user_for_features_and_labels() {
+        let anonymous = |id: &str, kind, t| Event {
+            person: PersonKey::Anonymous("a".into()),
+            ..at(id, "-", kind, t)
+        };
+        let mut cart = anonymous("2", EventKind::AddToCart, T.plus_ms(MINUTE_MS));
+        cart.properties.product_id = Some("p".into());
+        cart.properties.price = Some(5.0);
+        let login = Event {
+            linked: Some(PersonKey::Anonymous("a".into())),
+            ..at("3", "u", EventKind::PageView, T.plus_ms(2 * MINUTE_MS))
+        };
+        let events = [
+            anonymous("1", EventKind::PageView, T),
+            cart,
+            login,
+            at("4", "u", EventKind::Purchase, T.plus_ms(3 * HOUR_MS)),
+        ];
+        let mut b = Builder::default();
+        events.iter().take(3).for_each(|e| b.push(e).unwrap());
+        let now = T.plus_ms(3 * MINUTE_MS);
+        let user = b.features(&PersonKey::User("u".into()), now).unwrap();
+        assert_eq!(
+            user.get(nudge::features::Feature::CartItems),
+            1.0,
+            "the visitor's cart is the user's"
+        );
+        assert_eq!(
+            b.features(&PersonKey::Anonymous("a".into()), now)
+                .map(|r| r.0.map(f64::to_bits)),
+            Some(user.0.map(f64::to_bits)),
+            "the visitor's id reaches the user"
+        );
+        assert_eq!(b.links(), (1, 0));
+        b.push(&events[3]).unwrap();
+        let (purchase, _) = b.finish(Some(T.plus_ms(10 * DAY_MS)));
+        let labels: Vec<(i64, bool)> = purchase
+            .iter()
+            .map(|e| (e.time.since(T) / MINUTE_MS, e.label))
+            .collect();
+        // The visitor's examples see the purchase the user made after logging in.
+        assert_eq!(labels, [(0, true), (1, true), (2, true), (180, false)]);
     }
 
     #[test]

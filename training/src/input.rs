@@ -102,11 +102,14 @@ impl EventRecord {
     pub fn into_event(self) -> anyhow::Result<Event> {
         let person = PersonKey::from_ids(&self.user_id, &self.anonymous_id)
             .context("one of userId and anonymousId is required")?;
+        // Both ids: the visitor logged in as this user, as the server reads a Track event.
+        let linked = (!self.user_id.is_empty() && !self.anonymous_id.is_empty())
+            .then(|| PersonKey::Anonymous(self.anonymous_id.clone()));
         let p = self.properties;
         let event = Event {
             id: self.event_id,
             person,
-            linked: None,
+            linked,
             kind: kind(&self.kind)?,
             time: parse_time(&self.event_time)?,
             properties: Properties {
@@ -129,9 +132,12 @@ impl EventRecord {
     }
 
     pub fn from_event(e: &Event) -> EventRecord {
-        let (user_id, anonymous_id) = match &e.person {
-            PersonKey::User(id) => (id.clone(), String::new()),
-            PersonKey::Anonymous(id) => (String::new(), id.clone()),
+        let (user_id, anonymous_id) = match (&e.person, &e.linked) {
+            (PersonKey::User(id), Some(PersonKey::Anonymous(anonymous))) => {
+                (id.clone(), anonymous.clone())
+            }
+            (PersonKey::User(id), _) => (id.clone(), String::new()),
+            (PersonKey::Anonymous(id), _) => (String::new(), id.clone()),
         };
         let p = &e.properties;
         EventRecord {
@@ -283,6 +289,8 @@ mod tests {
                 r#"{"eventId":"1","userId":"u","type":"EVENT_TYPE_PRODUCT_VIEW","eventTime":"2026-03-02T10:00:00Z","properties":{"productId":"p","price":9.5}}"#,
                 "\n\n",
                 r#"{"eventId":"2","anonymousId":"a","type":"purchase","eventTime":"2026-03-02T10:01:00.500Z","properties":{"orderValue":20}}"#,
+                "\n",
+                r#"{"eventId":"3","userId":"u","anonymousId":"a","type":"page_view","eventTime":"2026-03-02T10:02:00Z"}"#,
                 "\n"
             ),
         )
@@ -292,7 +300,8 @@ mod tests {
             &csv,
             "event_id,user_id,anonymous_id,type,event_time,product_id,category,price,quantity,order_value,page,search_query,dwell_seconds\n\
              1,u,,product_view,2026-03-02T10:00:00Z,p,,9.5,,,,,\n\
-             2,,a,EVENT_TYPE_PURCHASE,2026-03-02T10:01:00.500Z,,,,,20,,,\n",
+             2,,a,EVENT_TYPE_PURCHASE,2026-03-02T10:01:00.500Z,,,,,20,,,\n\
+             3,u,a,page_view,2026-03-02T10:02:00Z,,,,,,,,\n",
         )
         .unwrap();
         let a: Vec<Event> = read_events(&jsonl).unwrap().map(Result::unwrap).collect();
@@ -300,6 +309,10 @@ mod tests {
         assert_eq!(a, b);
         assert_eq!(a[1].time, Time(1_772_445_660_500));
         assert_eq!(a[1].person, PersonKey::Anonymous("a".into()));
+        // Both ids: the user's event, and the login that links the visitor.
+        assert_eq!(a[2].person, PersonKey::User("u".into()));
+        assert_eq!(a[2].linked, Some(PersonKey::Anonymous("a".into())));
+        assert_eq!(a[0].linked, None);
 
         // Round trip through the writer.
         let mut out = Vec::new();

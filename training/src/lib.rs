@@ -4,6 +4,7 @@
 //!
 //! - [`input`]: events as JSON Lines (the `Track` shape) or CSV; labels as CSV.
 //! - [`simulate`]: the clickstream simulator behind the shipped default models.
+//! - [`replay`]: identity stitching during the replay, by the server's own rule.
 //! - [`dataset`]: point-in-time examples and labels, streamed; the split by time.
 //! - [`train`]: LightGBM with early stopping, comparison with the published model,
 //!   reports, publishing.
@@ -15,6 +16,7 @@ pub mod dataset;
 pub mod evaluate;
 pub mod input;
 pub mod plots;
+pub mod replay;
 pub mod segments;
 pub mod simulate;
 pub mod train;

@@ -391,16 +391,17 @@ fn conclude(
     }
     let report_path = out.join(format!("{stem}.report.md"));
     std::fs::write(&report_path, &report)?;
-    if let Some((v, p)) = &published {
-        if p.auc > candidate.test.auc && !force {
-            bail!(
-                "not published: the published {} {v} has test AUC {:.4}, the candidate {:.4} (use --force to publish anyway); report in {}",
-                candidate.name,
-                p.auc,
-                candidate.test.auc,
-                report_path.display()
-            );
-        }
+    if let train::Verdict::Worse {
+        published_version,
+        published_auc,
+        candidate_auc,
+    } = train::judge(candidate, published.as_ref(), force)
+    {
+        bail!(
+            "not published: the published {} {published_version} has test AUC {published_auc:.4}, the candidate {candidate_auc:.4} (use --force to publish anyway); report in {}",
+            candidate.name,
+            report_path.display()
+        );
     }
     let manifest = train::publish(out, candidate, version)?;
     println!(

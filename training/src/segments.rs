@@ -16,23 +16,29 @@ use nudge::profile::Profile;
 use nudge::segments::{Segment, Segments, METRICS};
 use nudge::time::Time;
 
+use crate::replay::People;
+
 /// Every person's features as of `end` (default: the latest event).
 pub fn people(
     events: impl Iterator<Item = anyhow::Result<Event>>,
     end: Option<Time>,
 ) -> anyhow::Result<Vec<FeatureRow>> {
-    // Ordered, so that the rows (and k-means' start) do not depend on hashing.
-    let mut profiles: BTreeMap<PersonKey, Profile> = BTreeMap::new();
+    // Identities stitched as the server stitches them: one row per person.
+    let mut people: People<Profile> = People::default();
     let mut latest = Time(i64::MIN);
     for event in events {
         let event = event?;
         latest = latest.max(event.time);
-        profiles
-            .entry(event.person.clone())
-            .or_default()
-            .apply(&event);
+        let (_, profile) = people.route(&event, Profile::default, |user, visitor| {
+            if let Some(visitor) = visitor {
+                user.merge(visitor);
+            }
+        });
+        profile.apply(&event);
     }
     let end = end.unwrap_or(latest);
+    // Ordered, so that the rows (and k-means' start) do not depend on hashing.
+    let profiles: BTreeMap<PersonKey, Profile> = people.into_states().collect();
     Ok(profiles
         .values()
         .map(|p| features::extract(p, end))

@@ -6,6 +6,14 @@
 //! traits and from the person's own recent behavior: an abandoned cart makes a return visit
 //! and a purchase within the day likely; a drifting customer's visit rate decays until they
 //! stop coming. Deterministic for a given seed.
+//!
+//! Identities are those of a real shop: a quarter of the people never log in and stay
+//! anonymous visitors (one device id). The others are known users. Most of them browse
+//! anonymously on a device until they log in there — at a session of their own or when they
+//! check out — and the event of the login carries both ids; from then on that device sends
+//! the user id. Some use a second or third device, each starting anonymous again. Emails
+//! reach known users under their user id. So the server stitches these histories, and the
+//! trainer has to stitch them the same way.
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -40,9 +48,36 @@ pub struct SimConfig {
 /// One person's simulated history, in time order.
 #[derive(Clone, Debug)]
 pub struct History {
+    /// Who the person is in the end: their user id, or the one anonymous id of a person
+    /// who never logged in.
     pub person: PersonKey,
+    /// The anonymous ids of the person's devices.
+    pub devices: Vec<PersonKey>,
     pub persona: Persona,
     pub events: Vec<Event>,
+}
+
+impl History {
+    /// Every id the person's events carry: the user id (if any) and every device's id.
+    pub fn keys(&self) -> impl Iterator<Item = &PersonKey> {
+        std::iter::once(&self.person).chain(self.devices.iter().filter(|d| **d != self.person))
+    }
+
+    /// The events at which the person logged in on a device (they carry both ids).
+    pub fn logins(&self) -> impl Iterator<Item = &Event> {
+        self.events.iter().filter(|e| e.linked.is_some())
+    }
+}
+
+/// One device of a person: its anonymous id and whether the person has logged in on it.
+struct Device {
+    anonymous: String,
+    /// The first day the device is used.
+    first_day: i64,
+    logged_in: bool,
+    /// At which of the device's sessions the person logs in, unless a checkout comes first.
+    login_session: u32,
+    sessions: u32,
 }
 
 const CATEGORIES: &[&str] = &[
@@ -159,15 +194,41 @@ pub fn simulate_person(config: &SimConfig, index: u64) -> History {
     let mut rng =
         ChaCha8Rng::seed_from_u64(config.seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15));
     let persona = persona_for(&mut rng);
-    let person = if rng.random_bool(0.3) {
-        PersonKey::Anonymous(format!("anon-{index}"))
-    } else {
-        PersonKey::User(format!("user-{index}"))
-    };
     let t = traits(persona, &mut rng, config.days);
+    let user = rng.random_bool(0.75).then(|| format!("user-{index}"));
+    // Known users: 40% are logged in on their first device from the start (a returning
+    // customer's cookie), the others browse anonymously there until they log in.
+    let mut devices = vec![Device {
+        anonymous: format!("anon-{index}-0"),
+        first_day: t.first_day,
+        logged_in: user.is_some() && rng.random_bool(0.4),
+        login_session: rng.random_range(0..4),
+        sessions: 0,
+    }];
+    if user.is_some() {
+        let extra = match rng.random_range(0..100) {
+            0..25 => 1,
+            25..35 => 2,
+            _ => 0,
+        };
+        for d in 1..=extra {
+            devices.push(Device {
+                anonymous: format!("anon-{index}-{d}"),
+                // Within two weeks of the first visit.
+                first_day: t.first_day.max(0) + rng.random_range(0..14),
+                logged_in: false,
+                login_session: rng.random_range(0..2),
+                sessions: 0,
+            });
+        }
+    }
     let mut sim = PersonSim {
         rng,
-        person: person.clone(),
+        index,
+        user: user.clone(),
+        devices,
+        device: 0,
+        login_pending: false,
         events: Vec::new(),
         next_id: 0,
     };
@@ -206,6 +267,7 @@ pub fn simulate_person(config: &SimConfig, index: u64) -> History {
             }
             let buying_back = comeback == Some(start);
             comeback = None;
+            sim.pick_device(day);
             let abandoned = sim.session(start, &t, buying_back);
             sessions += 1;
             if abandoned && sim.rng.random_bool(t.buy_later) {
@@ -213,16 +275,22 @@ pub fn simulate_person(config: &SimConfig, index: u64) -> History {
                 comeback = Some(sim.last_time().unwrap_or(start).plus_ms(delay));
             }
         }
-        // Weekly newsletter for people who have visited.
-        if day >= 0 && day % 7 == 3 && sessions > 0 && sim.rng.random_bool(t.email_open) {
+        // Weekly newsletter for known users who have visited.
+        if day >= 0
+            && day % 7 == 3
+            && sessions > 0
+            && sim.user.is_some()
+            && sim.rng.random_bool(t.email_open)
+        {
             let at = day_start.plus_ms(9 * HOUR_MS + sim.rng.random_range(0..8 * HOUR_MS));
             if at < end && sim.last_time().is_none_or(|l| at > l) {
-                sim.push(at, EventKind::EmailOpen, Properties::default());
+                sim.push_email(at, EventKind::EmailOpen);
                 if sim.rng.random_bool(0.35) {
                     let click = at.plus_ms(sim.rng.random_range(MINUTE_MS..10 * MINUTE_MS));
-                    sim.push(click, EventKind::EmailClick, Properties::default());
+                    sim.push_email(click, EventKind::EmailClick);
                     // A click brings the person to the site.
                     if click.plus_ms(2 * MINUTE_MS) < end {
+                        sim.pick_device(day);
                         sim.session(click.plus_ms(MINUTE_MS), &t, false);
                         sessions += 1;
                     }
@@ -232,7 +300,15 @@ pub fn simulate_person(config: &SimConfig, index: u64) -> History {
         day += 1;
     }
     History {
-        person,
+        person: match &sim.user {
+            Some(user) => PersonKey::User(user.clone()),
+            None => PersonKey::Anonymous(sim.devices[0].anonymous.clone()),
+        },
+        devices: sim
+            .devices
+            .iter()
+            .map(|d| PersonKey::Anonymous(d.anonymous.clone()))
+            .collect(),
         persona,
         events: sim.events,
     }
@@ -240,12 +316,53 @@ pub fn simulate_person(config: &SimConfig, index: u64) -> History {
 
 struct PersonSim {
     rng: ChaCha8Rng,
-    person: PersonKey,
+    index: u64,
+    /// The user id of a known user.
+    user: Option<String>,
+    devices: Vec<Device>,
+    /// The device of the current session.
+    device: usize,
+    /// The next browsing event is the login: it carries both ids.
+    login_pending: bool,
     events: Vec<Event>,
     next_id: u64,
 }
 
 impl PersonSim {
+    /// Chooses the device of a session starting on `day`: the first device more often
+    /// than the others in use by then.
+    fn pick_device(&mut self, day: i64) {
+        let in_use: Vec<usize> = (0..self.devices.len())
+            .filter(|&d| self.devices[d].first_day <= day)
+            .collect();
+        self.device = if in_use.len() > 1 && self.rng.random_bool(0.5) {
+            in_use[self.rng.random_range(1..in_use.len())]
+        } else {
+            0
+        };
+        self.login_pending = false;
+    }
+
+    /// Who the events of the current device belong to, as (person, linked): the user once
+    /// logged in there; at the login both ids; else the device's anonymous id.
+    fn identity(&mut self) -> (PersonKey, Option<PersonKey>) {
+        let device = &mut self.devices[self.device];
+        let anonymous = PersonKey::Anonymous(device.anonymous.clone());
+        match &self.user {
+            Some(user) if device.logged_in => (PersonKey::User(user.clone()), None),
+            Some(user) if self.login_pending => {
+                device.logged_in = true;
+                self.login_pending = false;
+                (PersonKey::User(user.clone()), Some(anonymous))
+            }
+            _ => (anonymous, None),
+        }
+    }
+
+    /// Whether a known user is not yet logged in on the current device.
+    fn anonymous_user(&self) -> bool {
+        self.user.is_some() && !self.devices[self.device].logged_in
+    }
     fn last_time(&self) -> Option<Time> {
         self.events.last().map(|e| e.time)
     }
@@ -266,13 +383,39 @@ impl PersonSim {
         23
     }
 
+    /// An email event: the address belongs to the user, whatever the device.
+    fn push_email(&mut self, time: Time, kind: EventKind) {
+        let user = self.user.clone().expect("emails reach known users");
+        self.push_as(
+            PersonKey::User(user),
+            None,
+            time,
+            kind,
+            Properties::default(),
+        );
+    }
+
     fn push(&mut self, time: Time, kind: EventKind, properties: Properties) {
+        let (person, linked) = self.identity();
+        self.push_as(person, linked, time, kind, properties);
+    }
+
+    fn push_as(
+        &mut self,
+        person: PersonKey,
+        linked: Option<PersonKey>,
+        time: Time,
+        kind: EventKind,
+        properties: Properties,
+    ) {
         self.next_id += 1;
-        let id = format!("{}-{}", key_label(&self.person), self.next_id);
+        // Unique per person whatever id the event carries: the server's idempotency records
+        // follow a merge.
+        let id = format!("p{}-{}", self.index, self.next_id);
         self.events.push(Event {
             id,
-            person: self.person.clone(),
-            linked: None,
+            person,
+            linked,
             kind,
             time,
             properties,
@@ -289,9 +432,18 @@ impl PersonSim {
             .unwrap_or(0);
         let step: Exp<f64> = Exp::new(1.0 / 45.0).expect("positive rate");
         let price: LogNormal<f64> = LogNormal::new(3.5, 0.6).expect("valid parameters");
+        // The session in which a known user logs in on this device, and at which page.
+        let device = &mut self.devices[self.device];
+        let login_page =
+            (self.user.is_some() && !device.logged_in && device.sessions >= device.login_session)
+                .then(|| self.rng.random_range(0..pages));
+        device.sessions += 1;
         for page in 0..pages {
             if page > 0 {
                 now = now.plus_ms(((5.0 + step.sample(&mut self.rng)) * 1000.0) as i64);
+            }
+            if login_page == Some(page) {
+                self.login_pending = true;
             }
             match self.rng.random_range(0..10) {
                 0 => {
@@ -366,6 +518,10 @@ impl PersonSim {
             let buys = buying_back || self.rng.random_bool(t.buy_now);
             if buys || self.rng.random_bool(0.3) {
                 now = now.plus_ms(self.rng.random_range(10_000..60_000));
+                // Checkout asks a known user to log in.
+                if self.anonymous_user() {
+                    self.login_pending = true;
+                }
                 self.push(now, EventKind::CheckoutStarted, Properties::default());
             }
             if buys {
@@ -390,12 +546,6 @@ impl PersonSim {
             return cart_value > 0.0;
         }
         false
-    }
-}
-
-fn key_label(key: &PersonKey) -> &str {
-    match key {
-        PersonKey::User(id) | PersonKey::Anonymous(id) => id,
     }
 }
 
@@ -428,6 +578,43 @@ mod tests {
                     .expect("simulated events are valid");
             }
         }
+    }
+
+    #[test]
+    fn known_users_browse_anonymously_then_log_in_on_each_device() {
+        let people = simulate(&config());
+        let (mut logged_in, mut several) = (0, 0);
+        for h in &people {
+            let logins: Vec<&Event> = h.logins().collect();
+            for device in &h.devices {
+                let carries = |e: &Event| e.person == *device || e.linked.as_ref() == Some(device);
+                let on_device: Vec<&Event> = h.events.iter().filter(|e| carries(e)).collect();
+                let login = on_device.iter().position(|e| e.linked.is_some());
+                match (&h.person, login) {
+                    // The login is the device's last event under its anonymous id; the
+                    // earlier ones are anonymous only.
+                    (PersonKey::User(_), Some(at)) => {
+                        assert_eq!(at, on_device.len() - 1, "{:?}", h.person);
+                        assert_eq!(on_device[at].person, h.person);
+                        assert!(on_device[..at].iter().all(|e| e.person == *device));
+                    }
+                    (PersonKey::User(_), None) => {}
+                    (PersonKey::Anonymous(_), _) => {
+                        assert_eq!(*device, h.person);
+                        assert!(login.is_none(), "an anonymous visitor never logs in");
+                    }
+                }
+            }
+            logged_in += usize::from(!logins.is_empty());
+            several += usize::from(logins.len() > 1);
+        }
+        let anonymous = people
+            .iter()
+            .filter(|h| matches!(h.person, PersonKey::Anonymous(_)))
+            .count();
+        assert!((50..=100).contains(&anonymous), "{anonymous} never log in");
+        assert!(logged_in >= 90, "only {logged_in} people logged in");
+        assert!(several >= 20, "only {several} logged in on several devices");
     }
 
     #[test]

@@ -163,6 +163,34 @@ pub fn evaluate_published(
     Some((model.manifest.version.clone(), evaluate(&p, &y, THRESHOLDS)))
 }
 
+/// Whether a candidate may replace the published model: not when the published one does
+/// better (test ROC AUC) on the same test rows, unless forced.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Verdict {
+    Publish,
+    Worse {
+        published_version: String,
+        published_auc: f64,
+        candidate_auc: f64,
+    },
+}
+
+/// Compares a candidate with the published model's evaluation on the same test rows.
+pub fn judge(
+    candidate: &Candidate,
+    published: Option<&(String, Evaluation)>,
+    force: bool,
+) -> Verdict {
+    match published {
+        Some((version, p)) if p.auc > candidate.test.auc && !force => Verdict::Worse {
+            published_version: version.clone(),
+            published_auc: p.auc,
+            candidate_auc: candidate.test.auc,
+        },
+        _ => Verdict::Publish,
+    }
+}
+
 /// Publishes the candidate into `dir` through the same code operators use (versioned
 /// model file, manifest last, previous version kept for rollback).
 pub fn publish(dir: &Path, candidate: &Candidate, version: &str) -> anyhow::Result<Manifest> {

@@ -1,6 +1,6 @@
 //! A small end-to-end training run: simulate, replay, train, publish — and the server's own
 //! loader accepts what was published, with every check, and it scores. A worse candidate
-//! is refused by the comparison unless forced.
+//! is refused by the comparison (`train::judge`) unless forced.
 
 use nudge::features::FeatureRow;
 use nudge::model::{LoadOptions, ModelSet};
@@ -54,6 +54,43 @@ fn published_models_load_in_the_server_and_beat_chance() {
             "{report}"
         );
     }
+    // A candidate trained on noise — real test labels, random training labels — is worse
+    // than the published purchase model on the same test rows: refused unless forced.
+    let mut noisy = purchase.clone();
+    let cut = Split::by_time(&purchase).valid.last().unwrap().time;
+    for (i, e) in noisy.iter_mut().enumerate() {
+        if e.time <= cut {
+            e.label = (i * 7919) % 10 < 3;
+        }
+    }
+    let split = Split::by_time(&noisy);
+    let target = Target::Purchase24h;
+    let worse = train::train(&split, target.model_name(), target.description(), &options).unwrap();
+    let published = train::evaluate_published(dir.path(), target.model_name(), &split.test);
+    let Some((_, best)) = &published else {
+        panic!("the purchase model is published")
+    };
+    assert!(
+        worse.test.auc < best.auc,
+        "{} vs {}",
+        worse.test.auc,
+        best.auc
+    );
+    assert_eq!(
+        train::judge(&worse, published.as_ref(), false),
+        train::Verdict::Worse {
+            published_version: "test-1".into(),
+            published_auc: best.auc,
+            candidate_auc: worse.test.auc,
+        }
+    );
+    assert_eq!(
+        train::judge(&worse, published.as_ref(), true),
+        train::Verdict::Publish
+    );
+    // With nothing published, any candidate is published.
+    assert_eq!(train::judge(&worse, None, false), train::Verdict::Publish);
+
     let load = LoadOptions {
         max_file_bytes: 1 << 30,
         onnxruntime_library: "unused".into(),
