@@ -209,7 +209,7 @@ fn percent_encode(text: &str) -> String {
 
 /// prost's decode errors name fields by their Rust identifiers (`Event.r#type: ...`, for
 /// a proto field that is a Rust keyword); the caller knows the proto name, `Event.type`.
-fn proto_field_names(text: &str) -> String {
+pub(super) fn proto_field_names(text: &str) -> String {
     text.replace(".r#", ".")
 }
 

@@ -5,10 +5,11 @@
 use std::pin::Pin;
 
 use futures_util::{Stream, StreamExt};
-use tonic::{Status, Streaming};
+use tonic::{Code, Status, Streaming};
 
-use super::{convert, ApiError, NudgeApi};
+use super::{convert, layer, ApiError, NudgeApi};
 use crate::engine::Outcome;
+use crate::event::{FieldError, Reason};
 use crate::pb;
 
 /// Batches one TrackStream works on at once; more wait in HTTP/2 flow control.
@@ -91,12 +92,31 @@ impl NudgeApi {
             .map(move |message| {
                 let api = api.clone();
                 async move {
-                    let pb::TrackStreamRequest { sequence, events } = message?;
+                    let pb::TrackStreamRequest { sequence, events } =
+                        message.map_err(|status| api.undecodable(status))?;
                     let results = api.track_batch("TrackStream", events).await?;
                     Ok(pb::TrackStreamResponse { sequence, results })
                 }
             })
             .buffered(STREAM_IN_FLIGHT);
         Box::pin(acks)
+    }
+
+    /// A stream message tonic could not decode is the caller's input, as the layer treats
+    /// a unary one: INVALID_ARGUMENT naming the proto field, counted. (A stream's status
+    /// travels in trailers, which the layer does not rewrite.)
+    fn undecodable(&self, status: Status) -> Status {
+        if status.code() != Code::Internal || !status.message().starts_with("failed to decode") {
+            return status;
+        }
+        let e = FieldError::new(
+            "message",
+            Reason::Undecodable,
+            format!(
+                "is not a valid protobuf message: {}",
+                layer::proto_field_names(status.message())
+            ),
+        );
+        self.refuse("TrackStream", e).into()
     }
 }

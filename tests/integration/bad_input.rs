@@ -399,5 +399,34 @@ async fn a_malformed_message_names_the_proto_field() {
         ),
         Some(1.0)
     );
+
+    // The same event inside a TrackStream message (events is field 2 there): the status
+    // comes in the stream's trailers.
+    let mut message = vec![0x12, event.len() as u8];
+    message.extend(event);
+    grpc.ready().await.unwrap();
+    let mut acks = grpc
+        .streaming(
+            tonic::Request::new(futures_util::stream::iter([message])),
+            tonic::codegen::http::uri::PathAndQuery::from_static(
+                "/nudge.v1.NudgeService/TrackStream",
+            ),
+            RawCodec,
+        )
+        .await
+        .expect("the stream opens")
+        .into_inner();
+    let err = acks.message().await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+    assert!(err.message().contains("Event.type:"), "{}", err.message());
+    assert!(!err.message().contains("r#"), "{}", err.message());
+    let metrics = server.metrics().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "nudge_invalid_input_total{reason=\"undecodable\",rpc=\"TrackStream\"}"
+        ),
+        Some(1.0)
+    );
     server.stop().await.unwrap();
 }
