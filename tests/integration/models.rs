@@ -98,7 +98,7 @@ fn each_disagreement_is_refused_with_its_reason() {
                 .collect();
             rehash(m, b);
         }),
-        ("traversal", &|m, _| m.file = "../purchase-sim-2.txt".into()),
+        ("traversal", &|m, _| m.file = "../purchase-sim-3.txt".into()),
     ]);
     let got = failures(dir.path());
     let reasons: Vec<(&str, &str)> = got.iter().map(|(n, r, _)| (n.as_str(), *r)).collect();
@@ -155,7 +155,7 @@ async fn refused_models_are_counted_and_the_rest_serve() {
     assert_eq!(
         metric_value(
             &metrics,
-            "nudge_model_info{format=\"lightgbm\",name=\"good\",version=\"sim-2\"}"
+            "nudge_model_info{format=\"lightgbm\",name=\"good\",version=\"sim-3\"}"
         ),
         Some(1.0)
     );

@@ -50,11 +50,11 @@ async fn metrics_cover_requests_events_models_and_never_a_person() {
             1.0,
         ),
         (
-            "nudge_model_info{format=\"lightgbm\",name=\"purchase\",version=\"sim-2\"}",
+            "nudge_model_info{format=\"lightgbm\",name=\"purchase\",version=\"sim-3\"}",
             1.0,
         ),
         (
-            "nudge_model_info{format=\"lightgbm\",name=\"churn\",version=\"sim-2\"}",
+            "nudge_model_info{format=\"lightgbm\",name=\"churn\",version=\"sim-3\"}",
             1.0,
         ),
         (

@@ -58,7 +58,7 @@ async fn track_score_and_feature_rows_agree() {
     let after_track = &tracked.results[1].scores;
     let names: Vec<&str> = after_track.iter().map(|s| s.model.as_str()).collect();
     assert_eq!(names, ["churn", "purchase"]);
-    assert!(after_track.iter().all(|s| s.version == "sim-2"));
+    assert!(after_track.iter().all(|s| s.version == "sim-3"));
     assert!(after_track
         .iter()
         .all(|s| (0.0..=1.0).contains(&s.probability)));

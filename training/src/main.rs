@@ -93,7 +93,7 @@ enum Command {
         out: PathBuf,
         #[command(flatten)]
         sim: SimArgs,
-        #[arg(long, default_value = "sim-2")]
+        #[arg(long, default_value = "sim-3")]
         model_version: String,
     },
 }
