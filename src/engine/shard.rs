@@ -257,8 +257,7 @@ impl Shard {
                 received,
                 reply,
             } => {
-                let models: Vec<Arc<Model>> = self.models.current().iter().cloned().collect();
-                let rules = self.rules.current();
+                let (models, rules) = self.serving();
                 let round = Round {
                     models: &models,
                     rules: &rules,
@@ -310,6 +309,15 @@ impl Shard {
             Command::Pause { .. } | Command::Stop => unreachable!("pauses and stops end a group"),
         };
         group.pending.push(pending);
+    }
+
+    /// The models and rules serving now; a command keeps them to its end, whatever a
+    /// reload swaps in meanwhile.
+    fn serving(&self) -> (Vec<Arc<Model>>, Arc<RuleSet>) {
+        (
+            self.models.current().iter().cloned().collect(),
+            self.rules.current(),
+        )
     }
 
     fn track(
@@ -487,8 +495,7 @@ impl Shard {
         if due.is_empty() {
             return Ok(());
         }
-        let models: Vec<Arc<Model>> = self.models.current().iter().cloned().collect();
-        let rules = self.rules.current();
+        let (models, rules) = self.serving();
         let round = Round {
             models: &models,
             rules: &rules,
