@@ -106,3 +106,34 @@ async fn dead_letters_of_an_endpoint_that_is_not_configured_are_not_found() {
     }
     server.stop().await.unwrap();
 }
+
+/// `nudge check-config` prints the effective config; a webhook's signing secret must not
+/// be in it.
+#[test]
+fn check_config_shows_the_config_without_its_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("nudge.toml");
+    std::fs::write(
+        &file,
+        r#"
+[[triggers.webhooks]]
+name = "crm"
+url = "https://crm.example/hooks"
+secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+"#,
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_nudge"))
+        .args(["check-config", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("crm.example"), "{stdout}");
+    assert!(!stdout.contains("MfKQ9r8G"), "{stdout}");
+    assert!(stdout.contains("<redacted>"), "{stdout}");
+}
