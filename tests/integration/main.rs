@@ -1,6 +1,7 @@
 //! Nudge's integration tests: one binary, real gRPC over loopback sockets, real models.
 
 mod bad_input;
+mod commands;
 mod crash;
 mod durability;
 mod features;
