@@ -184,13 +184,14 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Compact { config } => {
             let config = load_config(&config)?;
-            let before = dir_size(&config.store.dir);
+            let before = disk_usage(&config.store.dir);
             nudge::store::Store::vacuum(&config.store.dir)
                 .with_context(|| format!("compacting {}", config.store.dir.display()))?;
             println!(
-                "compacted {}: {before} -> {} bytes",
+                "compacted {}: {before} -> {} bytes on disk (allocated blocks, as du counts; \
+                 journals are sparse, so their apparent sizes are larger)",
                 config.store.dir.display(),
-                dir_size(&config.store.dir)
+                disk_usage(&config.store.dir)
             );
             Ok(())
         }
@@ -339,14 +340,18 @@ fn write_manifest(
     Ok(())
 }
 
-fn dir_size(dir: &std::path::Path) -> u64 {
+/// The bytes allocated on disk under `dir`. Not the files' lengths: fjall preallocates its
+/// journals as sparse 64 MiB files, so lengths would report 64 MiB for a nearly empty store.
+fn disk_usage(dir: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt as _;
     std::fs::read_dir(dir)
         .map(|entries| {
             entries
                 .flatten()
                 .map(|e| match e.metadata() {
-                    Ok(m) if m.is_dir() => dir_size(&e.path()),
-                    Ok(m) => m.len(),
+                    Ok(m) if m.is_dir() => disk_usage(&e.path()),
+                    // st_blocks counts 512-byte units whatever the file system's block size.
+                    Ok(m) => m.blocks() * 512,
                     Err(_) => 0,
                 })
                 .sum()

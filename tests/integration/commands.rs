@@ -2,6 +2,8 @@
 //! server would refuse, with the server's own reason, and `nudge compact` reports bytes on
 //! disk.
 
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
 use std::process::{Command, Output};
 
 use nudge::config::Config;
@@ -240,4 +242,77 @@ fn the_manifest_command_refuses_what_the_server_refuses_with_its_reason() {
         assert_eq!(model.manifest.features, case.features, "{}", case.label);
         assert_eq!(model.manifest.format, case.format, "{}", case.label);
     }
+}
+
+/// Bytes allocated on disk under `dir` (blocks, not apparent lengths), and the apparent
+/// lengths, for comparison.
+fn disk_usage(dir: &Path) -> (u64, u64) {
+    let mut allocated = 0;
+    let mut apparent = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        let meta = entry.metadata().unwrap();
+        if meta.is_dir() {
+            let (a, b) = disk_usage(&entry.path());
+            allocated += a;
+            apparent += b;
+        } else {
+            allocated += meta.blocks() * 512;
+            apparent += meta.len();
+        }
+    }
+    (allocated, apparent)
+}
+
+#[tokio::test]
+async fn compact_reports_bytes_on_disk() {
+    let data = tempfile::tempdir().unwrap();
+    let mut config = test_config();
+    config.store.dir = data.path().to_owned();
+    let server = TestServer::start_with(config).await;
+    let mut client = server.client().await;
+    let events = (0..200)
+        .map(|i| {
+            product_view(
+                &format!("e{i}"),
+                &format!("u{}", i % 20),
+                T0,
+                &format!("p{i}"),
+                "shoes",
+                Some(5.0),
+            )
+        })
+        .collect();
+    track(&mut client, events).await;
+    server.stop().await.unwrap();
+
+    let (before, apparent_before) = disk_usage(data.path());
+    // Journals are preallocated sparse files: their lengths overstate what they hold.
+    assert!(
+        apparent_before > before,
+        "the store holds no sparse file ({apparent_before} apparent, {before} allocated), so this test shows nothing"
+    );
+    let output = Command::new(env!("CARGO_BIN_EXE_nudge"))
+        .args(["compact", "--config", "/nonexistent/nudge.toml"])
+        .env("NUDGE__STORE__DIR", data.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let (after, _) = disk_usage(data.path());
+    // "compacted DIR: A -> B bytes on disk ..."
+    let numbers: Vec<u64> = stdout
+        .split_once(": ")
+        .map(|(_, rest)| rest)
+        .unwrap_or_default()
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|n| n.parse().ok())
+        .take(2)
+        .collect();
+    assert_eq!(numbers, [before, after], "the report: {stdout}");
+    assert!(stdout.contains("on disk"), "the report: {stdout}");
 }
