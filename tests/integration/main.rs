@@ -7,6 +7,7 @@ mod durability;
 mod features;
 mod hotswap;
 mod identity;
+mod image;
 mod models;
 mod operations;
 mod parity;
