@@ -65,7 +65,7 @@ fn event(i: u64, person: u64, now: Time) -> pb::Event {
             category: Some(format!("cat-{}", i % 12)),
             price: Some(10.0 + (i % 90) as f64),
             order_value: Some(60.0),
-            dwell_seconds: (i % 2 == 0).then_some(20.0),
+            dwell_seconds: i.is_multiple_of(2).then_some(20.0),
             ..Default::default()
         }),
         attributes: Default::default(),

@@ -50,7 +50,8 @@ enum Command {
         onnxruntime_library: Option<PathBuf>,
     },
     /// Write the manifest for a model file (for example one trained in Python) into the
-    /// file's directory, so the server can load it.
+    /// file's directory, so the server can load it. The model is loaded with every check
+    /// the server makes first; one the server would refuse gets no manifest (exit 1).
     Manifest {
         /// The model file; its directory is where the manifest goes.
         #[arg(long)]
@@ -69,6 +70,10 @@ enum Command {
         /// LightGBM file's own column names are used when this is not given.
         #[arg(long, value_delimiter = ',')]
         features: Vec<String>,
+        /// The ONNX Runtime library, for checking an ONNX model (default: $ORT_DYLIB_PATH,
+        /// then libonnxruntime.so).
+        #[arg(long)]
+        onnxruntime_library: Option<PathBuf>,
     },
     /// Serve a model's previous version again (swaps its manifest with the kept previous
     /// one; a running server picks it up). Run again to undo.
@@ -161,7 +166,16 @@ fn main() -> anyhow::Result<()> {
             predicts,
             format,
             features,
-        } => write_manifest(&model, name, version, predicts, format, features),
+            onnxruntime_library,
+        } => write_manifest(
+            &model,
+            name,
+            version,
+            predicts,
+            format,
+            features,
+            onnxruntime_library,
+        ),
         Command::Rollback { name, models } => {
             let (from, to) = nudge::model::publish::rollback(&models, &name)
                 .with_context(|| format!("rolling back {name} in {}", models.display()))?;
@@ -170,13 +184,14 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Compact { config } => {
             let config = load_config(&config)?;
-            let before = dir_size(&config.store.dir);
+            let before = disk_usage(&config.store.dir);
             nudge::store::Store::vacuum(&config.store.dir)
                 .with_context(|| format!("compacting {}", config.store.dir.display()))?;
             println!(
-                "compacted {}: {before} -> {} bytes",
+                "compacted {}: {before} -> {} bytes on disk (allocated blocks, as du counts; \
+                 journals are sparse, so their apparent sizes are larger)",
                 config.store.dir.display(),
-                dir_size(&config.store.dir)
+                disk_usage(&config.store.dir)
             );
             Ok(())
         }
@@ -221,15 +236,21 @@ async fn shutdown_signal() {
     }
 }
 
-fn check_models(dir: &std::path::Path, library: Option<PathBuf>) -> anyhow::Result<()> {
+/// The options the server loads models with by default, with another ONNX Runtime library
+/// if one is named.
+fn load_options(library: Option<PathBuf>) -> LoadOptions {
     let mut config = Config::default();
     if let Some(library) = library {
         config.models.onnxruntime_library = library.display().to_string();
     }
-    let options = LoadOptions {
+    LoadOptions {
         max_file_bytes: config.models.max_file_bytes,
         onnxruntime_library: config.onnxruntime_library(),
-    };
+    }
+}
+
+fn check_models(dir: &std::path::Path, library: Option<PathBuf>) -> anyhow::Result<()> {
+    let options = load_options(library);
     let (set, failures) = ModelSet::load_dir(dir, &options, SystemClock.now())
         .with_context(|| format!("reading {}", dir.display()))?;
     for model in set.iter() {
@@ -258,6 +279,8 @@ fn check_models(dir: &std::path::Path, library: Option<PathBuf>) -> anyhow::Resu
     }
 }
 
+/// Writes a manifest for a model file, after loading it with every check the server makes
+/// at load, so a manifest the server would refuse is never written.
 fn write_manifest(
     model: &std::path::Path,
     name: String,
@@ -265,8 +288,10 @@ fn write_manifest(
     predicts: String,
     format: Option<String>,
     features: Vec<String>,
+    library: Option<PathBuf>,
 ) -> anyhow::Result<()> {
     use nudge::model::manifest::{sha256_hex, Manifest, ModelFormat};
+    use nudge::model::{file_feature_names, LoadError, Model};
     let bytes = std::fs::read(model).with_context(|| format!("reading {}", model.display()))?;
     let format = match format.as_deref() {
         Some("lightgbm") => ModelFormat::Lightgbm,
@@ -275,20 +300,20 @@ fn write_manifest(
         None if model.extension().is_some_and(|e| e == "onnx") => ModelFormat::Onnx,
         None => ModelFormat::Lightgbm,
     };
-    let features = match (features.is_empty(), format) {
-        (false, _) => features,
-        (true, ModelFormat::Lightgbm) => {
-            let text = std::str::from_utf8(&bytes).context("a LightGBM text model is UTF-8")?;
-            text.lines()
-                .find_map(|l| l.strip_prefix("feature_names="))
-                .context("the model file names no features; pass --features")?
-                .split(' ')
-                .map(str::to_owned)
-                .collect()
-        }
-        (true, ModelFormat::Onnx) => {
-            anyhow::bail!("ONNX files carry no feature names; pass --features")
-        }
+    let options = load_options(library);
+    let refused = |e: LoadError| {
+        anyhow::anyhow!(
+            "{}: the server would refuse this model [{}]: {e}",
+            model.display(),
+            e.reason()
+        )
+    };
+    let features = if features.is_empty() {
+        file_feature_names(format, &bytes, &options)
+            .map_err(refused)?
+            .context("the model file names no features; pass --features")?
+    } else {
+        features
     };
     let manifest = Manifest {
         file: model
@@ -305,6 +330,9 @@ fn write_manifest(
         feature_spec_version: Some(nudge::features::SPEC_VERSION.to_owned()),
         training: Default::default(),
     };
+    let manifest = Model::load_unwritten(manifest, &bytes, &options, SystemClock.now())
+        .map_err(refused)?
+        .manifest;
     let dir = model.parent().unwrap_or(std::path::Path::new("."));
     let path = Manifest::path_in(dir, &manifest.name);
     nudge::model::publish::write_atomically(&path, manifest.to_toml().as_bytes())?;
@@ -312,14 +340,18 @@ fn write_manifest(
     Ok(())
 }
 
-fn dir_size(dir: &std::path::Path) -> u64 {
+/// The bytes allocated on disk under `dir`. Not the files' lengths: fjall preallocates its
+/// journals as sparse 64 MiB files, so lengths would report 64 MiB for a nearly empty store.
+fn disk_usage(dir: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt as _;
     std::fs::read_dir(dir)
         .map(|entries| {
             entries
                 .flatten()
                 .map(|e| match e.metadata() {
-                    Ok(m) if m.is_dir() => dir_size(&e.path()),
-                    Ok(m) => m.len(),
+                    Ok(m) if m.is_dir() => disk_usage(&e.path()),
+                    // st_blocks counts 512-byte units whatever the file system's block size.
+                    Ok(m) => m.blocks() * 512,
                     Err(_) => 0,
                 })
                 .sum()

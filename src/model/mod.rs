@@ -167,18 +167,7 @@ impl Model {
     ) -> Result<Model, LoadError> {
         let spec = FeatureSpec::current();
         let columns = map_columns(&manifest, spec)?;
-        let scorer: Box<dyn Scorer> = match manifest.format {
-            ModelFormat::Lightgbm => {
-                let text = std::str::from_utf8(bytes).map_err(|e| {
-                    LoadError::Parse(format!("a LightGBM text model must be UTF-8: {e}"))
-                })?;
-                Box::new(lightgbm::LightgbmScorer::from_text(text)?)
-            }
-            ModelFormat::Onnx => Box::new(onnx::OnnxScorer::from_bytes(
-                bytes,
-                &options.onnxruntime_library,
-            )?),
-        };
+        let scorer = build_scorer(manifest.format, bytes, options)?;
         if scorer.num_features() != manifest.features.len() {
             return Err(LoadError::FeatureCount {
                 manifest: manifest.features.len(),
@@ -209,6 +198,22 @@ impl Model {
     ) -> Result<Model, LoadError> {
         let (manifest, bytes) = read_manifest(path, options)?;
         Model::load(manifest, &bytes, options, now)
+    }
+
+    /// Loads a model from a manifest that is not written yet and the bytes of the file it
+    /// names, with every check [`Model::load_from_manifest`] makes, so that a tool writing
+    /// manifests (`nudge manifest`) refuses what the server would refuse, for the same
+    /// reason.
+    pub fn load_unwritten(
+        manifest: Manifest,
+        bytes: &[u8],
+        options: &LoadOptions,
+        now: Time,
+    ) -> Result<Model, LoadError> {
+        check_manifest_fields(&manifest)?;
+        check_size(bytes.len() as u64, options)?;
+        check_hash(&manifest, bytes)?;
+        Model::load(manifest, bytes, options, now)
     }
 
     /// Scores FeatureSpec rows: picks this model's columns, in its order, and asks the backend.
@@ -288,14 +293,24 @@ fn read_manifest(path: &Path, options: &LoadOptions) -> Result<(Manifest, Vec<u8
     let size = std::fs::metadata(&file)
         .map_err(|e| io_error(&file, e))?
         .len();
+    check_size(size, options)?;
+    let bytes = std::fs::read(&file).map_err(|e| io_error(&file, e))?;
+    check_hash(&manifest, &bytes)?;
+    Ok((manifest, bytes))
+}
+
+fn check_size(size: u64, options: &LoadOptions) -> Result<(), LoadError> {
     if size > options.max_file_bytes {
         return Err(LoadError::TooLarge {
             size,
             limit: options.max_file_bytes,
         });
     }
-    let bytes = std::fs::read(&file).map_err(|e| io_error(&file, e))?;
-    let actual = manifest::sha256_hex(&bytes);
+    Ok(())
+}
+
+fn check_hash(manifest: &Manifest, bytes: &[u8]) -> Result<(), LoadError> {
+    let actual = manifest::sha256_hex(bytes);
     if !actual.eq_ignore_ascii_case(&manifest.sha256) {
         return Err(LoadError::HashMismatch {
             file: manifest.file.clone(),
@@ -303,7 +318,39 @@ fn read_manifest(path: &Path, options: &LoadOptions) -> Result<(Manifest, Vec<u8
             actual,
         });
     }
-    Ok((manifest, bytes))
+    Ok(())
+}
+
+/// Builds the backend for a model file's bytes.
+fn build_scorer(
+    format: ModelFormat,
+    bytes: &[u8],
+    options: &LoadOptions,
+) -> Result<Box<dyn Scorer>, LoadError> {
+    Ok(match format {
+        ModelFormat::Lightgbm => {
+            let text = std::str::from_utf8(bytes).map_err(|e| {
+                LoadError::Parse(format!("a LightGBM text model must be UTF-8: {e}"))
+            })?;
+            Box::new(lightgbm::LightgbmScorer::from_text(text)?)
+        }
+        ModelFormat::Onnx => Box::new(onnx::OnnxScorer::from_bytes(
+            bytes,
+            &options.onnxruntime_library,
+        )?),
+    })
+}
+
+/// The column names a model file records, read by the backend that would serve it (so a
+/// file the server cannot parse is refused with the server's reason); `None` when the file
+/// records none, as ONNX files and LightGBM files trained on unnamed columns do.
+pub fn file_feature_names(
+    format: ModelFormat,
+    bytes: &[u8],
+    options: &LoadOptions,
+) -> Result<Option<Vec<String>>, LoadError> {
+    check_size(bytes.len() as u64, options)?;
+    Ok(build_scorer(format, bytes, options)?.feature_names())
 }
 
 /// The model name a manifest path is for: `purchase.manifest.toml` → `purchase`.

@@ -4,8 +4,10 @@
 //! A publish writes the model file under a versioned name, then keeps the current manifest
 //! as `<name>.manifest.toml.previous`, then writes the new manifest: each file through a
 //! temporary file, fsync and rename, manifest last. A server watching the directory never
-//! sees a manifest whose model file is missing or half written. Model files that neither
-//! manifest names are removed afterwards.
+//! sees a manifest whose model file is missing or half written. Afterwards the file that
+//! only the dropped previous manifest named is removed: a publish removes nothing but its
+//! own model's old files, found through what its manifests name. (Names may contain `-`,
+//! so a prefix such as `purchase-` would also match model `purchase-eu`'s files.)
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -57,13 +59,18 @@ pub fn publish(
         .collect();
     manifest.file = format!("{}-{version}.{extension}", manifest.name);
     manifest.sha256 = sha256_hex(model_bytes);
+    // The files this model's manifests name before the publish: one of them is dropped.
+    let before = named_files(&[
+        Manifest::path_in(dir, &manifest.name),
+        previous_path(dir, &manifest.name),
+    ]);
     write_atomically(&dir.join(&manifest.file), model_bytes)?;
     let current = Manifest::path_in(dir, &manifest.name);
     if let Ok(previous) = std::fs::read(&current) {
         write_atomically(&previous_path(dir, &manifest.name), &previous)?;
     }
     write_atomically(&current, manifest.to_toml().as_bytes())?;
-    remove_unreferenced(dir, &manifest.name)?;
+    remove_dropped(dir, before)?;
     Ok(manifest)
 }
 
@@ -88,21 +95,47 @@ pub fn rollback(dir: &Path, name: &str) -> std::io::Result<(String, String)> {
     Ok((version(&current), version(&previous)))
 }
 
-/// Removes `<name>-*` model files that neither the current nor the previous manifest names.
-fn remove_unreferenced(dir: &Path, name: &str) -> std::io::Result<()> {
-    let referenced: Vec<String> = [Manifest::path_in(dir, name), previous_path(dir, name)]
+/// The `file` each readable manifest among `paths` names.
+fn named_files(paths: &[PathBuf]) -> Vec<String> {
+    paths
         .iter()
         .filter_map(|p| std::fs::read_to_string(p).ok())
         .filter_map(|t| Manifest::parse(&t).ok())
         .map(|m| m.file)
+        .collect()
+}
+
+/// Removes those of `candidates` (files a model's manifests named before a publish) that no
+/// manifest in `dir` names any more, current or previous, of any model. Only plain file
+/// names are candidates: a hand-written manifest naming `../x` must not make a publish
+/// delete outside the directory.
+///
+/// A model file whose publish failed before its manifest was written is named by no
+/// manifest, so it stays for an operator to remove; deleting by name pattern instead is
+/// what removed other models' files.
+fn remove_dropped(dir: &Path, candidates: Vec<String>) -> std::io::Result<()> {
+    let manifests: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name().and_then(|f| f.to_str()).is_some_and(|f| {
+                f.ends_with(MANIFEST_SUFFIX)
+                    || f.ends_with(&format!("{MANIFEST_SUFFIX}{PREVIOUS_SUFFIX}"))
+            })
+        })
         .collect();
-    let prefix = format!("{name}-");
-    for entry in std::fs::read_dir(dir)?.flatten() {
-        let file = entry.file_name().to_string_lossy().into_owned();
-        let is_model =
-            file.starts_with(&prefix) && !file.ends_with(".tmp") && !file.contains(MANIFEST_SUFFIX);
-        if is_model && !referenced.contains(&file) {
-            std::fs::remove_file(entry.path())?;
+    let referenced = named_files(&manifests);
+    for file in candidates {
+        let plain = Path::new(&file)
+            .file_name()
+            .is_some_and(|f| f == file.as_str());
+        if plain && !referenced.contains(&file) {
+            match std::fs::remove_file(dir.join(&file)) {
+                Ok(()) => {}
+                // Already gone (removed by hand, or named by both old manifests).
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
         }
     }
     Ok(())
@@ -114,8 +147,12 @@ mod tests {
     use crate::model::manifest::ModelFormat;
 
     fn manifest(version: &str) -> Manifest {
+        manifest_of("purchase", version)
+    }
+
+    fn manifest_of(name: &str, version: &str) -> Manifest {
         Manifest {
-            name: "purchase".into(),
+            name: name.into(),
             version: version.into(),
             format: ModelFormat::Lightgbm,
             file: String::new(),
@@ -166,5 +203,64 @@ mod tests {
             ("v2".into(), "v3".into())
         );
         assert!(rollback(dir.path(), "churn").is_err());
+    }
+
+    fn files_in(dir: &Path) -> Vec<String> {
+        let mut files: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        files.sort();
+        files
+    }
+
+    /// Names may contain '-', so `purchase-eu`'s files start with `purchase-`: publishing
+    /// `purchase` must leave them alone, and the other way round.
+    #[test]
+    fn publishing_removes_only_the_models_own_old_files() {
+        let dir = tempfile::tempdir().unwrap();
+        for v in ["v1", "v2"] {
+            publish(
+                dir.path(),
+                manifest_of("purchase-eu", v),
+                v.as_bytes(),
+                "txt",
+            )
+            .unwrap();
+        }
+        // A file no manifest names, such as an operator's copy, is not a publish's to remove.
+        std::fs::write(dir.path().join("purchase-backup.txt"), b"kept").unwrap();
+        for v in ["v1", "v2", "v3"] {
+            publish(dir.path(), manifest_of("purchase", v), v.as_bytes(), "txt").unwrap();
+        }
+        assert_eq!(
+            files_in(dir.path()),
+            [
+                "purchase-backup.txt",
+                "purchase-eu-v1.txt",
+                "purchase-eu-v2.txt",
+                "purchase-eu.manifest.toml",
+                "purchase-eu.manifest.toml.previous",
+                "purchase-v2.txt",
+                "purchase-v3.txt",
+                "purchase.manifest.toml",
+                "purchase.manifest.toml.previous",
+            ]
+        );
+        publish(dir.path(), manifest_of("purchase-eu", "v3"), b"v3", "txt").unwrap();
+        assert_eq!(
+            files_in(dir.path()),
+            [
+                "purchase-backup.txt",
+                "purchase-eu-v2.txt",
+                "purchase-eu-v3.txt",
+                "purchase-eu.manifest.toml",
+                "purchase-eu.manifest.toml.previous",
+                "purchase-v2.txt",
+                "purchase-v3.txt",
+                "purchase.manifest.toml",
+                "purchase.manifest.toml.previous",
+            ]
+        );
     }
 }

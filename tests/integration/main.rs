@@ -2,11 +2,13 @@
 
 mod architecture;
 mod bad_input;
+mod commands;
 mod crash;
 mod durability;
 mod features;
 mod hotswap;
 mod identity;
+mod image;
 mod models;
 mod operations;
 mod parity;
