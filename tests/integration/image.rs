@@ -328,15 +328,14 @@ async fn the_image_layout_serves_as_its_user() {
     let image = Image::build(&dockerfile, root.path());
     assert_ne!(image.user.0, 0, "the image runs as a non-root user");
 
-    let grpc = free_port();
+    // Ports chosen by the kernel (bound, so no other test can take them first), read back
+    // from the "serving" line; JSON logs so that line is data.
     let mut child = Running(
         image
             .command(&[
-                ("NUDGE__SERVER__GRPC_ADDR", format!("127.0.0.1:{grpc}")),
-                (
-                    "NUDGE__SERVER__METRICS_ADDR",
-                    format!("127.0.0.1:{}", free_port()),
-                ),
+                ("NUDGE__SERVER__GRPC_ADDR", "127.0.0.1:0".to_owned()),
+                ("NUDGE__SERVER__METRICS_ADDR", "127.0.0.1:0".to_owned()),
+                ("NUDGE__LOG__FORMAT", "json".to_owned()),
             ])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -353,22 +352,22 @@ async fn the_image_layout_serves_as_its_user() {
             let line = line.unwrap();
             log.push_str(&line);
             log.push('\n');
-            if line.contains("\"serving\"") {
+            if let Some((grpc, _)) = serving_addrs(&line) {
                 // Keep draining the log so the server never blocks on a full pipe.
                 std::thread::spawn(move || lines.for_each(drop));
-                return (log, true);
+                return (log, Some(grpc));
             }
         }
-        (log, false)
+        (log, None)
     })
     .await
     .unwrap();
-    if !serving {
+    let Some(grpc) = serving else {
         let status = child.0.wait().unwrap();
         panic!("the image's command exited ({status}) before serving; log:\n{log}");
-    }
+    };
 
-    let channel = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{grpc}"))
+    let channel = tonic::transport::Channel::from_shared(format!("http://{grpc}"))
         .unwrap()
         .connect()
         .await

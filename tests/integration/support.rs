@@ -296,7 +296,7 @@ pub async fn spawn_nudge(data: &std::path::Path, env: &[(&str, String)]) -> Nudg
 }
 
 /// The gRPC and metrics addresses of a JSON "serving" log line.
-fn serving_addrs(line: &str) -> Option<(SocketAddr, SocketAddr)> {
+pub fn serving_addrs(line: &str) -> Option<(SocketAddr, SocketAddr)> {
     let json: serde_json::Value = serde_json::from_str(line).ok()?;
     let fields = &json["fields"];
     if fields["message"] != "serving" {
