@@ -21,7 +21,9 @@ $nudge manifest --model "$work/python/purchase-py-1.txt" --name purchase --versi
   --predicts "purchase within the next 24 hours (trained in Python)"
 $nudge check-models "$work/python"
 
-auc() { $train evaluate --table "$work/table.csv" --manifest "$1" | tee /dev/stderr | sed -E 's/.*ROC AUC ([0-9.]+).*/\1/'; }
+# `tee -a`: opening /dev/stderr without append truncates a log file that stderr points at
+# (CI's), wiping everything the test command printed before.
+auc() { $train evaluate --table "$work/table.csv" --manifest "$1" | tee -a /dev/stderr | sed -E 's/.*ROC AUC ([0-9.]+).*/\1/'; }
 rust_auc=$(auc "$work/rust/purchase.manifest.toml")
 python_auc=$(auc "$work/python/purchase.manifest.toml")
 python3 -c "import sys; d=abs($rust_auc-$python_auc); print(f'AUC Rust {$rust_auc:.4f}, Python {$python_auc:.4f}, difference {d:.4f}'); sys.exit(0 if d < 0.01 else 1)"
