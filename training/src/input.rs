@@ -5,6 +5,7 @@
 //! Every event goes through the same validation as the server's (`Event::validate`), with
 //! the event's own time as `now`: what the server would refuse, training refuses too.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 
@@ -29,6 +30,9 @@ pub struct EventRecord {
     pub event_time: String,
     #[serde(default)]
     pub properties: PropertiesRecord,
+    /// Free-form string attributes, as `Track` takes them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub attributes: BTreeMap<String, String>,
 }
 
 /// `nudge.v1.EventProperties` in the proto JSON mapping.
@@ -124,7 +128,7 @@ impl EventRecord {
                 order_id: p.order_id,
                 campaign_id: p.campaign_id,
             },
-            attributes: Default::default(),
+            attributes: self.attributes,
         };
         // The server's rules, with the event's own time as `now`.
         event.validate(event.time, i64::MAX)?;
@@ -158,6 +162,7 @@ impl EventRecord {
                 order_id: p.order_id.clone(),
                 campaign_id: p.campaign_id.clone(),
             },
+            attributes: e.attributes.clone(),
         }
     }
 }
@@ -210,6 +215,7 @@ pub fn read_events(path: &Path) -> anyhow::Result<Box<dyn Iterator<Item = anyhow
                                 dwell_seconds: row.dwell_seconds,
                                 ..Default::default()
                             },
+                            attributes: BTreeMap::new(),
                         }
                         .into_event()
                         .with_context(|| format!("{name}: row {}", i + 1))
@@ -325,5 +331,45 @@ mod tests {
         std::fs::write(&jsonl, "{\"eventId\":\"x\",\"type\":\"teleport\",\"eventTime\":\"2026-03-02T10:00:00Z\",\"userId\":\"u\"}\n").unwrap();
         let err = read_events(&jsonl).unwrap().next().unwrap().unwrap_err();
         assert!(format!("{err:#}").contains("e.jsonl:1"), "{err:#}");
+    }
+
+    /// A line as a Track caller writes it — the proto3 JSON mapping of `nudge.v1.Event`,
+    /// with attributes and both ids — reads as the event the server makes of the same
+    /// message.
+    #[test]
+    fn a_track_shaped_line_reads_as_the_server_reads_the_message() {
+        use nudge::pb;
+        let line = r#"{"eventId":"e-9","userId":"u-42","anonymousId":"cookie-7","type":"EVENT_TYPE_ADD_TO_CART","eventTime":"2026-03-02T10:00:00.250Z","properties":{"productId":"sku-1","category":"shoes","price":59.0,"quantity":2,"campaignId":"spring"},"attributes":{"utm_source":"newsletter","ab":"b"}}"#;
+        let record: EventRecord = serde_json::from_str(line).unwrap();
+        let from_file = record.into_event().unwrap();
+        let message = pb::Event {
+            event_id: "e-9".into(),
+            user_id: "u-42".into(),
+            anonymous_id: "cookie-7".into(),
+            r#type: pb::EventType::AddToCart.into(),
+            event_time: Some(nudge::api::convert::timestamp(Time(1_772_445_600_250))),
+            properties: Some(pb::EventProperties {
+                product_id: Some("sku-1".into()),
+                category: Some("shoes".into()),
+                price: Some(59.0),
+                quantity: Some(2),
+                campaign_id: Some("spring".into()),
+                ..Default::default()
+            }),
+            attributes: [("utm_source", "newsletter"), ("ab", "b")]
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+        };
+        let served = nudge::api::convert::event(message, from_file.time, i64::MAX).unwrap();
+        assert_eq!(from_file, served);
+        assert_eq!(from_file.attributes["utm_source"], "newsletter");
+
+        // And it writes back the same line's content.
+        let again: EventRecord = serde_json::from_str(
+            &serde_json::to_string(&EventRecord::from_event(&served)).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(again.into_event().unwrap(), served);
     }
 }
