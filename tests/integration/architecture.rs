@@ -7,6 +7,14 @@ use std::path::{Path, PathBuf};
 
 use crate::support::repo_path;
 
+/// A source file as the repository names it.
+fn repo_relative(file: &Path) -> String {
+    file.strip_prefix(repo_path(""))
+        .unwrap()
+        .display()
+        .to_string()
+}
+
 /// Every `.rs` file under `dir` (or `dir` itself if it is a file).
 fn sources(dir: &Path) -> Vec<PathBuf> {
     if dir.is_file() {
@@ -81,11 +89,7 @@ fn check(dir: &str, allowed: &[&str], forbidden_words: &[&str]) -> Vec<String> {
     let mut problems = Vec::new();
     for file in sources(&repo_path(dir)) {
         let code = code(&file);
-        let shown = file
-            .strip_prefix(repo_path(""))
-            .unwrap()
-            .display()
-            .to_string();
+        let shown = repo_relative(&file);
         for module in crate_modules(&code) {
             if !allowed.contains(&module.as_str()) {
                 problems.push(format!("{shown} imports crate::{module}"));
@@ -126,11 +130,7 @@ fn the_core_imports_nothing_upstream_and_does_no_runtime_io() {
 fn metrics_import_no_domain_module_and_cel_lives_in_one_file() {
     let mut problems = check("src/metrics.rs", &[], &[]);
     for file in sources(&repo_path("src")) {
-        let shown = file
-            .strip_prefix(repo_path(""))
-            .unwrap()
-            .display()
-            .to_string();
+        let shown = repo_relative(&file);
         if code(&file).contains("cel_interpreter") && shown != "src/trigger/expr.rs" {
             problems.push(format!("{shown} uses cel_interpreter"));
         }
@@ -142,11 +142,7 @@ fn metrics_import_no_domain_module_and_cel_lives_in_one_file() {
 fn protocol_types_stay_in_the_api() {
     let mut problems = Vec::new();
     for file in sources(&repo_path("src")) {
-        let shown = file
-            .strip_prefix(repo_path(""))
-            .unwrap()
-            .display()
-            .to_string();
+        let shown = repo_relative(&file);
         // The API converts; the app registers the descriptor for reflection; lib.rs
         // defines the generated module.
         if shown.starts_with("src/api/") || shown == "src/app.rs" || shown == "src/lib.rs" {

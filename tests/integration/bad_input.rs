@@ -370,6 +370,20 @@ impl tonic::codec::Decoder for RawCodec {
 
 /// A malformed request is answered with the proto field's name (`Event.type`), not the
 /// Rust identifier prost generates for it (`r#type`).
+/// An undecodable `type` is answered INVALID_ARGUMENT naming the proto field (not prost's
+/// `r#type`), and counted for `rpc`.
+async fn assert_undecodable_type(server: &TestServer, err: &tonic::Status, rpc: &str) {
+    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+    assert!(err.message().contains("Event.type:"), "{}", err.message());
+    assert!(!err.message().contains("r#"), "{}", err.message());
+    let series = format!("nudge_invalid_input_total{{reason=\"undecodable\",rpc=\"{rpc}\"}}");
+    assert_eq!(
+        metric_value(&server.metrics().await, &series),
+        Some(1.0),
+        "{series}"
+    );
+}
+
 #[tokio::test]
 async fn a_malformed_message_names_the_proto_field() {
     let server = TestServer::start().await;
@@ -388,17 +402,7 @@ async fn a_malformed_message_names_the_proto_field() {
         )
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
-    assert!(err.message().contains("Event.type:"), "{}", err.message());
-    assert!(!err.message().contains("r#"), "{}", err.message());
-    let metrics = server.metrics().await;
-    assert_eq!(
-        metric_value(
-            &metrics,
-            "nudge_invalid_input_total{reason=\"undecodable\",rpc=\"Track\"}"
-        ),
-        Some(1.0)
-    );
+    assert_undecodable_type(&server, &err, "Track").await;
 
     // The same event inside a TrackStream message (events is field 2 there): the status
     // comes in the stream's trailers.
@@ -417,16 +421,6 @@ async fn a_malformed_message_names_the_proto_field() {
         .expect("the stream opens")
         .into_inner();
     let err = acks.message().await.unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
-    assert!(err.message().contains("Event.type:"), "{}", err.message());
-    assert!(!err.message().contains("r#"), "{}", err.message());
-    let metrics = server.metrics().await;
-    assert_eq!(
-        metric_value(
-            &metrics,
-            "nudge_invalid_input_total{reason=\"undecodable\",rpc=\"TrackStream\"}"
-        ),
-        Some(1.0)
-    );
+    assert_undecodable_type(&server, &err, "TrackStream").await;
     server.stop().await.unwrap();
 }
