@@ -71,21 +71,19 @@ impl Server {
     pub async fn bind(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Server> {
         let metrics = Arc::new(Metrics::new());
         let started = std::time::Instant::now();
-        let (store, aliases, people) = {
+        let (store, aliases) = {
             let dir = config.store.dir.clone();
             let sync = SyncMode::from(&config.store);
             tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
                 let store = Store::open(&dir, sync)
                     .with_context(|| format!("opening the store in {}", dir.display()))?;
                 let aliases = store.aliases()?;
-                let people = store.people()?;
-                Ok((store, aliases, people))
+                Ok((store, aliases))
             })
             .await??
         };
         tracing::info!(
             dir = %config.store.dir.display(),
-            people,
             aliases = aliases.len(),
             elapsed_ms = started.elapsed().as_millis() as u64,
             "store recovered"
@@ -293,6 +291,14 @@ impl Server {
         let grpc_addr = grpc.local_addr()?;
         let metrics_addr = metrics_listener.local_addr()?;
         tracing::info!(%grpc_addr, %metrics_addr, "serving");
+        // Counting people is a scan of every profile: off the path to SERVING.
+        {
+            let store = store.clone();
+            tokio::task::spawn_blocking(move || match store.people() {
+                Ok(people) => tracing::info!(people, "people stored"),
+                Err(e) => tracing::warn!(error = %e, "counting the people stored failed"),
+            });
+        }
 
         // Reloads: on file changes, SIGHUP and ReloadModels, one at a time.
         let (reload_tx, trigger_rx) = tokio::sync::mpsc::channel(1);
