@@ -191,6 +191,7 @@ fn track_per_event() {
     let options = LoadOptions {
         max_file_bytes: 1 << 30,
         onnxruntime_library: "unused".into(),
+        engine: nudge::model::Engine::Native,
     };
     let models_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
     let (set, failures) =

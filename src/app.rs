@@ -95,10 +95,7 @@ impl Server {
             )),
             None => Pseudonymizer::default(),
         };
-        let options = LoadOptions {
-            max_file_bytes: config.models.max_file_bytes,
-            onnxruntime_library: config.onnxruntime_library(),
-        };
+        let options = LoadOptions::from(&config);
         let (models, failures) = {
             let dir = config.models.dir.clone();
             let now = clock.now();

@@ -93,6 +93,9 @@ pub struct ModelsConfig {
     /// The ONNX Runtime shared library; when empty, `ORT_DYLIB_PATH`, then
     /// `libonnxruntime.so` on the library path. Only read once an ONNX model loads.
     pub onnxruntime_library: String,
+    /// What scores LightGBM models: `"native"` (Nudge's own scorer, checked against
+    /// LightGBM at load; LightGBM serves what it does not) or `"lightgbm"`.
+    pub engine: crate::model::Engine,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -168,6 +171,7 @@ impl Default for ModelsConfig {
             max_file_bytes: 256 * 1024 * 1024,
             watch: true,
             onnxruntime_library: String::new(),
+            engine: crate::model::Engine::Native,
         }
     }
 }

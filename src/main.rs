@@ -243,10 +243,7 @@ fn load_options(library: Option<PathBuf>) -> LoadOptions {
     if let Some(library) = library {
         config.models.onnxruntime_library = library.display().to_string();
     }
-    LoadOptions {
-        max_file_bytes: config.models.max_file_bytes,
-        onnxruntime_library: config.onnxruntime_library(),
-    }
+    LoadOptions::from(&config)
 }
 
 fn check_models(dir: &std::path::Path, library: Option<PathBuf>) -> anyhow::Result<()> {

@@ -1,17 +1,131 @@
-//! The LightGBM backend: text model files scored through LightGBM's C API (`lightgbm3`).
+//! The LightGBM backend: text model files scored by Nudge's native scorer
+//! ([`super::native`]) by default, or through LightGBM's C API (`lightgbm3`) where the
+//! native scorer does not serve the model or the configuration asks for LightGBM.
+//!
+//! LightGBM itself loads every model either way: it is the parser of record (a file it
+//! refuses is refused) and the validator of the native scorer, which serves only after
+//! it has given LightGBM's raw scores and probabilities, to the bit, on rows made to
+//! sit on and beside every threshold of the model ([`Forest::probe_rows`]).
 
 use lightgbm3::Booster;
 
-use super::paths::Trees;
-use super::{LoadError, ScoreError, Scorer};
+use super::native::{Forest, Kernel};
+use super::{Engine, LoadError, ScoreError, Scorer};
+
+/// Rows the native scorer must score exactly as LightGBM does before it serves a model.
+const PARITY_ROWS: usize = 512;
+
+/// Builds the scorer for a LightGBM text model on `engine`. With the native engine, a
+/// model it does not serve (or that fails the parity check, which would be a defect)
+/// is served by LightGBM, and the reason is returned beside the scorer.
+pub fn scorer(text: &str, engine: Engine) -> Result<(Box<dyn Scorer>, Option<String>), LoadError> {
+    let lightgbm = LightgbmScorer::from_text(text)?;
+    if engine == Engine::Lightgbm {
+        return Ok((Box::new(lightgbm), None));
+    }
+    match Forest::from_lightgbm(text).and_then(|forest| {
+        check_parity(&forest, &lightgbm)?;
+        Ok(forest)
+    }) {
+        Ok(forest) => Ok((
+            Box::new(NativeScorer {
+                forest,
+                feature_names: lightgbm.feature_names(),
+            }),
+            None,
+        )),
+        Err(reason) => Ok((Box::new(lightgbm), Some(reason))),
+    }
+}
+
+/// Holds the native scorer to LightGBM's raw scores and probabilities, bit for bit, on
+/// every kernel this CPU runs and through both walks.
+pub(crate) fn check_parity(forest: &Forest, lightgbm: &LightgbmScorer) -> Result<(), String> {
+    let n = forest.n_features();
+    let rows = forest.probe_rows(PARITY_ROWS);
+    let raw = lightgbm.raw_scores(&rows, n).map_err(|e| e.to_string())?;
+    let probabilities = lightgbm.predict(&rows, n).map_err(|e| e.to_string())?;
+    for kernel in Kernel::available() {
+        let forest = forest
+            .clone()
+            .with_kernel(kernel)
+            .expect("an available kernel");
+        let many = forest.predict_raw_many(&rows);
+        let one = rows
+            .chunks_exact(n)
+            .take(32)
+            .map(|r| forest.predict_raw_one(r));
+        let mismatch = many
+            .iter()
+            .zip(&raw)
+            .position(|(a, b)| a.to_bits() != b.to_bits())
+            .or_else(|| one.zip(&raw).position(|(a, b)| a.to_bits() != b.to_bits()))
+            .or_else(|| {
+                many.iter()
+                    .zip(&probabilities)
+                    .position(|(a, b)| forest.finish(*a).to_bits() != b.to_bits())
+            });
+        if let Some(row) = mismatch {
+            return Err(format!(
+                "the native scorer ({}) differs from LightGBM on parity row {row}: {} vs {}",
+                kernel.name(),
+                many[row],
+                raw[row]
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The native scorer serving a LightGBM model.
+pub struct NativeScorer {
+    forest: Forest,
+    feature_names: Option<Vec<String>>,
+}
+
+impl NativeScorer {
+    pub fn forest(&self) -> &Forest {
+        &self.forest
+    }
+}
+
+impl Scorer for NativeScorer {
+    fn predict(&self, rows: &[f64], n_columns: usize) -> Result<Vec<f64>, ScoreError> {
+        if n_columns != self.forest.n_features() || !rows.len().is_multiple_of(n_columns) {
+            return Err(ScoreError::Backend(format!(
+                "{} values are not rows of the model's {} columns",
+                rows.len(),
+                self.forest.n_features()
+            )));
+        }
+        Ok(self.forest.predict(rows))
+    }
+
+    fn num_features(&self) -> usize {
+        self.forest.n_features()
+    }
+
+    fn feature_names(&self) -> Option<Vec<String>> {
+        self.feature_names.clone()
+    }
+
+    fn contributions(&self, row: &[f64]) -> Option<Result<Vec<f64>, ScoreError>> {
+        self.forest.contributions(row).map(Ok)
+    }
+
+    fn engine(&self) -> String {
+        format!("native/{}", self.forest.kernel().name())
+    }
+}
 
 /// A LightGBM booster.
 pub struct LightgbmScorer {
     booster: SyncBooster,
     num_features: usize,
     feature_names: Vec<String>,
-    /// The trees for fast contributions; `None` for models they do not cover.
-    trees: Option<Trees>,
+    /// The compiled trees, for path attributions; `None` for models the native layout
+    /// does not hold (LightGBM's TreeSHAP explains those).
+    forest: Option<Forest>,
 }
 
 /// `lightgbm3::Booster` holds a raw handle and so is neither `Send` nor `Sync`.
@@ -48,8 +162,18 @@ impl LightgbmScorer {
             booster: SyncBooster(booster),
             num_features,
             feature_names,
-            trees: Trees::parse(text),
+            forest: Forest::from_lightgbm(text).ok(),
         })
+    }
+
+    /// The sums of the trees, before the objective's transform.
+    pub fn raw_scores(&self, rows: &[f64], n_columns: usize) -> Result<Vec<f64>, ScoreError> {
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        guard(|| self.booster.0.raw_scores(rows, n_columns as i32, true))
+            .map_err(ScoreError::Backend)?
+            .map_err(|e| ScoreError::Backend(e.to_string()))
     }
 }
 
@@ -101,10 +225,10 @@ impl Scorer for LightgbmScorer {
         self.num_features
     }
 
-    /// Path attribution ([`super::paths`]) where it covers the model, else LightGBM's
-    /// TreeSHAP.
+    /// Path attribution from the native layout where it holds the model, else
+    /// LightGBM's TreeSHAP.
     fn contributions(&self, row: &[f64]) -> Option<Result<Vec<f64>, ScoreError>> {
-        if let Some(credits) = self.trees.as_ref().and_then(|t| t.contributions(row)) {
+        if let Some(credits) = self.forest.as_ref().and_then(|f| f.contributions(row)) {
             return Some(Ok(credits));
         }
         let result = guard(|| self.booster.0.predict_contrib(row, row.len() as i32, true))
@@ -122,6 +246,10 @@ impl Scorer for LightgbmScorer {
             .enumerate()
             .all(|(i, n)| *n == format!("Column_{i}"));
         (!unnamed).then(|| self.feature_names.clone())
+    }
+
+    fn engine(&self) -> String {
+        "lightgbm".into()
     }
 }
 

@@ -9,8 +9,8 @@
 
 pub mod lightgbm;
 pub mod manifest;
+pub mod native;
 pub mod onnx;
-pub mod paths;
 pub mod publish;
 pub mod reload;
 pub mod score;
@@ -44,6 +44,20 @@ pub trait Scorer: Send + Sync {
     fn contributions(&self, _row: &[f64]) -> Option<Result<Vec<f64>, ScoreError>> {
         None
     }
+
+    /// What scores: `native/avx2`, `lightgbm`, `onnxruntime`.
+    fn engine(&self) -> String;
+}
+
+/// Which engine scores LightGBM models (`models.engine`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    /// Nudge's own scorer ([`native`]), where it serves the model; LightGBM elsewhere.
+    #[default]
+    Native,
+    /// LightGBM's C API for every LightGBM model.
+    Lightgbm,
 }
 
 /// Scoring failed inside a backend.
@@ -135,6 +149,18 @@ pub struct LoadOptions {
     pub max_file_bytes: u64,
     /// The ONNX Runtime shared library, loaded the first time an ONNX model is.
     pub onnxruntime_library: PathBuf,
+    /// Which engine scores LightGBM models.
+    pub engine: Engine,
+}
+
+impl From<&crate::config::Config> for LoadOptions {
+    fn from(config: &crate::config::Config) -> LoadOptions {
+        LoadOptions {
+            max_file_bytes: config.models.max_file_bytes,
+            onnxruntime_library: config.onnxruntime_library(),
+            engine: config.models.engine,
+        }
+    }
 }
 
 /// A loaded, checked model ready to score FeatureSpec rows.
@@ -143,6 +169,8 @@ pub struct Model {
     /// For each model column, its position in a FeatureSpec row.
     columns: Vec<usize>,
     scorer: Box<dyn Scorer>,
+    /// Why the native engine does not serve this model, when it was asked to.
+    engine_note: Option<String>,
     pub loaded_at: Time,
 }
 
@@ -152,6 +180,7 @@ impl std::fmt::Debug for Model {
             .field("name", &self.manifest.name)
             .field("version", &self.manifest.version)
             .field("format", &self.manifest.format)
+            .field("engine", &self.scorer.engine())
             .finish()
     }
 }
@@ -167,7 +196,7 @@ impl Model {
     ) -> Result<Model, LoadError> {
         let spec = FeatureSpec::current();
         let columns = map_columns(&manifest, spec)?;
-        let scorer = build_scorer(manifest.format, bytes, options)?;
+        let (scorer, engine_note) = build_scorer(manifest.format, bytes, options)?;
         if scorer.num_features() != manifest.features.len() {
             return Err(LoadError::FeatureCount {
                 manifest: manifest.features.len(),
@@ -183,6 +212,7 @@ impl Model {
             manifest,
             columns,
             scorer,
+            engine_note,
             loaded_at: now,
         };
         model.warm_up()?;
@@ -236,6 +266,16 @@ impl Model {
 
     pub fn name(&self) -> &str {
         &self.manifest.name
+    }
+
+    /// What scores this model: `native/avx2`, `lightgbm`, `onnxruntime`.
+    pub fn engine(&self) -> String {
+        self.scorer.engine()
+    }
+
+    /// Why the native engine does not serve this model, when it was asked to.
+    pub fn engine_note(&self) -> Option<&str> {
+        self.engine_note.as_deref()
     }
 
     /// The `top` features that moved this row's score most, by the size of their
@@ -321,23 +361,27 @@ fn check_hash(manifest: &Manifest, bytes: &[u8]) -> Result<(), LoadError> {
     Ok(())
 }
 
-/// Builds the backend for a model file's bytes.
+/// Builds the backend for a model file's bytes, and says why the native engine does not
+/// serve it when it was asked to.
 fn build_scorer(
     format: ModelFormat,
     bytes: &[u8],
     options: &LoadOptions,
-) -> Result<Box<dyn Scorer>, LoadError> {
+) -> Result<(Box<dyn Scorer>, Option<String>), LoadError> {
     Ok(match format {
         ModelFormat::Lightgbm => {
             let text = std::str::from_utf8(bytes).map_err(|e| {
                 LoadError::Parse(format!("a LightGBM text model must be UTF-8: {e}"))
             })?;
-            Box::new(lightgbm::LightgbmScorer::from_text(text)?)
+            lightgbm::scorer(text, options.engine)?
         }
-        ModelFormat::Onnx => Box::new(onnx::OnnxScorer::from_bytes(
-            bytes,
-            &options.onnxruntime_library,
-        )?),
+        ModelFormat::Onnx => (
+            Box::new(onnx::OnnxScorer::from_bytes(
+                bytes,
+                &options.onnxruntime_library,
+            )?),
+            None,
+        ),
     })
 }
 
@@ -350,7 +394,7 @@ pub fn file_feature_names(
     options: &LoadOptions,
 ) -> Result<Option<Vec<String>>, LoadError> {
     check_size(bytes.len() as u64, options)?;
-    Ok(build_scorer(format, bytes, options)?.feature_names())
+    Ok(build_scorer(format, bytes, options)?.0.feature_names())
 }
 
 /// The model name a manifest path is for: `purchase.manifest.toml` → `purchase`.

@@ -137,4 +137,8 @@ impl Scorer for OnnxScorer {
     fn feature_names(&self) -> Option<Vec<String>> {
         None
     }
+
+    fn engine(&self) -> String {
+        "onnxruntime".into()
+    }
 }

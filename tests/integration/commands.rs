@@ -20,11 +20,7 @@ fn nudge(args: &[&str]) -> Output {
 
 /// The options the server loads models with by default.
 fn server_options() -> LoadOptions {
-    let config = Config::default();
-    LoadOptions {
-        max_file_bytes: config.models.max_file_bytes,
-        onnxruntime_library: config.onnxruntime_library(),
-    }
+    LoadOptions::from(&Config::default())
 }
 
 /// The shipped purchase model's manifest and file bytes.

@@ -11,6 +11,7 @@ fn options() -> LoadOptions {
     LoadOptions {
         max_file_bytes: 1 << 30,
         onnxruntime_library: "unused".into(),
+        engine: nudge::model::Engine::Native,
     }
 }
 

@@ -17,10 +17,7 @@ const ONNX_TOLERANCE: f64 = 1e-5;
 fn load_options() -> LoadOptions {
     let mut config = nudge::config::Config::default();
     config.models.max_file_bytes = 1 << 30;
-    LoadOptions {
-        max_file_bytes: config.models.max_file_bytes,
-        onnxruntime_library: config.onnxruntime_library(),
-    }
+    LoadOptions::from(&config)
 }
 
 fn read_csv(name: &str) -> (Vec<String>, Vec<Vec<f64>>) {

@@ -35,6 +35,7 @@ fn default_models() -> ModelSet {
     let options = LoadOptions {
         max_file_bytes: 1 << 30,
         onnxruntime_library: "unused".into(),
+        engine: nudge::model::Engine::Native,
     };
     let (set, failures) = ModelSet::load_dir(&repo_path("models"), &options, T0).unwrap();
     assert!(failures.is_empty(), "{failures:?}");

@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use nudge::features::FeatureSpec;
-use nudge::model::{LoadOptions, Model};
+use nudge::model::Model;
 use nudge::time::{Time, DAY_MS};
 use nudge_training::dataset::{self, Builder, Example, Split, Target};
 use nudge_training::evaluate::{evaluate, THRESHOLDS};
@@ -224,12 +224,11 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Evaluate { table, manifest } => {
-            let options = LoadOptions {
-                max_file_bytes: u64::MAX,
-                onnxruntime_library: std::env::var_os("ORT_DYLIB_PATH")
-                    .map_or_else(|| PathBuf::from("libonnxruntime.so"), PathBuf::from),
-            };
-            let model = Model::load_from_manifest(&manifest, &options, Time(0))?;
+            let model = Model::load_from_manifest(
+                &manifest,
+                &nudge_training::train::load_options(),
+                Time(0),
+            )?;
             let (rows, labels) = read_table(&table, "test")?;
             let p = model.score(&rows)?;
             let e = evaluate(&p, &labels, THRESHOLDS);

@@ -139,6 +139,17 @@ pub fn train(
     })
 }
 
+/// How the trainer loads models to evaluate them: as the server does, with no size limit,
+/// and ONNX Runtime from `ORT_DYLIB_PATH` when it is set.
+pub fn load_options() -> LoadOptions {
+    LoadOptions {
+        max_file_bytes: u64::MAX,
+        onnxruntime_library: std::env::var_os("ORT_DYLIB_PATH")
+            .map_or_else(|| PathBuf::from("libonnxruntime.so"), PathBuf::from),
+        engine: nudge::model::Engine::default(),
+    }
+}
+
 /// The currently published model of `name` in `dir`, evaluated on the same test rows; `None`
 /// when nothing (loadable) is published.
 pub fn evaluate_published(
@@ -146,14 +157,9 @@ pub fn evaluate_published(
     name: &str,
     test: &[&Example],
 ) -> Option<(String, Evaluation)> {
-    let options = LoadOptions {
-        max_file_bytes: u64::MAX,
-        onnxruntime_library: std::env::var_os("ORT_DYLIB_PATH")
-            .map_or_else(|| PathBuf::from("libonnxruntime.so"), PathBuf::from),
-    };
     let model = Model::load_from_manifest(
         &Manifest::path_in(dir, name),
-        &options,
+        &load_options(),
         nudge::time::Time(0),
     )
     .ok()?;

@@ -94,6 +94,7 @@ fn published_models_load_in_the_server_and_beat_chance() {
     let load = LoadOptions {
         max_file_bytes: 1 << 30,
         onnxruntime_library: "unused".into(),
+        engine: nudge::model::Engine::Native,
     };
     let (set, failures) = ModelSet::load_dir(dir.path(), &load, Time(0)).unwrap();
     assert!(failures.is_empty(), "{failures:?}");
