@@ -1,6 +1,8 @@
-//! Scoring benchmark: the LightGBM and ONNX backends on the peer model
-//! (`../shared/peers/model_M.txt`, 500 trees over 40 features, and its ONNX conversion),
-//! and Track → scores per event with the shipped default models.
+//! Scoring benchmark: Nudge's native scorer on each kernel this CPU runs, and the
+//! LightGBM and ONNX backends, on the peer model (`../shared/peers/model_M.txt`, 500
+//! trees over 40 features, and its ONNX conversion) and on the shipped purchase model;
+//! the native layout's load time and size; and Track → scores per event with the shipped
+//! default models on each engine.
 //!
 //! Run through `scripts/bench.sh`, which first runs the peers' own benchmark (Python
 //! LightGBM, lleaves, treelite/tl2cgen, ONNX Runtime) and converts the model to ONNX.
@@ -19,7 +21,8 @@ use nudge::event::{Event, EventKind, PersonKey, Properties};
 use nudge::features;
 use nudge::identity::Identities;
 use nudge::metrics::Metrics;
-use nudge::model::lightgbm::LightgbmScorer;
+use nudge::model::lightgbm::{LightgbmScorer, NativeScorer};
+use nudge::model::native::{Forest, Kernel};
 use nudge::model::onnx::OnnxScorer;
 use nudge::model::{LoadOptions, ModelRegistry, ModelSet, Scorer};
 use nudge::profile::Profile;
@@ -47,6 +50,17 @@ fn main() {
     );
 
     let text = std::fs::read_to_string(peers.join("model_M.txt")).expect("reading model_M.txt");
+    for kernel in Kernel::available().into_iter().rev() {
+        let native = native_scorer(&text, kernel);
+        report(
+            &format!("nudge native ({})", kernel.name()),
+            &native,
+            &rows,
+            n,
+            calls,
+            &reference,
+        );
+    }
     let lightgbm = LightgbmScorer::from_text(&text).expect("loading model_M.txt");
     report(
         "nudge lightgbm (C API)",
@@ -74,9 +88,92 @@ fn main() {
     } else {
         println!("(NUDGE_BENCH_ONNX not set: ONNX backend skipped)");
     }
-    println!("batch: {BATCH_ROWS} rows per call, median of {BATCH_REPS}; both backends score on the calling thread (LightGBM is built without OpenMP; ONNX Runtime with 1 intra-op thread)");
+    println!("batch: {BATCH_ROWS} rows per call, median of {BATCH_REPS}; every backend scores on the calling thread (LightGBM is built without OpenMP; ONNX Runtime with 1 intra-op thread); max |Δ| against the peers' LightGBM probabilities as printed in predictions_M.csv");
+    load_and_size(&text);
     println!();
-    track_per_event();
+
+    let purchase = shipped_model_text("purchase");
+    let forest = Forest::from_lightgbm(&purchase).expect("compiling the purchase model");
+    let n = forest.n_features();
+    println!(
+        "Shipped purchase model ({} trees, {n} features), on its own probe rows",
+        forest.n_trees()
+    );
+    let rows: Vec<Vec<f64>> = forest
+        .probe_rows(1000)
+        .chunks_exact(n)
+        .map(<[f64]>::to_vec)
+        .collect();
+    let lightgbm = LightgbmScorer::from_text(&purchase).expect("loading the purchase model");
+    let all: Vec<f64> = rows.iter().flatten().copied().collect();
+    let reference = lightgbm.predict(&all, n).expect("scoring with LightGBM");
+    for kernel in Kernel::available().into_iter().rev() {
+        report(
+            &format!("nudge native ({})", kernel.name()),
+            &native_scorer(&purchase, kernel),
+            &rows,
+            n,
+            calls,
+            &reference,
+        );
+    }
+    report(
+        "nudge lightgbm (C API)",
+        &lightgbm,
+        &rows,
+        n,
+        calls,
+        &reference,
+    );
+    println!();
+    track_per_event(nudge::model::Engine::Lightgbm);
+    track_per_event(nudge::model::Engine::Native);
+}
+
+fn native_scorer(text: &str, kernel: Kernel) -> NativeScorer {
+    let forest = Forest::from_lightgbm(text)
+        .expect("compiling the model")
+        .with_kernel(kernel)
+        .expect("an available kernel");
+    NativeScorer::new(forest, None)
+}
+
+/// How long the native layout of model M takes to build (parse and compile; median of
+/// 11), and how much memory it holds, beside LightGBM's own load of the same text.
+fn load_and_size(text: &str) {
+    let time = |f: &dyn Fn()| {
+        let mut took: Vec<Duration> = (0..11)
+            .map(|_| {
+                let started = Instant::now();
+                f();
+                started.elapsed()
+            })
+            .collect();
+        took.sort();
+        took[took.len() / 2].as_secs_f64() * 1e3
+    };
+    let native = time(&|| {
+        std::hint::black_box(Forest::from_lightgbm(text).unwrap());
+    });
+    let lightgbm = time(&|| {
+        std::hint::black_box(LightgbmScorer::from_text(text).unwrap());
+    });
+    let forest = Forest::from_lightgbm(text).unwrap();
+    println!(
+        "load model M: native layout {native:.1} ms ({} nodes, {:.0} KiB), LightGBM {lightgbm:.1} ms; the model file is {:.0} KiB",
+        forest.n_nodes(),
+        forest.bytes() as f64 / 1024.0,
+        text.len() as f64 / 1024.0
+    );
+}
+
+fn shipped_model_text(name: &str) -> String {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+    let manifest = nudge::model::Manifest::parse(
+        &std::fs::read_to_string(dir.join(format!("{name}.manifest.toml"))).unwrap(),
+    )
+    .unwrap();
+    std::fs::read_to_string(dir.join(&manifest.file)).unwrap()
 }
 
 fn report(
@@ -187,11 +284,11 @@ fn events(people: usize, count: usize) -> Vec<Event> {
 
 /// Track → scores per event with the shipped models: the pure core path, and the full
 /// engine path (queue to the owning shard thread and back) one event per call.
-fn track_per_event() {
+fn track_per_event(engine_kind: nudge::model::Engine) {
     let options = LoadOptions {
         max_file_bytes: 1 << 30,
         onnxruntime_library: "unused".into(),
-        engine: nudge::model::Engine::Native,
+        engine: engine_kind,
     };
     let models_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
     let (set, failures) =
@@ -199,12 +296,13 @@ fn track_per_event() {
     assert!(failures.is_empty(), "{failures:?}");
     let models: Vec<_> = set.iter().cloned().collect();
     println!(
-        "Track → scores per event, shipped models ({})",
+        "Track → scores per event, shipped models ({}), engine {:?}",
         models
             .iter()
-            .map(|m| m.name())
+            .map(|m| format!("{} on {}", m.name(), m.engine()))
             .collect::<Vec<_>>()
-            .join(" + ")
+            .join(" + "),
+        engine_kind
     );
     println!(
         "{:<40} {:>10} {:>10} {:>10} {:>12}",

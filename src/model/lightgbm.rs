@@ -84,6 +84,15 @@ pub struct NativeScorer {
 }
 
 impl NativeScorer {
+    /// A native scorer for a compiled forest, unchecked: the loader checks it against
+    /// LightGBM first ([`scorer`]); benchmarks build one per kernel.
+    pub fn new(forest: Forest, feature_names: Option<Vec<String>>) -> NativeScorer {
+        NativeScorer {
+            forest,
+            feature_names,
+        }
+    }
+
     pub fn forest(&self) -> &Forest {
         &self.forest
     }

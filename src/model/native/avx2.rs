@@ -1,12 +1,36 @@
-//! The AVX2 kernel: eight lanes of `i32` per vector; node words and leaf values gathered
-//! four at a time, row codes eight at a time.
+//! The AVX2 kernel: eight lanes of `i32` per vector; node words gathered four at a time,
+//! row codes eight at a time; finished and unfinished walks packed apart through a table
+//! of permutations.
 
 use std::arch::x86_64::*;
 
+use super::kernel::Scratch;
 use super::kernel::{self, Lanes};
-use super::layout::{Layout, DELTA_SHIFT, FEATURE_MASK, NAN_CODE};
+use super::layout::{
+    Layout, DELTA_SHIFT, FEATURE_MASK, LEFT_LEAF, NAN_CODE, NAN_FLIP, RIGHT_LEAF, ZERO_FLIP,
+};
 
 pub(super) struct Avx2;
+
+/// For each 8-bit mask, the lanes whose bit is set, in order: the permutation that packs
+/// them to the front.
+static PACK: [[u32; 8]; 256] = {
+    let mut table = [[0u32; 8]; 256];
+    let mut mask = 0;
+    while mask < 256 {
+        let mut at = 0;
+        let mut lane = 0;
+        while lane < 8 {
+            if mask & (1 << lane) != 0 {
+                table[mask][at] = lane as u32;
+                at += 1;
+            }
+            lane += 1;
+        }
+        mask += 1;
+    }
+    table
+};
 
 // SAFETY: the methods are only reached through the entry points below, which require
 // AVX2, and read only positions the `Lanes` contract keeps in range.
@@ -15,24 +39,23 @@ unsafe impl Lanes for Avx2 {
     type V = __m256i;
 
     #[inline(always)]
-    unsafe fn splat(x: u32) -> __m256i {
-        _mm256_set1_epi32(x as i32)
-    }
-
-    #[inline(always)]
     unsafe fn load(x: &[u32]) -> __m256i {
-        assert!(x.len() >= 8);
+        debug_assert!(x.len() >= 8);
         _mm256_loadu_si256(x.as_ptr().cast())
     }
 
     #[inline(always)]
-    unsafe fn store(v: __m256i, out: &mut [u32]) {
-        assert!(out.len() >= 8);
-        _mm256_storeu_si256(out.as_mut_ptr().cast(), v)
+    unsafe fn and(x: __m256i, mask: u32) -> __m256i {
+        _mm256_and_si256(x, _mm256_set1_epi32(mask as i32))
     }
 
     #[inline(always)]
-    unsafe fn step(layout: &Layout, codes: &[i32], bases: __m256i, nodes: __m256i) -> __m256i {
+    unsafe fn step(
+        layout: &Layout,
+        codes: &[i32],
+        bases: __m256i,
+        nodes: __m256i,
+    ) -> (__m256i, u32) {
         let words = layout.nodes.as_ptr().cast::<i64>();
         // Lanes 0–3 and 4–7 as [j, meta] pairs, then j and meta apart, in lane order.
         let low = _mm256_i32gather_epi64::<8>(words, _mm256_castsi256_si128(nodes));
@@ -45,44 +68,53 @@ unsafe impl Lanes for Avx2 {
         let column = _mm256_and_si256(meta, _mm256_set1_epi32(FEATURE_MASK as i32));
         let x = _mm256_i32gather_epi32::<4>(codes.as_ptr(), _mm256_add_epi32(bases, column));
         let right = _mm256_cmpgt_epi32(x, j);
-        // The flag bits moved to the sign bit and spread over the lane.
-        let nan_flip = _mm256_srai_epi32::<31>(_mm256_slli_epi32::<16>(meta));
-        let zero_flip = _mm256_srai_epi32::<31>(_mm256_slli_epi32::<15>(meta));
-        let nan = _mm256_and_si256(_mm256_cmpeq_epi32(x, _mm256_set1_epi32(NAN_CODE)), nan_flip);
-        let zero = _mm256_and_si256(_mm256_cmpeq_epi32(x, _mm256_setzero_si256()), zero_flip);
+        // A flag bit is moved to the sign bit and spread over its lane.
+        let flag = |shift| match shift {
+            NAN_AT => _mm256_srai_epi32::<31>(_mm256_slli_epi32::<{ 31 - NAN_AT }>(meta)),
+            ZERO_AT => _mm256_srai_epi32::<31>(_mm256_slli_epi32::<{ 31 - ZERO_AT }>(meta)),
+            LEFT_AT => _mm256_srai_epi32::<31>(_mm256_slli_epi32::<{ 31 - LEFT_AT }>(meta)),
+            _ => _mm256_srai_epi32::<31>(_mm256_slli_epi32::<{ 31 - RIGHT_AT }>(meta)),
+        };
+        let nan = _mm256_and_si256(
+            _mm256_cmpeq_epi32(x, _mm256_set1_epi32(NAN_CODE)),
+            flag(NAN_AT),
+        );
+        let zero = _mm256_and_si256(_mm256_cmpeq_epi32(x, _mm256_setzero_si256()), flag(ZERO_AT));
         let right = _mm256_xor_si256(right, _mm256_or_si256(nan, zero));
+        let leaf = _mm256_blendv_epi8(flag(LEFT_AT), flag(RIGHT_AT), right);
         let delta = _mm256_srli_epi32::<{ DELTA_SHIFT as i32 }>(meta);
         // `right` is -1 where the row goes right: next = node + delta + 1 there.
-        _mm256_sub_epi32(_mm256_add_epi32(nodes, delta), right)
+        let next = _mm256_sub_epi32(_mm256_add_epi32(nodes, delta), right);
+        (next, _mm256_movemask_ps(_mm256_castsi256_ps(leaf)) as u32)
     }
 
     #[inline(always)]
-    unsafe fn same(a: __m256i, b: __m256i) -> bool {
-        _mm256_movemask_epi8(_mm256_cmpeq_epi32(a, b)) == -1
-    }
-
-    #[inline(always)]
-    unsafe fn add_values(layout: &Layout, nodes: __m256i, acc: &mut [f64]) {
-        assert!(acc.len() >= 8);
-        let values = layout.values.as_ptr();
-        let low = _mm256_i32gather_pd::<8>(values, _mm256_castsi256_si128(nodes));
-        let high = _mm256_i32gather_pd::<8>(values, _mm256_extracti128_si256::<1>(nodes));
-        let at = acc.as_mut_ptr();
-        _mm256_storeu_pd(at, _mm256_add_pd(_mm256_loadu_pd(at), low));
-        _mm256_storeu_pd(at.add(4), _mm256_add_pd(_mm256_loadu_pd(at.add(4)), high));
+    unsafe fn compress(v: __m256i, keep: u32, out: &mut [u32]) {
+        debug_assert!(out.len() >= 8);
+        let order = _mm256_loadu_si256(PACK[(keep & 0xff) as usize].as_ptr().cast());
+        _mm256_storeu_si256(
+            out.as_mut_ptr().cast(),
+            _mm256_permutevar8x32_epi32(v, order),
+        )
     }
 }
 
+/// The bit positions of the flags (see [`super::layout`]).
+const NAN_AT: i32 = NAN_FLIP.trailing_zeros() as i32;
+const ZERO_AT: i32 = ZERO_FLIP.trailing_zeros() as i32;
+const LEFT_AT: i32 = LEFT_LEAF.trailing_zeros() as i32;
+const RIGHT_AT: i32 = RIGHT_LEAF.trailing_zeros() as i32;
+
 /// # Safety
-/// The CPU must have AVX2.
-#[target_feature(enable = "avx2")]
+/// The CPU must have AVX2 and POPCNT.
+#[target_feature(enable = "avx2,popcnt")]
 pub(super) unsafe fn score_rows(layout: &Layout, rows: &[f64], out: &mut [f64]) {
     kernel::score_rows::<Avx2>(layout, rows, out)
 }
 
 /// # Safety
-/// The CPU must have AVX2.
-#[target_feature(enable = "avx2")]
-pub(super) unsafe fn score_one(layout: &Layout, row: &[f64], leaves: &mut Vec<u32>) -> f64 {
-    kernel::score_one::<Avx2>(layout, row, leaves)
+/// The CPU must have AVX2 and POPCNT.
+#[target_feature(enable = "avx2,popcnt")]
+pub(super) unsafe fn score_one(layout: &Layout, row: &[f64], scratch: &mut Scratch) -> f64 {
+    kernel::score_one::<Avx2>(layout, row, scratch)
 }

@@ -1,11 +1,15 @@
 //! The AVX-512 kernel: sixteen lanes of `i32` per vector, with mask registers for the
-//! decisions; node words and leaf values gathered eight at a time, row codes sixteen.
+//! decisions and for packing walks apart; node words gathered eight at a time, row codes
+//! sixteen.
 //! The same operations as [`super::avx2`], one for one.
 
 use std::arch::x86_64::*;
 
+use super::kernel::Scratch;
 use super::kernel::{self, Lanes};
-use super::layout::{Layout, DELTA_SHIFT, FEATURE_MASK, NAN_CODE, NAN_FLIP, ZERO_FLIP};
+use super::layout::{
+    Layout, DELTA_SHIFT, FEATURE_MASK, LEFT_LEAF, NAN_CODE, NAN_FLIP, RIGHT_LEAF, ZERO_FLIP,
+};
 
 pub(super) struct Avx512;
 
@@ -16,24 +20,23 @@ unsafe impl Lanes for Avx512 {
     type V = __m512i;
 
     #[inline(always)]
-    unsafe fn splat(x: u32) -> __m512i {
-        _mm512_set1_epi32(x as i32)
-    }
-
-    #[inline(always)]
     unsafe fn load(x: &[u32]) -> __m512i {
-        assert!(x.len() >= 16);
+        debug_assert!(x.len() >= 16);
         _mm512_loadu_si512(x.as_ptr().cast())
     }
 
     #[inline(always)]
-    unsafe fn store(v: __m512i, out: &mut [u32]) {
-        assert!(out.len() >= 16);
-        _mm512_storeu_si512(out.as_mut_ptr().cast(), v)
+    unsafe fn and(x: __m512i, mask: u32) -> __m512i {
+        _mm512_and_si512(x, _mm512_set1_epi32(mask as i32))
     }
 
     #[inline(always)]
-    unsafe fn step(layout: &Layout, codes: &[i32], bases: __m512i, nodes: __m512i) -> __m512i {
+    unsafe fn step(
+        layout: &Layout,
+        codes: &[i32],
+        bases: __m512i,
+        nodes: __m512i,
+    ) -> (__m512i, u32) {
         let words = layout.nodes.as_ptr().cast::<i64>();
         // Lanes 0–7 and 8–15 as [j, meta] pairs; j is every even i32 of the pair
         // (indices 16 and up select from the second vector), meta every odd one.
@@ -45,43 +48,38 @@ unsafe impl Lanes for Avx512 {
         let meta = _mm512_permutex2var_epi32(low, odd, high);
         let column = _mm512_and_si512(meta, _mm512_set1_epi32(FEATURE_MASK as i32));
         let x = _mm512_i32gather_epi32::<4>(_mm512_add_epi32(bases, column), codes.as_ptr());
-        let right = _mm512_cmpgt_epi32_mask(x, j);
-        let nan = _mm512_cmpeq_epi32_mask(x, _mm512_set1_epi32(NAN_CODE))
-            & _mm512_test_epi32_mask(meta, _mm512_set1_epi32(NAN_FLIP as i32));
-        let zero = _mm512_cmpeq_epi32_mask(x, _mm512_setzero_si512())
-            & _mm512_test_epi32_mask(meta, _mm512_set1_epi32(ZERO_FLIP as i32));
-        let right = right ^ (nan | zero);
+        let flag = |bit: u32| _mm512_test_epi32_mask(meta, _mm512_set1_epi32(bit as i32));
+        let nan = _mm512_cmpeq_epi32_mask(x, _mm512_set1_epi32(NAN_CODE)) & flag(NAN_FLIP);
+        let zero = _mm512_cmpeq_epi32_mask(x, _mm512_setzero_si512()) & flag(ZERO_FLIP);
+        let right = _mm512_cmpgt_epi32_mask(x, j) ^ (nan | zero);
+        let leaf = (right & flag(RIGHT_LEAF)) | (!right & flag(LEFT_LEAF));
         let next = _mm512_add_epi32(nodes, _mm512_srli_epi32::<{ DELTA_SHIFT }>(meta));
-        _mm512_mask_add_epi32(next, right, next, _mm512_set1_epi32(1))
+        (
+            _mm512_mask_add_epi32(next, right, next, _mm512_set1_epi32(1)),
+            u32::from(leaf),
+        )
     }
 
     #[inline(always)]
-    unsafe fn same(a: __m512i, b: __m512i) -> bool {
-        _mm512_cmpneq_epi32_mask(a, b) == 0
-    }
-
-    #[inline(always)]
-    unsafe fn add_values(layout: &Layout, nodes: __m512i, acc: &mut [f64]) {
-        assert!(acc.len() >= 16);
-        let values = layout.values.as_ptr();
-        let low = _mm512_i32gather_pd::<8>(_mm512_castsi512_si256(nodes), values);
-        let high = _mm512_i32gather_pd::<8>(_mm512_extracti64x4_epi64::<1>(nodes), values);
-        let at = acc.as_mut_ptr();
-        _mm512_storeu_pd(at, _mm512_add_pd(_mm512_loadu_pd(at), low));
-        _mm512_storeu_pd(at.add(8), _mm512_add_pd(_mm512_loadu_pd(at.add(8)), high));
+    unsafe fn compress(v: __m512i, keep: u32, out: &mut [u32]) {
+        debug_assert!(out.len() >= 16);
+        _mm512_storeu_si512(
+            out.as_mut_ptr().cast(),
+            _mm512_maskz_compress_epi32(keep as u16, v),
+        )
     }
 }
 
 /// # Safety
-/// The CPU must have AVX-512F.
-#[target_feature(enable = "avx512f")]
+/// The CPU must have AVX-512F and POPCNT.
+#[target_feature(enable = "avx512f,popcnt")]
 pub(super) unsafe fn score_rows(layout: &Layout, rows: &[f64], out: &mut [f64]) {
     kernel::score_rows::<Avx512>(layout, rows, out)
 }
 
 /// # Safety
-/// The CPU must have AVX-512F.
-#[target_feature(enable = "avx512f")]
-pub(super) unsafe fn score_one(layout: &Layout, row: &[f64], leaves: &mut Vec<u32>) -> f64 {
-    kernel::score_one::<Avx512>(layout, row, leaves)
+/// The CPU must have AVX-512F and POPCNT.
+#[target_feature(enable = "avx512f,popcnt")]
+pub(super) unsafe fn score_one(layout: &Layout, row: &[f64], scratch: &mut Scratch) -> f64 {
+    kernel::score_one::<Avx512>(layout, row, scratch)
 }

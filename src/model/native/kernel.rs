@@ -1,50 +1,137 @@
-//! The walks, written once over [`Lanes`]: a vector of node positions stepped through the
-//! layout together. Each instruction set implements the few operations a step needs
-//! (`portable` here, [`super::avx2`], [`super::avx512`]); the drivers are generic and
-//! inlined into each instruction set's entry point, so that every path runs the same
-//! algorithm.
+//! The walks, written once over [`Lanes`]: vectors of (node, tag) pairs stepped through
+//! the layout. Each instruction set implements the few operations a step needs
+//! (`Portable` here, [`super::avx2`], [`super::avx512`]); the drivers are generic and
+//! inlined into each instruction set's entry point, so every path runs one algorithm.
 //!
-//! Two ways to fill the lanes:
-//! - **Many rows** (`score_rows`): each lane is a row, all lanes walk the same tree, in
-//!   blocks of rows that stay in L1 while every tree passes over them. Lanes that reach
-//!   their leaf early stay there (a leaf steps to itself) until the block's last lane
-//!   does.
-//! - **One row** (`score_one`): each lane is a tree, all walking the one row.
+//! **A frontier, not a lockstep.** All the walks still under way — one per row of a block
+//! for one tree (`score_rows`), or one per tree for one row (`score_one`) — sit in a flat
+//! list. A pass steps every entry of the list once, a vector at a time; an entry whose
+//! step reached a leaf leaves the list for the finished list, the others are packed back
+//! in place. The next pass walks the shorter list, until it is empty. So every vector
+//! step does useful work in every lane (no lane waits at its leaf for the deepest walk of
+//! its group), and the entries of one pass are independent, so the processor overlaps
+//! their memory reads without help.
 //!
-//! Both add each row's tree outputs in tree order, the order LightGBM adds them in, so
-//! the sums are the same doubles.
+//! A row's tree outputs are added in tree order, the order LightGBM adds them in, so the
+//! sums are the same doubles.
 //!
-//! Trees with a categorical split are walked by the portable step inside every kernel:
+//! Trees with a categorical split are walked by the scalar step inside every kernel:
 //! bitset lookups are rare in the models Nudge serves, and keeping them out of the vector
-//! steps keeps those short.
+//! step keeps it short.
 
 use super::layout::Layout;
 
-/// Vectors walked side by side per tree, to overlap their memory latencies.
-const INTERLEAVE: usize = 2;
-/// Row groups per block: the codes of a block (here up to 4 × 2 × 16 rows) stay in L1
-/// while every tree passes over them.
-const BLOCK_GROUPS: usize = 4;
+/// Rows per block: the codes of a block (here 256 rows of the model's columns) stay in
+/// L2 while every tree passes over them; the frontier of one tree stays in L1.
+const BLOCK: usize = 256;
 
-/// A vector of `N` lanes of `u32` node positions, and the operations a walk needs.
+/// A vector of `N` lanes of `u32`, and the operations a walk needs.
 ///
 /// # Safety
-/// `step` and `add_values` read `layout.nodes`, `codes` and `layout.values` without
-/// bounds checks. Callers pass node positions reached from `layout.roots` by `step` (the
-/// layout keeps every child of a reachable node in range) and `bases` such that
-/// `base + layout.stride() <= codes.len()` in every lane. An implementation may only be
-/// called where its instruction set is available.
+/// `step` reads `layout.nodes` and `codes` without bounds checks. Callers pass node
+/// positions of internal nodes reached from `layout.roots` (the layout keeps every child
+/// of a node in range) and bases with `base + layout.stride() <= codes.len()` in every
+/// lane, including lanes whose results are not used. `compress` writes `N` values. An
+/// implementation may only be called where its instruction set is available.
 pub(super) unsafe trait Lanes {
     const N: usize;
     type V: Copy;
-    unsafe fn splat(x: u32) -> Self::V;
     /// The first `N` values of `x`.
     unsafe fn load(x: &[u32]) -> Self::V;
-    unsafe fn store(v: Self::V, out: &mut [u32]);
-    unsafe fn step(layout: &Layout, codes: &[i32], bases: Self::V, nodes: Self::V) -> Self::V;
-    unsafe fn same(a: Self::V, b: Self::V) -> bool;
-    /// `acc[l] += layout.values[nodes[l]]` for each lane.
-    unsafe fn add_values(layout: &Layout, nodes: Self::V, acc: &mut [f64]);
+    /// `x & mask` in every lane.
+    unsafe fn and(x: Self::V, mask: u32) -> Self::V;
+    /// One step from each lane's node: the next nodes, and a bit per lane (lane 0 in bit
+    /// 0) set where the next node is a leaf.
+    unsafe fn step(
+        layout: &Layout,
+        codes: &[i32],
+        bases: Self::V,
+        nodes: Self::V,
+    ) -> (Self::V, u32);
+    /// Writes the lanes whose bit is set in `keep`, in lane order, to the start of
+    /// `out[..N]`; what it writes after them is unspecified but is values of `v`.
+    unsafe fn compress(v: Self::V, keep: u32, out: &mut [u32]);
+}
+
+/// Walks every entry of `lists.nodes[..len]` / `lists.tags[..len]` to its leaf, writing
+/// each finished walk's (leaf, tag) to `lists.leaves` / `lists.done`; returns how many
+/// finished. `tag & base_mask` is the entry's offset into `codes`. Each pass reads one
+/// pair of lists and writes the survivors to the other (in place, a vector store just
+/// behind the next vector load would stall store forwarding).
+#[inline(always)]
+unsafe fn frontier<L: Lanes>(
+    layout: &Layout,
+    codes: &[i32],
+    base_mask: u32,
+    lists: &mut Lists,
+    mut len: usize,
+) -> usize {
+    let all = (1u32 << L::N) - 1;
+    let mut finished = 0;
+    let Lists {
+        nodes,
+        tags,
+        next_nodes,
+        next_tags,
+        leaves,
+        done,
+    } = lists;
+    while len > 0 {
+        let mut kept = 0;
+        let mut at = 0;
+        while at < len {
+            let node = L::load(&nodes[at..]);
+            let tag = L::load(&tags[at..]);
+            let (next, leaf) = L::step(layout, codes, L::and(tag, base_mask), node);
+            let valid = if len - at >= L::N {
+                all
+            } else {
+                (1u32 << (len - at)) - 1
+            };
+            let leaf = leaf & valid;
+            let going = !leaf & valid;
+            L::compress(next, going, &mut next_nodes[kept..]);
+            L::compress(tag, going, &mut next_tags[kept..]);
+            kept += going.count_ones() as usize;
+            // Unconditionally: whether a vector finished some walks is a coin toss, and
+            // a mispredicted branch costs more than two stores.
+            L::compress(next, leaf, &mut leaves[finished..]);
+            L::compress(tag, leaf, &mut done[finished..]);
+            finished += leaf.count_ones() as usize;
+            at += L::N;
+        }
+        std::mem::swap(nodes, next_nodes);
+        std::mem::swap(tags, next_tags);
+        len = kept;
+    }
+    finished
+}
+
+/// Scratch lists for the frontier, with room for `entries` walks and a vector past them.
+/// Every slot of `nodes` and `tags` (and their next-pass twins) always holds a node
+/// position and a tag valid for the layout being walked, so that the lanes past the end
+/// of a list read in range.
+struct Lists {
+    nodes: Vec<u32>,
+    tags: Vec<u32>,
+    next_nodes: Vec<u32>,
+    next_tags: Vec<u32>,
+    leaves: Vec<u32>,
+    done: Vec<u32>,
+}
+
+impl Lists {
+    fn new(entries: usize, pad: usize, fill: u32) -> Lists {
+        let size = entries + pad;
+        Lists {
+            nodes: vec![fill; size],
+            tags: vec![0; size],
+            next_nodes: vec![fill; size],
+            next_tags: vec![0; size],
+            leaves: vec![fill; size],
+            done: vec![0; size],
+        }
+    }
 }
 
 /// Raw scores for `out.len()` rows of `rows` (row-major, `layout.n_features` columns).
@@ -55,53 +142,42 @@ pub(super) unsafe trait Lanes {
 pub(super) unsafe fn score_rows<L: Lanes>(layout: &Layout, rows: &[f64], out: &mut [f64]) {
     let n = layout.n_features;
     let stride = layout.stride();
-    let group = L::N * INTERLEAVE;
-    let block = group * BLOCK_GROUPS;
-    let mut codes = vec![0i32; block * stride];
-    let starts: Vec<u32> = (0..block).map(|r| (r * stride) as u32).collect();
-    let mut bases = Vec::with_capacity(BLOCK_GROUPS * INTERLEAVE);
-    for v in 0..BLOCK_GROUPS * INTERLEAVE {
-        bases.push(L::load(&starts[v * L::N..]));
-    }
-    let mut acc = vec![0.0f64; block];
-    for (block_rows, block_out) in rows.chunks(block * n).zip(out.chunks_mut(block)) {
+    let mut codes = vec![0i32; BLOCK * stride];
+    // Finished walks are added to `acc[tag]`, the tag being the row's offset in `codes`.
+    let mut acc = vec![0.0f64; BLOCK * stride];
+    let any_root = layout
+        .vector_trees
+        .first()
+        .map_or(0, |&t| layout.roots[t as usize]);
+    let mut lists = Lists::new(BLOCK, L::N, any_root);
+    for (block_rows, block_out) in rows.chunks(BLOCK * n).zip(out.chunks_mut(BLOCK)) {
         let count = block_out.len();
         for (r, row) in block_rows.chunks_exact(n).enumerate() {
             layout.encode(row, &mut codes[r * stride..(r + 1) * stride]);
+            acc[r * stride] = 0.0;
         }
-        // Rows past `count` in the last block keep codes from earlier rows: valid codes,
-        // whose sums are not read.
-        acc.fill(0.0);
-        let groups = count.div_ceil(group);
-        for (&root, &categorical) in layout.roots.iter().zip(&layout.categorical) {
-            if categorical {
-                for (r, acc) in acc.iter_mut().enumerate().take(count) {
-                    *acc += layout.values[layout.walk(&codes, r * stride, root) as usize];
+        let mut vector = layout.vector_trees.iter().peekable();
+        for (t, &root) in layout.roots.iter().enumerate() {
+            if vector.next_if(|&&v| v as usize == t).is_some() {
+                lists.nodes[..count].fill(root);
+                for (r, tag) in lists.tags[..count].iter_mut().enumerate() {
+                    *tag = (r * stride) as u32;
                 }
-                continue;
-            }
-            let start = L::splat(root);
-            for g in 0..groups {
-                let bases = &bases[g * INTERLEAVE..(g + 1) * INTERLEAVE];
-                let mut nodes = [start; INTERLEAVE];
-                loop {
-                    let mut moved = false;
-                    for v in 0..INTERLEAVE {
-                        let next = L::step(layout, &codes, bases[v], nodes[v]);
-                        moved |= !L::same(next, nodes[v]);
-                        nodes[v] = next;
-                    }
-                    if !moved {
-                        break;
-                    }
+                let finished = frontier::<L>(layout, &codes, u32::MAX, &mut lists, count);
+                for (&leaf, &tag) in lists.leaves[..finished].iter().zip(&lists.done) {
+                    acc[tag as usize] += layout.values[leaf as usize];
                 }
-                for (v, &at) in nodes.iter().enumerate() {
-                    let from = g * group + v * L::N;
-                    L::add_values(layout, at, &mut acc[from..from + L::N]);
+            } else {
+                // A constant tree, or one with a categorical split.
+                for r in 0..count {
+                    acc[r * stride] +=
+                        layout.values[layout.walk(&codes, r * stride, root) as usize];
                 }
             }
         }
-        block_out.copy_from_slice(&acc[..count]);
+        for (r, out) in block_out.iter_mut().enumerate() {
+            *out = acc[r * stride];
+        }
     }
 }
 
@@ -113,63 +189,61 @@ pub(super) unsafe fn score_rows<L: Lanes>(layout: &Layout, rows: &[f64], out: &m
 pub(super) unsafe fn score_one<L: Lanes>(
     layout: &Layout,
     row: &[f64],
-    leaves: &mut Vec<u32>,
+    scratch: &mut Scratch,
 ) -> f64 {
     let stride = layout.stride();
-    let group = L::N * INTERLEAVE;
-    let mut small = [0i32; 64];
-    let mut heap = Vec::new();
-    let codes: &mut [i32] = if stride <= small.len() {
-        &mut small[..stride]
-    } else {
-        heap.resize(stride, 0);
-        &mut heap
-    };
-    layout.encode(row, codes);
-    leaves.clear();
-    leaves.resize(layout.roots.len(), 0);
-    let zero = L::splat(0);
-    let mut roots = [0u32; 64];
-    let mut reached = [0u32; 64];
-    debug_assert!(group <= roots.len());
-    for trees in layout.vector_trees.chunks(group) {
-        // A last, short group walks copies of its first tree in the spare lanes.
-        roots[..group].fill(layout.roots[trees[0] as usize]);
-        for (root, &tree) in roots.iter_mut().zip(trees) {
-            *root = layout.roots[tree as usize];
-        }
-        let mut nodes = [zero; INTERLEAVE];
-        for (v, nodes) in nodes.iter_mut().enumerate() {
-            *nodes = L::load(&roots[v * L::N..]);
-        }
-        loop {
-            let mut moved = false;
-            for node in nodes.iter_mut() {
-                let next = L::step(layout, codes, zero, *node);
-                moved |= !L::same(next, *node);
-                *node = next;
-            }
-            if !moved {
-                break;
-            }
-        }
-        for (v, &node) in nodes.iter().enumerate() {
-            L::store(node, &mut reached[v * L::N..]);
-        }
-        for (&tree, &leaf) in trees.iter().zip(&reached) {
-            leaves[tree as usize] = leaf;
-        }
+    let trees = layout.roots.len();
+    let any_root = layout
+        .vector_trees
+        .first()
+        .map_or(0, |&t| layout.roots[t as usize]);
+    if scratch.lists.nodes.len() < trees + L::N {
+        scratch.lists = Lists::new(trees, L::N, any_root);
+    }
+    scratch.codes.resize(stride, 0);
+    scratch.leaves.resize(trees, 0);
+    layout.encode(row, &mut scratch.codes);
+    let lists = &mut scratch.lists;
+    let walks = layout.vector_trees.len();
+    for (i, &t) in layout.vector_trees.iter().enumerate() {
+        lists.nodes[i] = layout.roots[t as usize];
+        lists.tags[i] = t;
+    }
+    // The lists may hold positions in another model's layout (the scratch is per
+    // thread): every slot a pass can read is written here first.
+    lists.nodes[walks..walks + L::N].fill(any_root);
+    lists.next_nodes[..walks + L::N].fill(any_root);
+    // Every lane reads the one row: base 0.
+    let finished = frontier::<L>(layout, &scratch.codes, 0, lists, walks);
+    let leaves = &mut scratch.leaves;
+    for (&leaf, &tree) in lists.leaves[..finished].iter().zip(&lists.done) {
+        leaves[tree as usize] = leaf;
     }
     let mut raw = 0.0;
-    for (t, (&leaf, &root)) in leaves.iter().zip(&layout.roots).enumerate() {
-        let leaf = if layout.categorical[t] {
-            layout.walk(codes, 0, root)
+    let mut vector = layout.vector_trees.iter().peekable();
+    for (t, &root) in layout.roots.iter().enumerate() {
+        let leaf = if vector.next_if(|&&v| v as usize == t).is_some() {
+            leaves[t]
         } else {
-            leaf
+            layout.walk(&scratch.codes, 0, root)
         };
         raw += layout.values[leaf as usize];
     }
     raw
+}
+
+/// What single-row scoring reuses from call to call.
+#[derive(Default)]
+pub(super) struct Scratch {
+    codes: Vec<i32>,
+    leaves: Vec<u32>,
+    lists: Lists,
+}
+
+impl Default for Lists {
+    fn default() -> Lists {
+        Lists::new(0, 0, 0)
+    }
 }
 
 /// Lanes as plain arrays, stepped by [`Layout::step`]: the kernel for machines without
@@ -181,30 +255,40 @@ unsafe impl Lanes for Portable {
     const N: usize = 8;
     type V = [u32; 8];
 
-    unsafe fn splat(x: u32) -> [u32; 8] {
-        [x; 8]
-    }
-
+    #[inline(always)]
     unsafe fn load(x: &[u32]) -> [u32; 8] {
         x[..8].try_into().expect("eight lanes")
     }
 
-    unsafe fn store(v: [u32; 8], out: &mut [u32]) {
-        out[..8].copy_from_slice(&v);
+    #[inline(always)]
+    unsafe fn and(x: [u32; 8], mask: u32) -> [u32; 8] {
+        x.map(|x| x & mask)
     }
 
     #[inline(always)]
-    unsafe fn step(layout: &Layout, codes: &[i32], bases: [u32; 8], nodes: [u32; 8]) -> [u32; 8] {
-        std::array::from_fn(|l| layout.step(codes, bases[l] as usize, nodes[l]))
+    unsafe fn step(
+        layout: &Layout,
+        codes: &[i32],
+        bases: [u32; 8],
+        nodes: [u32; 8],
+    ) -> ([u32; 8], u32) {
+        let mut leaves = 0;
+        let next = std::array::from_fn(|l| {
+            let (next, leaf) = layout.step(codes, bases[l] as usize, nodes[l]);
+            leaves |= (leaf as u32) << l;
+            next
+        });
+        (next, leaves)
     }
 
-    unsafe fn same(a: [u32; 8], b: [u32; 8]) -> bool {
-        a == b
-    }
-
-    unsafe fn add_values(layout: &Layout, nodes: [u32; 8], acc: &mut [f64]) {
-        for (acc, node) in acc.iter_mut().zip(nodes) {
-            *acc += layout.values[node as usize];
+    #[inline(always)]
+    unsafe fn compress(v: [u32; 8], keep: u32, out: &mut [u32]) {
+        let mut at = 0;
+        for (l, &x) in v.iter().enumerate() {
+            if keep & (1 << l) != 0 {
+                out[at] = x;
+                at += 1;
+            }
         }
     }
 }

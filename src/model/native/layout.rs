@@ -10,13 +10,12 @@
 //! above every `j`. A categorical column's code is the category itself (`-1` for none).
 //!
 //! **Nodes are one `u64` each**: `j` in the low 32 bits; the column, two flip flags (NaN
-//! goes the other way from the comparison; zero goes the other way), a categorical flag
-//! and the distance to the children in the high 32. The two children of a node sit side
-//! by side, so `next = node + delta + (went right)`. A leaf is a node that always goes
-//! left to itself (`j = i32::MAX`, `delta = 0`), so a walk needs no test for "is this a
-//! leaf": it stops when a step stays where it is, and lanes that reached their leaves
-//! early simply stay there while the others finish. `values[node]` holds a leaf's value
-//! (and an internal node's expected value, for path attributions).
+//! goes the other way from the comparison; zero goes the other way), a categorical flag,
+//! whether each child is a leaf, and the distance to the children in the high 32. The two
+//! children of a node sit side by side, so `next = node + delta + (went right)`, and the
+//! step that reaches a leaf knows it. A leaf's own word always goes left to itself
+//! (`j = i32::MAX`, `delta = 0`), so a walk that keeps stepping stays put. `values[node]`
+//! holds a leaf's value (and an internal node's expected value, for path attributions).
 //!
 //! **Hot paths together**: each tree is laid out depth first from its root, pairs of
 //! siblings at a time, descending into the child more training rows reached first
@@ -28,10 +27,13 @@
 
 use super::ensemble::{category, Ensemble, Input, Node, Test, LIGHTGBM_ZERO};
 
-pub const FEATURE_MASK: u32 = (1 << 15) - 1;
-pub const NAN_FLIP: u32 = 1 << 15;
-pub const ZERO_FLIP: u32 = 1 << 16;
-pub const CATEGORICAL: u32 = 1 << 17;
+pub const FEATURE_MASK: u32 = (1 << 13) - 1;
+pub const NAN_FLIP: u32 = 1 << 13;
+pub const ZERO_FLIP: u32 = 1 << 14;
+pub const CATEGORICAL: u32 = 1 << 15;
+/// The node's left (right) child is a leaf: a walk knows it has arrived when it steps.
+pub const LEFT_LEAF: u32 = 1 << 16;
+pub const RIGHT_LEAF: u32 = 1 << 17;
 pub const DELTA_SHIFT: u32 = 18;
 pub const MAX_DELTA: usize = (1 << (32 - DELTA_SHIFT)) - 1;
 /// A missing value's code: above every split's `j`, so the comparison sends it right.
@@ -73,7 +75,8 @@ pub struct Layout {
     pub roots: Vec<u32>,
     /// Per tree, whether it has a categorical split (walked by the portable kernel only).
     pub categorical: Vec<bool>,
-    /// The trees without categorical splits, which the vector kernels walk.
+    /// The trees with a split and without categorical splits, which the vector kernels
+    /// walk.
     pub vector_trees: Vec<u32>,
     /// Categorical splits' bitsets: `(offset, words)` into `words`.
     pub sets: Vec<(u32, u32)>,
@@ -144,7 +147,13 @@ impl Layout {
                         layout.nodes.extend([0, 0]);
                         layout.values.extend([0.0, 0.0]);
                         let column = compact[*feature] as u32;
-                        let (j, flags) = layout.test(t, column, test)?;
+                        let (j, mut flags) = layout.test(t, column, test)?;
+                        if matches!(tree.nodes[*left], Node::Leaf { .. }) {
+                            flags |= LEFT_LEAF;
+                        }
+                        if matches!(tree.nodes[*right], Node::Leaf { .. }) {
+                            flags |= RIGHT_LEAF;
+                        }
                         layout.nodes[at] =
                             word(j, column | flags | ((delta as u32) << DELTA_SHIFT));
                         match value {
@@ -170,7 +179,9 @@ impl Layout {
             return Err("the model has too many nodes for the native layout".into());
         }
         layout.vector_trees = (0..layout.roots.len() as u32)
-            .filter(|&t| !layout.categorical[t as usize])
+            .filter(|&t| {
+                !layout.categorical[t as usize] && !layout.is_leaf(layout.roots[t as usize])
+            })
             .collect();
         Ok(layout)
     }
@@ -243,10 +254,10 @@ impl Layout {
     }
 
     /// One step of a walk from `node` for the row whose codes start at `codes[base]`:
-    /// the child it goes to, or `node` itself at a leaf. The definition every kernel
-    /// implements.
+    /// the child it goes to (or `node` itself at a leaf), and whether that child is a
+    /// leaf. The definition every kernel implements.
     #[inline(always)]
-    pub fn step(&self, codes: &[i32], base: usize, node: u32) -> u32 {
+    pub fn step(&self, codes: &[i32], base: usize, node: u32) -> (u32, bool) {
         let word = self.nodes[node as usize];
         let j = word as u32 as i32;
         let meta = (word >> 32) as u32;
@@ -260,20 +271,25 @@ impl Layout {
         } else {
             (x > j) ^ (x == NAN_CODE && meta & NAN_FLIP != 0) ^ (x == 0 && meta & ZERO_FLIP != 0)
         };
-        node + (meta >> DELTA_SHIFT) + right as u32
+        let leaf = meta & if right { RIGHT_LEAF } else { LEFT_LEAF } != 0;
+        (node + (meta >> DELTA_SHIFT) + right as u32, leaf)
+    }
+
+    /// Whether the node at `node` is a leaf.
+    #[inline(always)]
+    pub fn is_leaf(&self, node: u32) -> bool {
+        let word = self.nodes[node as usize];
+        word as u32 as i32 == LEAF_J && (word >> 32) as u32 == 0
     }
 
     /// The leaf a row reaches in the tree rooted at `root`.
     #[inline(always)]
     pub fn walk(&self, codes: &[i32], base: usize, root: u32) -> u32 {
         let mut node = root;
-        loop {
-            let next = self.step(codes, base, node);
-            if next == node {
-                return node;
-            }
-            node = next;
+        while !self.is_leaf(node) {
+            node = self.step(codes, base, node).0;
         }
+        node
     }
 
     /// Path attribution (Saabas): each caller column's credit for the row's raw score,
@@ -289,11 +305,8 @@ impl Layout {
         for &root in &self.roots {
             out[self.n_features] += self.values[root as usize];
             let mut node = root;
-            loop {
-                let next = self.step(&codes, 0, node);
-                if next == node {
-                    break;
-                }
+            while !self.is_leaf(node) {
+                let next = self.step(&codes, 0, node).0;
                 let column = (self.nodes[node as usize] >> 32) as u32 & FEATURE_MASK;
                 out[self.columns[column as usize].source] +=
                     self.values[next as usize] - self.values[node as usize];

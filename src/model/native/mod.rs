@@ -47,10 +47,12 @@ impl Kernel {
         let mut kernels = vec![Kernel::Portable];
         #[cfg(target_arch = "x86_64")]
         {
-            if std::arch::is_x86_feature_detected!("avx2") {
+            // Every CPU with AVX2 has POPCNT; the kernels count lanes with it.
+            let popcnt = std::arch::is_x86_feature_detected!("popcnt");
+            if popcnt && std::arch::is_x86_feature_detected!("avx2") {
                 kernels.push(Kernel::Avx2);
             }
-            if std::arch::is_x86_feature_detected!("avx512f") {
+            if popcnt && std::arch::is_x86_feature_detected!("avx512f") {
                 kernels.push(Kernel::Avx512);
             }
         }
@@ -87,8 +89,8 @@ pub struct Forest {
 }
 
 thread_local! {
-    /// The leaf each tree reached, for single-row scoring without an allocation per call.
-    static LEAVES: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+    /// Single-row scoring's lists, reused from call to call.
+    static SCRATCH: RefCell<kernel::Scratch> = RefCell::new(kernel::Scratch::default());
 }
 
 impl Forest {
@@ -128,6 +130,10 @@ impl Forest {
         self.layout.roots.len()
     }
 
+    pub fn n_nodes(&self) -> usize {
+        self.layout.nodes.len()
+    }
+
     /// Bytes of the compiled layout.
     pub fn bytes(&self) -> usize {
         self.layout.bytes()
@@ -159,14 +165,14 @@ impl Forest {
             self.n_features(),
             "one row of n_features() values"
         );
-        LEAVES.with_borrow_mut(|leaves| match self.kernel {
+        SCRATCH.with_borrow_mut(|scratch| match self.kernel {
             // SAFETY: `with_kernel` and `Kernel::best` only choose kernels the CPU runs.
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512 => unsafe { avx512::score_one(&self.layout, row, leaves) },
+            Kernel::Avx512 => unsafe { avx512::score_one(&self.layout, row, scratch) },
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => unsafe { avx2::score_one(&self.layout, row, leaves) },
+            Kernel::Avx2 => unsafe { avx2::score_one(&self.layout, row, scratch) },
             // SAFETY: the portable lanes check every index.
-            _ => unsafe { kernel::score_one::<kernel::Portable>(&self.layout, row, leaves) },
+            _ => unsafe { kernel::score_one::<kernel::Portable>(&self.layout, row, scratch) },
         })
     }
 
