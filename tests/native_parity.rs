@@ -215,18 +215,36 @@ fn read_f64(case: &str, path: &Path, count: usize) -> Vec<f64> {
         .collect()
 }
 
-/// Both ways an engine is called: the whole batch at once, then one row at a time (Nudge
-/// scores single rows on every event, and engines take other paths for them).
-fn answers(case: &Case, what: &str, predict: Predict) -> Result<[Vec<f64>; 2], String> {
+/// Rows per call in the middle way of calling an engine: not a power of two, so batched
+/// kernels meet partial blocks and slices that start mid-block.
+const ODD_BATCH: usize = 13;
+
+/// The three ways an engine is called: the whole batch at once, batches of [`ODD_BATCH`]
+/// rows, and one row at a time (Nudge scores single rows on every event, and engines take
+/// other paths for them).
+fn answers(case: &Case, what: &str, predict: Predict) -> Result<[Vec<f64>; 3], String> {
     let batch = predict(&case.rows, case.n_features)
         .map_err(|e| format!("{}: {what}: the batch failed: {e}", case.name))?;
-    let mut single = Vec::with_capacity(batch.len());
-    for i in 0..case.n_rows() {
-        let answer = predict(case.row(i), case.n_features)
-            .map_err(|e| format!("{}: {what}: row {i} alone failed: {e}", case.name))?;
-        single.extend(answer);
-    }
-    Ok([batch, single])
+    let in_chunks = |rows_per_call: usize| {
+        let mut all = Vec::new();
+        for (i, chunk) in case
+            .rows
+            .chunks(rows_per_call * case.n_features)
+            .enumerate()
+        {
+            let answer = predict(chunk, case.n_features).map_err(|e| {
+                format!(
+                    "{}: {what}: rows from {} failed: {e}",
+                    case.name,
+                    i * rows_per_call
+                )
+            })?;
+            all.extend(answer);
+        }
+        Ok::<_, String>(all)
+    };
+    let (odd, single) = (in_chunks(ODD_BATCH)?, in_chunks(1)?);
+    Ok([batch, odd, single])
 }
 
 /// The first row where `got` and `want` differ by more than `tolerance` (bit for bit when
@@ -291,12 +309,16 @@ fn first_mismatch(
 fn compare(case: &Case, what: &str, predict: Predict, want: &[f64], tolerance: f64) -> Vec<String> {
     match answers(case, what, predict) {
         Err(e) => vec![e],
-        Ok([batch, single]) => [("batch", batch), ("one row at a time", single)]
-            .into_iter()
-            .filter_map(|(how, got)| {
-                first_mismatch(case, &format!("{what}, {how}"), &got, want, tolerance).err()
-            })
-            .collect(),
+        Ok([batch, odd, single]) => [
+            ("the whole batch".to_owned(), batch),
+            (format!("{ODD_BATCH} rows at a time"), odd),
+            ("one row at a time".to_owned(), single),
+        ]
+        .into_iter()
+        .filter_map(|(how, got)| {
+            first_mismatch(case, &format!("{what}, {how}"), &got, want, tolerance).err()
+        })
+        .collect(),
     }
 }
 
