@@ -3,14 +3,14 @@
 //! tests): LightGBM text models must score bit for bit as Python LightGBM 4.7 does (raw
 //! score and probability), ONNX tree ensembles within 1e-6 of ONNX Runtime 1.31.1.
 //!
-//! Today the fixtures are checked against the backends Nudge already has (LightGBM's C API
-//! through `lightgbm3`, ONNX Runtime through `ort`), which proves the fixtures and this
-//! harness together. The native engine of issue 10 joins through the same comparison
-//! functions, [`check_lightgbm`] and [`check_onnx`]: see the comments marked "native" below.
+//! The fixtures are checked against the libraries themselves (LightGBM's C API through
+//! `lightgbm3`, ONNX Runtime through `ort`), which proves the fixtures and this harness,
+//! and against Nudge's native scorer on every kernel this CPU runs.
 
 use std::path::{Path, PathBuf};
 
 use nudge::model::lightgbm::LightgbmScorer;
+use nudge::model::native::{Forest, Kernel};
 use nudge::model::onnx::OnnxScorer;
 use nudge::model::Scorer;
 use serde_json::Value;
@@ -420,19 +420,38 @@ fn lightgbm_cases_score_bit_for_bit_as_python_lightgbm() {
             Err(e) => failures.push(format!("{}: LightgbmScorer refused it: {e}", case.name)),
         }
 
-        // native: the engine of issue 10 joins here, roughly:
-        //     match (case.expect, nudge::model::native::Forest::from_lightgbm(&text)) {
-        //         (Expect::Refuse, Err(_)) => {}
-        //         (Expect::Refuse, Ok(_)) => failures.push(format!("{}: not refused", case.name)),
-        //         (Expect::Parity, Err(e)) => failures.push(format!("{}: {e}", case.name)),
-        //         (Expect::Parity, Ok(forest)) => {
-        //             for kernel in Kernel::available() {
-        //                 failures.extend(check_lightgbm(case, &format!("native {kernel:?}"),
-        //                     &|r, n| Ok(forest.predict_raw(r, n, kernel)),
-        //                     &|r, n| Ok(forest.predict(r, n, kernel))));
-        //             }
-        //         }
-        //     }
+        // The native scorer, on every kernel this CPU runs, through both walks (the
+        // many-row walk for batches, the one-row walk for single rows).
+        match (case.expect, Forest::from_lightgbm(&text)) {
+            (Expect::Refuse, Err(_)) => {}
+            (Expect::Refuse, Ok(_)) => failures.push(format!(
+                "{}: the native scorer serves a model it must refuse",
+                case.name
+            )),
+            (Expect::Parity, Err(e)) => {
+                failures.push(format!("{}: the native scorer refused it: {e}", case.name))
+            }
+            (Expect::Parity, Ok(forest)) => {
+                for kernel in Kernel::available() {
+                    let forest = forest.clone().with_kernel(kernel).expect("available");
+                    let raw = |rows: &[f64], _: usize| Ok(forest.predict_raw(rows));
+                    let probability = |rows: &[f64], _: usize| Ok(forest.predict(rows));
+                    failures.extend(check_lightgbm(
+                        case,
+                        &format!("native {}", kernel.name()),
+                        &raw,
+                        &probability,
+                    ));
+                }
+                // And through the backend as the loader builds it: native, parity-checked.
+                let (scorer, note) =
+                    nudge::model::lightgbm::scorer(&text, nudge::model::Engine::Native).unwrap();
+                if let Some(note) = note {
+                    failures.push(format!("{}: served by LightGBM: {note}", case.name));
+                }
+                assert!(scorer.engine().starts_with("native/"), "{}", case.name);
+            }
+        }
         checked.push(format!("{} ({} rows)", case.name, case.n_rows()));
     }
     report(&checked, failures);
