@@ -50,7 +50,7 @@ unsafe impl Lanes for Avx2 {
     }
 
     #[inline(always)]
-    unsafe fn step(
+    unsafe fn step<const FLIPS: bool>(
         layout: &Layout,
         codes: &[i32],
         bases: __m256i,
@@ -80,7 +80,11 @@ unsafe impl Lanes for Avx2 {
             flag(NAN_AT),
         );
         let zero = _mm256_and_si256(_mm256_cmpeq_epi32(x, _mm256_setzero_si256()), flag(ZERO_AT));
-        let right = _mm256_xor_si256(right, _mm256_or_si256(nan, zero));
+        let right = if FLIPS {
+            _mm256_xor_si256(right, _mm256_or_si256(nan, zero))
+        } else {
+            right
+        };
         let leaf = _mm256_blendv_epi8(flag(LEFT_AT), flag(RIGHT_AT), right);
         let delta = _mm256_srli_epi32::<{ DELTA_SHIFT as i32 }>(meta);
         // `right` is -1 where the row goes right: next = node + delta + 1 there.

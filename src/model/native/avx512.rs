@@ -31,7 +31,7 @@ unsafe impl Lanes for Avx512 {
     }
 
     #[inline(always)]
-    unsafe fn step(
+    unsafe fn step<const FLIPS: bool>(
         layout: &Layout,
         codes: &[i32],
         bases: __m512i,
@@ -51,7 +51,11 @@ unsafe impl Lanes for Avx512 {
         let flag = |bit: u32| _mm512_test_epi32_mask(meta, _mm512_set1_epi32(bit as i32));
         let nan = _mm512_cmpeq_epi32_mask(x, _mm512_set1_epi32(NAN_CODE)) & flag(NAN_FLIP);
         let zero = _mm512_cmpeq_epi32_mask(x, _mm512_setzero_si512()) & flag(ZERO_FLIP);
-        let right = _mm512_cmpgt_epi32_mask(x, j) ^ (nan | zero);
+        let right = if FLIPS {
+            _mm512_cmpgt_epi32_mask(x, j) ^ (nan | zero)
+        } else {
+            _mm512_cmpgt_epi32_mask(x, j)
+        };
         let leaf = (right & flag(RIGHT_LEAF)) | (!right & flag(LEFT_LEAF));
         let next = _mm512_add_epi32(nodes, _mm512_srli_epi32::<{ DELTA_SHIFT }>(meta));
         (

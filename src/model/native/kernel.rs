@@ -41,8 +41,9 @@ pub(super) unsafe trait Lanes {
     /// `x & mask` in every lane.
     unsafe fn and(x: Self::V, mask: u32) -> Self::V;
     /// One step from each lane's node: the next nodes, and a bit per lane (lane 0 in bit
-    /// 0) set where the next node is a leaf.
-    unsafe fn step(
+    /// 0) set where the next node is a leaf. Without `FLIPS` the splits' NaN and zero
+    /// rules may be left out, for layouts that have none.
+    unsafe fn step<const FLIPS: bool>(
         layout: &Layout,
         codes: &[i32],
         bases: Self::V,
@@ -59,7 +60,7 @@ pub(super) unsafe trait Lanes {
 /// pair of lists and writes the survivors to the other (in place, a vector store just
 /// behind the next vector load would stall store forwarding).
 #[inline(always)]
-unsafe fn frontier<L: Lanes>(
+unsafe fn frontier<L: Lanes, const FLIPS: bool>(
     layout: &Layout,
     codes: &[i32],
     base_mask: u32,
@@ -82,7 +83,7 @@ unsafe fn frontier<L: Lanes>(
         while at < len {
             let node = L::load(&nodes[at..]);
             let tag = L::load(&tags[at..]);
-            let (next, leaf) = L::step(layout, codes, L::and(tag, base_mask), node);
+            let (next, leaf) = L::step::<FLIPS>(layout, codes, L::and(tag, base_mask), node);
             let valid = if len - at >= L::N {
                 all
             } else {
@@ -163,7 +164,11 @@ pub(super) unsafe fn score_rows<L: Lanes>(layout: &Layout, rows: &[f64], out: &m
                 for (r, tag) in lists.tags[..count].iter_mut().enumerate() {
                     *tag = (r * stride) as u32;
                 }
-                let finished = frontier::<L>(layout, &codes, u32::MAX, &mut lists, count);
+                let finished = if layout.flips {
+                    frontier::<L, true>(layout, &codes, u32::MAX, &mut lists, count)
+                } else {
+                    frontier::<L, false>(layout, &codes, u32::MAX, &mut lists, count)
+                };
                 for (&leaf, &tag) in lists.leaves[..finished].iter().zip(&lists.done) {
                     acc[tag as usize] += layout.values[leaf as usize];
                 }
@@ -214,7 +219,11 @@ pub(super) unsafe fn score_one<L: Lanes>(
     lists.nodes[walks..walks + L::N].fill(any_root);
     lists.next_nodes[..walks + L::N].fill(any_root);
     // Every lane reads the one row: base 0.
-    let finished = frontier::<L>(layout, &scratch.codes, 0, lists, walks);
+    let finished = if layout.flips {
+        frontier::<L, true>(layout, &scratch.codes, 0, lists, walks)
+    } else {
+        frontier::<L, false>(layout, &scratch.codes, 0, lists, walks)
+    };
     let leaves = &mut scratch.leaves;
     for (&leaf, &tree) in lists.leaves[..finished].iter().zip(&lists.done) {
         leaves[tree as usize] = leaf;
@@ -266,7 +275,7 @@ unsafe impl Lanes for Portable {
     }
 
     #[inline(always)]
-    unsafe fn step(
+    unsafe fn step<const FLIPS: bool>(
         layout: &Layout,
         codes: &[i32],
         bases: [u32; 8],

@@ -47,10 +47,14 @@ const LEAF_J: i32 = i32::MAX;
 #[derive(Debug, Clone)]
 pub enum Encoding {
     /// The sorted, distinct split thresholds of the column (with the two zero
-    /// boundaries), and how many of them are below zero.
+    /// boundaries), and how many of them are below zero. When every split on the column
+    /// sends a missing value where it sends zero (LightGBM's missing types None and
+    /// Zero, which read NaN as 0), NaN is encoded as zero and no split needs its NaN
+    /// rule.
     Numeric {
         thresholds: Vec<f64>,
         zero_rank: i32,
+        nan_is_zero: bool,
     },
     Categorical,
 }
@@ -78,6 +82,9 @@ pub struct Layout {
     /// The trees with a split and without categorical splits, which the vector kernels
     /// walk.
     pub vector_trees: Vec<u32>,
+    /// Whether any split needs its NaN or zero rule: the kernels leave both out when
+    /// none does (most models: LightGBM's default missing type reads NaN as zero).
+    pub flips: bool,
     /// Categorical splits' bitsets: `(offset, words)` into `words`.
     pub sets: Vec<(u32, u32)>,
     pub words: Vec<u32>,
@@ -102,6 +109,7 @@ impl Layout {
             roots: Vec::with_capacity(ensemble.trees.len()),
             categorical: Vec::with_capacity(ensemble.trees.len()),
             vector_trees: Vec::new(),
+            flips: false,
             sets: Vec::new(),
             words: Vec::new(),
         };
@@ -197,6 +205,7 @@ impl Layout {
                 let Encoding::Numeric {
                     thresholds,
                     zero_rank,
+                    nan_is_zero,
                 } = &self.columns[column as usize].encoding
                 else {
                     unreachable!(
@@ -207,13 +216,14 @@ impl Layout {
                 let j = rank - zero_rank;
                 let mut flags = 0;
                 // The comparison sends NaN right (its code is above every j).
-                if *nan_left {
+                if *nan_left && !nan_is_zero {
                     flags |= NAN_FLIP;
                 }
                 // The comparison sends zero (code 0) left when 0 <= j.
                 if *zero_left != (0 <= j) {
                     flags |= ZERO_FLIP;
                 }
+                self.flips |= flags != 0;
                 Ok((j, flags))
             }
             Test::In { bits } => {
@@ -241,9 +251,14 @@ impl Layout {
                 Encoding::Numeric {
                     thresholds,
                     zero_rank,
+                    nan_is_zero,
                 } => {
                     if x.is_nan() {
-                        NAN_CODE
+                        if *nan_is_zero {
+                            0
+                        } else {
+                            NAN_CODE
+                        }
                     } else {
                         thresholds.partition_point(|&t| t < x) as i32 - zero_rank
                     }
@@ -344,13 +359,21 @@ fn word(j: i32, meta: u32) -> u64 {
 fn columns(ensemble: &Ensemble) -> Result<Vec<Column>, String> {
     let mut thresholds: Vec<Option<Vec<f64>>> = vec![None; ensemble.n_features];
     let mut categorical = vec![false; ensemble.n_features];
+    let mut nan_is_zero = vec![true; ensemble.n_features];
     for tree in &ensemble.trees {
         for node in &tree.nodes {
             if let Node::Split { feature, test, .. } = node {
                 match test {
-                    Test::Le { threshold, .. } => thresholds[*feature]
-                        .get_or_insert_with(Vec::new)
-                        .push(*threshold),
+                    Test::Le {
+                        threshold,
+                        nan_left,
+                        zero_left,
+                    } => {
+                        thresholds[*feature]
+                            .get_or_insert_with(Vec::new)
+                            .push(*threshold);
+                        nan_is_zero[*feature] &= nan_left == zero_left;
+                    }
                     Test::In { .. } => categorical[*feature] = true,
                 }
             }
@@ -382,6 +405,7 @@ fn columns(ensemble: &Ensemble) -> Result<Vec<Column>, String> {
                 Encoding::Numeric {
                     thresholds: t,
                     zero_rank,
+                    nan_is_zero: nan_is_zero[source],
                 }
             }
             (None, true) => Encoding::Categorical,
