@@ -114,7 +114,10 @@ impl Server {
         }
         for model in set.iter() {
             let m = &model.manifest;
-            tracing::info!(name = %m.name, version = %m.version, format = m.format.as_str(), features = m.features.len(), "model loaded");
+            tracing::info!(name = %m.name, version = %m.version, format = m.format.as_str(), features = m.features.len(), engine = %model.engine(), "model loaded");
+            if let Some(note) = model.engine_note() {
+                tracing::warn!(name = %m.name, reason = note, "the native scorer does not serve this model; LightGBM does");
+            }
         }
         if set.is_empty() {
             tracing::warn!(dir = %config.models.dir.display(), "no model loaded; Score answers UNAVAILABLE");

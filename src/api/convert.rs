@@ -399,6 +399,8 @@ pub fn model_infos(set: &ModelSet) -> Vec<pb::ModelInfo> {
                 features: manifest.features.clone(),
                 sha256: manifest.sha256.clone(),
                 loaded_at: Some(timestamp(m.loaded_at)),
+                engine: m.engine(),
+                engine_note: m.engine_note().unwrap_or_default().to_owned(),
             }
         })
         .collect()

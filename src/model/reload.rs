@@ -82,7 +82,10 @@ impl Reloader {
                 for name in &report.changed {
                     match report.set.get(name) {
                         Some(m) => {
-                            tracing::info!(trigger, name = %name, version = %m.manifest.version, "model now serving")
+                            tracing::info!(trigger, name = %name, version = %m.manifest.version, engine = %m.engine(), "model now serving");
+                            if let Some(note) = m.engine_note() {
+                                tracing::warn!(name = %name, reason = note, "the native scorer does not serve this model; LightGBM does");
+                            }
                         }
                         None => {
                             tracing::warn!(trigger, name = %name, "model no longer served (its manifest is gone)")

@@ -182,5 +182,76 @@ async fn list_models_describes_what_serves() {
     assert_eq!(purchase.predicts, "purchase within the next 24 hours");
     assert_eq!(purchase.features.len(), spec.features.len());
     assert_eq!(purchase.sha256.len(), 64);
+    let best = nudge::model::native::Kernel::best();
+    assert_eq!(purchase.engine, format!("native/{}", best.name()));
+    assert_eq!(purchase.engine_note, "");
     server.stop().await.unwrap();
+}
+
+/// `models.engine` picks the engine, and over gRPC both engines answer the same
+/// probabilities, to the bit, for rows that sit on and beside every threshold.
+#[tokio::test]
+async fn both_engines_answer_the_same_scores_over_grpc() {
+    let rows: Vec<HashMap<String, f64>> = {
+        let set = default_models();
+        let model = set.get("purchase").unwrap();
+        let text = std::fs::read_to_string(repo_path("models").join(&model.manifest.file)).unwrap();
+        let forest = nudge::model::native::Forest::from_lightgbm(&text).unwrap();
+        let n = forest.n_features();
+        forest
+            .probe_rows(200)
+            .chunks_exact(n)
+            // gRPC rows name their features; a missing value is an absent name, and the
+            // API refuses infinities (the in-process tests cover those).
+            .map(|row| {
+                model
+                    .manifest
+                    .features
+                    .iter()
+                    .zip(row)
+                    .filter(|(_, v)| v.is_finite())
+                    .map(|(name, v)| (name.clone(), *v))
+                    .collect()
+            })
+            .collect()
+    };
+    assert!(rows.len() >= 200);
+    let mut answers = Vec::new();
+    for engine in [nudge::model::Engine::Native, nudge::model::Engine::Lightgbm] {
+        let mut config = nudge::config::Config::default();
+        config.models.engine = engine;
+        let server = TestServer::start_with(config).await;
+        let mut client = server.client().await;
+        let list = client
+            .list_models(pb::ListModelsRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        for m in &list.models {
+            match engine {
+                nudge::model::Engine::Native => assert!(m.engine.starts_with("native/"), "{m:?}"),
+                nudge::model::Engine::Lightgbm => assert_eq!(m.engine, "lightgbm", "{m:?}"),
+            }
+        }
+        let mut scores = Vec::new();
+        for chunk in rows.chunks(100) {
+            let response = client
+                .score(by_rows(chunk.to_vec()))
+                .await
+                .unwrap()
+                .into_inner();
+            for row in response.rows {
+                scores.extend(
+                    row.scores
+                        .iter()
+                        .map(|s| (s.model.clone(), s.probability.to_bits())),
+                );
+            }
+        }
+        server.stop().await.unwrap();
+        answers.push(scores);
+    }
+    // Every row scored by both shipped models.
+    assert_eq!(answers[0].len(), rows.len() * 2);
+    assert_eq!(answers[0], answers[1]);
 }
