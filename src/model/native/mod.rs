@@ -37,12 +37,15 @@ use layout::Layout;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernel {
     Portable,
+    /// AVX2 decisions, lanes loaded one by one.
     Avx2,
+    /// AVX2 decisions and gathers.
+    Avx2Gather,
     Avx512,
 }
 
 impl Kernel {
-    /// Every kernel this CPU can run, best last.
+    /// Every kernel this CPU can run.
     pub fn available() -> Vec<Kernel> {
         let mut kernels = vec![Kernel::Portable];
         #[cfg(target_arch = "x86_64")]
@@ -51,6 +54,7 @@ impl Kernel {
             let popcnt = std::arch::is_x86_feature_detected!("popcnt");
             if popcnt && std::arch::is_x86_feature_detected!("avx2") {
                 kernels.push(Kernel::Avx2);
+                kernels.push(Kernel::Avx2Gather);
             }
             if popcnt && std::arch::is_x86_feature_detected!("avx512f") {
                 kernels.push(Kernel::Avx512);
@@ -59,17 +63,27 @@ impl Kernel {
         kernels
     }
 
-    /// The fastest kernel this CPU can run.
+    /// The fastest kernel this CPU can run: AVX-512, else AVX2 — with gathers on Intel,
+    /// whose gather instructions are fast, and with lanes loaded one by one elsewhere
+    /// (on AMD's Zen 3 the gathers are microcoded and slower than the loads).
     pub fn best() -> Kernel {
-        *Kernel::available()
-            .last()
-            .expect("the portable kernel always runs")
+        let available = Kernel::available();
+        if available.contains(&Kernel::Avx512) {
+            Kernel::Avx512
+        } else if available.contains(&Kernel::Avx2) && intel() {
+            Kernel::Avx2Gather
+        } else if available.contains(&Kernel::Avx2) {
+            Kernel::Avx2
+        } else {
+            Kernel::Portable
+        }
     }
 
     pub fn name(self) -> &'static str {
         match self {
             Kernel::Portable => "portable",
             Kernel::Avx2 => "avx2",
+            Kernel::Avx2Gather => "avx2-gather",
             Kernel::Avx512 => "avx512",
         }
     }
@@ -77,6 +91,18 @@ impl Kernel {
     pub fn is_available(self) -> bool {
         Kernel::available().contains(&self)
     }
+}
+
+/// Whether the CPU is Intel's (CPUID vendor "GenuineIntel").
+fn intel() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let id = std::arch::x86_64::__cpuid(0);
+        let vendor = [id.ebx, id.edx, id.ecx];
+        vendor == [0x756e_6547, 0x4965_6e69, 0x6c65_746e]
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 /// A compiled tree ensemble.
@@ -170,7 +196,9 @@ impl Forest {
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512 => unsafe { avx512::score_one(&self.layout, row, scratch) },
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => unsafe { avx2::score_one(&self.layout, row, scratch) },
+            Kernel::Avx2 => unsafe { avx2::score_one::<false>(&self.layout, row, scratch) },
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2Gather => unsafe { avx2::score_one::<true>(&self.layout, row, scratch) },
             // SAFETY: the portable lanes check every index.
             _ => unsafe { kernel::score_one::<kernel::Portable>(&self.layout, row, scratch) },
         })
@@ -185,7 +213,9 @@ impl Forest {
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512 => unsafe { avx512::score_rows(&self.layout, rows, &mut out) },
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => unsafe { avx2::score_rows(&self.layout, rows, &mut out) },
+            Kernel::Avx2 => unsafe { avx2::score_rows::<false>(&self.layout, rows, &mut out) },
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2Gather => unsafe { avx2::score_rows::<true>(&self.layout, rows, &mut out) },
             // SAFETY: the portable lanes check every index.
             _ => unsafe { kernel::score_rows::<kernel::Portable>(&self.layout, rows, &mut out) },
         }
