@@ -19,7 +19,7 @@ use crate::delivery::outbox::Outbox;
 use crate::delivery::stream;
 use crate::engine::Engine;
 use crate::event::{FieldError, PersonKey, Reason};
-use crate::features::{FeatureRow, FeatureSpec};
+use crate::features::FeatureSpec;
 use crate::identity::Pseudonymizer;
 use crate::metrics::Metrics;
 use crate::model::reload::Reloader;
@@ -134,45 +134,6 @@ impl NudgeApi {
         })
     }
 
-    /// Turns caller-computed rows into FeatureSpec rows; absent features are missing.
-    fn feature_rows(&self, rows: Vec<pb::FeatureRow>) -> Result<Vec<FeatureRow>, ApiError> {
-        let spec = FeatureSpec::current();
-        rows.into_iter()
-            .enumerate()
-            .map(|(i, pb::FeatureRow { values })| {
-                let mut row = FeatureRow::missing();
-                for (name, value) in values {
-                    let field = || format!("feature_rows.rows[{i}].values[{name:?}]");
-                    let Some(at) = spec.index_of(&name) else {
-                        return Err(self.refuse(
-                            "Score",
-                            FieldError::new(
-                                field(),
-                                Reason::UnknownFeature,
-                                format!(
-                                    "is not a feature of FeatureSpec version {}; ListModels lists the features",
-                                    spec.version
-                                ),
-                            ),
-                        ));
-                    };
-                    if !value.is_finite() {
-                        return Err(self.refuse(
-                            "Score",
-                            FieldError::new(
-                                field(),
-                                Reason::NotFinite,
-                                format!("is {value}; leave a feature out to mark it missing"),
-                            ),
-                        ));
-                    }
-                    row.0[at] = value;
-                }
-                Ok(row)
-            })
-            .collect()
-    }
-
     /// The rows a Score request asks about, scored.
     async fn score_subject(
         &self,
@@ -197,22 +158,18 @@ impl NudgeApi {
                 )?;
                 vec![scores]
             }
-            pb::score_request::Subject::FeatureRows(pb::FeatureRows { rows }) => {
-                self.check_count(
-                    "Score",
-                    "feature_rows.rows",
-                    rows.len(),
-                    self.limits.max_score_rows,
-                )?;
-                let rows = self.feature_rows(rows)?;
+            pb::score_request::Subject::FeatureRows(rows) => {
+                let rows = convert::feature_rows(rows, self.limits.max_score_rows)
+                    .map_err(|e| self.refuse("Score", e))?;
                 let metrics = self.metrics.clone();
                 // A batch of rows is CPU work; keep it off the async workers.
-                tokio::task::spawn_blocking(move || score_rows(&models, &rows, &metrics))
-                    .await?
-                    .map_err(|(model, error)| ApiError::Model {
-                        model: model.manifest.name.clone(),
-                        error,
-                    })?
+                let scored =
+                    tokio::task::spawn_blocking(move || score_rows(&models, &rows, &metrics))
+                        .await?;
+                scored.map_err(|(model, error)| ApiError::Model {
+                    model: model.manifest.name.clone(),
+                    error,
+                })?
             }
         };
         Ok(convert::score_response(rows))
