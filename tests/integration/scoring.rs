@@ -197,8 +197,9 @@ fn by_columns(columns: &[&str], values: Vec<f64>) -> pb::ScoreRequest {
     }
 }
 
-/// The same rows sent in the packed form and in the map form get the same answer, and that
-/// answer is the in-process models' for those rows.
+/// The same rows sent in the packed form and in the map form get the same answer, whether
+/// the server scores them inline (few rows) or on the blocking pool (many), and that answer
+/// is the in-process models' for those rows.
 #[tokio::test]
 async fn packed_and_map_rows_score_identically() {
     let server = TestServer::start().await;
@@ -212,7 +213,8 @@ async fn packed_and_map_rows_score_identically() {
         .filter(|n| !["cart_value", "sessions_7d"].contains(n))
         .collect();
     columns.reverse();
-    for n in [1, 8, 9, 300] {
+    let inline = nudge::api::INLINE_SCORE_ROWS;
+    for n in [1, inline, inline + 1, 300] {
         // Varied values, signed zeros, and gaps: NaN in the packed form, a key left out of
         // the map.
         let rows: Vec<Vec<f64>> = (0..n)
