@@ -280,12 +280,13 @@ fn check_row_count(field: &str, count: usize, max: usize) -> Result<(), FieldErr
     Ok(())
 }
 
-fn unknown_feature(field: String, spec: &FeatureSpec) -> FieldError {
+/// `subject` says what is not a feature: "is" when the field path already names it.
+fn unknown_feature(field: String, subject: &str, spec: &FeatureSpec) -> FieldError {
     FieldError::new(
         field,
         Reason::UnknownFeature,
         format!(
-            "is not a feature of FeatureSpec version {}; ListModels lists the features",
+            "{subject} not a feature of FeatureSpec version {}; ListModels lists the features",
             spec.version
         ),
     )
@@ -301,7 +302,7 @@ fn mapped_rows(rows: Vec<pb::FeatureRow>) -> Result<Vec<FeatureRow>, FieldError>
             for (name, value) in values {
                 let field = || format!("feature_rows.rows[{i}].values[{name:?}]");
                 let Some(at) = spec.index_of(&name) else {
-                    return Err(unknown_feature(field(), spec));
+                    return Err(unknown_feature(field(), "is", spec));
                 };
                 if !value.is_finite() {
                     return Err(FieldError::new(
@@ -343,7 +344,14 @@ fn packed_rows(
     for (c, name) in columns.iter().enumerate() {
         let field = || format!("feature_rows.columns[{c}]");
         let Some(at) = spec.index_of(name) else {
-            return Err(unknown_feature(field(), spec));
+            // The name is the caller's and may be long; a prefix is enough to recognise it.
+            let shown: String = name.chars().take(64).collect();
+            let more = if shown.len() < name.len() { "…" } else { "" };
+            return Err(unknown_feature(
+                field(),
+                &format!("{shown:?}{more} is"),
+                spec,
+            ));
         };
         if let Some(first) = named_by[at] {
             return Err(FieldError::new(

@@ -374,6 +374,18 @@ async fn bad_packed_rows_name_the_field_and_reason() {
         assert_eq!(after - before, 1.0, "{case}: counted under {reason}");
     }
 
+    // A column's field path is its index, so the message names the column.
+    let err = client
+        .score(request(vec![], &["no_such_feature"], vec![1.0]))
+        .await
+        .unwrap_err();
+    assert!(
+        err.message()
+            .starts_with("feature_rows.columns[0]: \"no_such_feature\" is not a feature"),
+        "{}",
+        err.message()
+    );
+
     // Exactly the limit is fine, and NaN is a missing value, not a refusal.
     let at_limit = client
         .score(request(vec![], &two, vec![f64::NAN; 2 * max]))
