@@ -5,8 +5,11 @@
 //!
 //! Many requests are in flight on a few HTTP/2 connections: `NUDGE_BENCH_CHANNELS` tonic
 //! channels (default 4; each is one connection) with `NUDGE_BENCH_INFLIGHT` (default 64)
-//! requests outstanding on each, for `NUDGE_BENCH_SECONDS` (default 8) after
-//! `NUDGE_BENCH_WARMUP_SECONDS` (default 2) of the same load that is not measured. It
+//! requests outstanding on each. Each figure is `NUDGE_BENCH_SECONDS` (default 8) of
+//! measured load per server, in `NUDGE_BENCH_ROUNDS` (default 4) slices that alternate
+//! between the servers, each slice after `NUDGE_BENCH_WARMUP_SECONDS` (default 1) of the
+//! same load that is not measured: the machine is shared, and alternating puts whatever
+//! else runs on it on both servers alike. It
 //! reports single-row requests/s with p50 and p99 latency in both row forms, Nudge's share
 //! of the trivial server's rate, 100-row requests (`NUDGE_BENCH_BATCH_ROWS`) in the packed
 //! and the map form in rows/s, latency with one request in flight, and the CPU time each
@@ -53,6 +56,7 @@ struct Settings {
     inflight: usize,
     measure: Duration,
     warmup: Duration,
+    rounds: u32,
     server_threads: usize,
     client_threads: usize,
     batch_rows: usize,
@@ -73,7 +77,8 @@ impl Settings {
             channels: env_or("NUDGE_BENCH_CHANNELS", 4),
             inflight: env_or("NUDGE_BENCH_INFLIGHT", 64),
             measure: Duration::from_secs(env_or("NUDGE_BENCH_SECONDS", 8) as u64),
-            warmup: Duration::from_secs(env_or("NUDGE_BENCH_WARMUP_SECONDS", 2) as u64),
+            warmup: Duration::from_secs(env_or("NUDGE_BENCH_WARMUP_SECONDS", 1) as u64),
+            rounds: env_or("NUDGE_BENCH_ROUNDS", 4) as u32,
             server_threads: env_or("NUDGE_BENCH_SERVER_THREADS", 1),
             client_threads: env_or("NUDGE_BENCH_CLIENT_THREADS", 1),
             batch_rows: env_or("NUDGE_BENCH_BATCH_ROWS", 100),
@@ -81,10 +86,12 @@ impl Settings {
         assert!(
             settings.channels > 0
                 && settings.inflight > 0
+                && settings.rounds > 0
                 && settings.server_threads > 0
                 && settings.client_threads > 0
                 && settings.batch_rows > 1,
-            "channels, in-flight requests and threads must be at least 1, batch rows at least 2"
+            "channels, in-flight requests, rounds and threads must be at least 1, batch rows at \
+             least 2"
         );
         settings
     }
@@ -326,6 +333,25 @@ struct Measured {
 }
 
 impl Measured {
+    fn empty() -> Measured {
+        Measured {
+            requests: 0,
+            elapsed: Duration::ZERO,
+            latencies: Vec::new(),
+            server_cpu: Duration::ZERO,
+            client_cpu: Duration::ZERO,
+        }
+    }
+
+    fn add(&mut self, slice: Measured) {
+        self.requests += slice.requests;
+        self.elapsed += slice.elapsed;
+        self.latencies.extend(slice.latencies);
+        self.latencies.sort_unstable();
+        self.server_cpu += slice.server_cpu;
+        self.client_cpu += slice.client_cpu;
+    }
+
     fn per_second(&self) -> f64 {
         self.requests as f64 / self.elapsed.as_secs_f64()
     }
@@ -404,6 +430,32 @@ async fn load(
         server_cpu: cpu1.saturating_sub(cpu0).saturating_sub(client_cpu),
         client_cpu,
     }
+}
+
+/// Puts the same load on every server (`clients[s]` holds server s's connections) in
+/// alternating slices, the order turning each round. Answers, per server, the whole
+/// measurement and, per round, the rate of the second server over the first's.
+async fn compare(
+    clients: &[&[NudgeServiceClient<Channel>]],
+    inflight: usize,
+    request: &pb::ScoreRequest,
+    settings: &Settings,
+) -> (Vec<Measured>, Vec<f64>) {
+    let slice = settings.measure / settings.rounds;
+    let mut totals: Vec<Measured> = clients.iter().map(|_| Measured::empty()).collect();
+    let mut ratios = Vec::new();
+    for round in 0..settings.rounds as usize {
+        let mut rates = vec![0.0; clients.len()];
+        for k in 0..clients.len() {
+            let s = (k + round) % clients.len();
+            let m = load(clients[s], inflight, request, settings.warmup, slice).await;
+            rates[s] = m.per_second();
+            totals[s].add(m);
+        }
+        ratios.push(rates[1] / rates[0]);
+    }
+    ratios.sort_by(f64::total_cmp);
+    (totals, ratios)
 }
 
 /// The figures behind `nudge::api::INLINE_SCORE_ROWS`: what a `spawn_blocking` round trip
@@ -494,11 +546,13 @@ fn main() {
     let server_rt = runtime(settings.server_threads, SERVER_THREAD);
     let client_rt = runtime(settings.client_threads, CLIENT_THREAD);
     println!(
-        "Nudge gRPC Score benchmark — loopback TCP, {} HTTP/2 connections × {} requests in flight, \
-         {} s measured after {} s warm-up",
+        "Nudge gRPC Score benchmark — loopback TCP, {} HTTP/2 connections × {} requests in \
+         flight; per figure {} s measured per server in {} alternating slices, each after {} s \
+         of warm-up",
         settings.channels,
         settings.inflight,
         settings.measure.as_secs(),
+        settings.rounds,
         settings.warmup.as_secs()
     );
     println!(
@@ -547,7 +601,7 @@ fn main() {
     ];
     println!();
     println!(
-        "{:<16} {:<8} {:>11} {:>11} {:>9} {:>9} {:>10} {:>10} {:>10}",
+        "{:<14} {:<8} {:>10} {:>10} {:>8} {:>8} {:>16} {:>10} {:>10}",
         "request",
         "server",
         "requests/s",
@@ -558,32 +612,39 @@ fn main() {
         "server CPU",
         "client CPU"
     );
-    let mut shares = Vec::new();
+    let mut summary = Vec::new();
     client_rt.block_on(async {
         let mut conns = Vec::new();
         for (_, addr) in servers {
             conns.push(connect(addr, settings.channels).await);
         }
+        let all: Vec<&[_]> = conns.iter().map(Vec::as_slice).collect();
         for (name, request, rows) in scenarios {
-            let mut ceiling = None;
-            for ((server, _), clients) in servers.iter().zip(&conns) {
-                let m = load(
-                    clients,
-                    settings.inflight,
-                    request,
-                    settings.warmup,
-                    settings.measure,
-                )
-                .await;
+            let (measured, ratios) = compare(&all, settings.inflight, request, &settings).await;
+            let ceiling = measured[0].per_second();
+            for ((server, _), m) in servers.iter().zip(&measured) {
                 let rate = m.per_second();
-                let share =
-                    ceiling.map_or(String::new(), |c: f64| format!("{:.1}%", 100.0 * rate / c));
-                if let Some(c) = ceiling {
-                    shares.push((name, 100.0 * rate / c));
-                }
-                ceiling.get_or_insert(rate);
+                let share = if *server == "trivial" {
+                    String::new()
+                } else {
+                    summary.push(format!(
+                        "{name}: nudge at {:.1}% of the trivial server's rate (per slice \
+                         {:.1}%–{:.1}%); server CPU per request {:.1} µs against {:.1} µs",
+                        100.0 * rate / ceiling,
+                        100.0 * ratios[0],
+                        100.0 * ratios[ratios.len() - 1],
+                        m.cpu_us_per_request(m.server_cpu),
+                        measured[0].cpu_us_per_request(measured[0].server_cpu),
+                    ));
+                    format!(
+                        "{:.1}% ({:.0}–{:.0})",
+                        100.0 * rate / ceiling,
+                        100.0 * ratios[0],
+                        100.0 * ratios[ratios.len() - 1]
+                    )
+                };
                 println!(
-                    "{:<16} {:<8} {:>11.0} {:>11.0} {:>9.0} {:>9.0} {:>10} {:>7.1} µs {:>7.1} µs",
+                    "{:<14} {:<8} {:>10.0} {:>10.0} {:>8.0} {:>8.0} {:>16} {:>7.1} µs {:>7.1} µs",
                     name,
                     server,
                     rate,
@@ -599,11 +660,12 @@ fn main() {
         // Latency without queueing: one request at a time on one connection.
         println!();
         println!("one request in flight on one connection (latency without queueing):");
-        for ((server, _), clients) in servers.iter().zip(&conns) {
-            for (name, request) in [("1 row, packed", &one_packed), ("1 row, map", &one_mapped)] {
-                let m = load(&clients[..1], 1, request, settings.warmup, settings.measure).await;
+        let first: Vec<&[_]> = conns.iter().map(|c| &c[..1]).collect();
+        for (name, request) in [("1 row, packed", &one_packed), ("1 row, map", &one_mapped)] {
+            let (measured, _) = compare(&first, 1, request, &settings).await;
+            for ((server, _), m) in servers.iter().zip(&measured) {
                 println!(
-                    "{:<16} {:<8} {:>11.0} requests/s, p50 {:.0} µs, p99 {:.0} µs",
+                    "{:<14} {:<8} {:>10.0} requests/s, p50 {:.0} µs, p99 {:.0} µs",
                     name,
                     server,
                     m.per_second(),
@@ -614,10 +676,14 @@ fn main() {
         }
     });
     println!();
-    for (name, share) in shares {
-        println!("nudge at {share:.1}% of the trivial server's requests/s ({name})");
+    for line in summary {
+        println!("{line}");
     }
-    println!("server and client CPU: µs of CPU per request in the measured window (server = the process minus the client's threads)");
+    println!(
+        "of trivial: nudge's rate over the trivial server's, whole run (lowest–highest slice); \
+         CPU: µs per request in the measured slices, the server's being the process's minus \
+         the client threads'"
+    );
 
     let _ = nudge.stop.send(());
     server_rt.block_on(nudge.task).unwrap().unwrap();
