@@ -30,6 +30,7 @@ fn request() -> pb::ScoreRequest {
                     .into(),
                 })
                 .collect(),
+            ..Default::default()
         })),
         models: vec![],
     }

@@ -4,7 +4,10 @@
 #      LightGBM, its single-row fast path, lleaves, treelite/tl2cgen, ONNX Runtime; it also
 #      converts model M to ONNX with onnxmltools;
 #   2. Nudge's backends on the same model file and that same ONNX conversion, and Track →
-#      scores per event with the shipped models (benches/scoring.rs).
+#      scores per event with the shipped models (benches/scoring.rs);
+#   3. Score over real gRPC on loopback: a Rust load generator against Nudge with the
+#      shipped models and against a trivial tonic server of the same service, the ceiling
+#      (benches/grpc.rs; NUDGE_BENCH_CHANNELS, NUDGE_BENCH_INFLIGHT, NUDGE_BENCH_SECONDS, ...).
 # Output goes to the terminal and bench-out/ (git-ignored).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,3 +24,6 @@ echo "=== peers: bench_gbdt.py bench --models M"
 echo "=== nudge: cargo bench --bench scoring"
 NUDGE_BENCH_PEERS="$PEERS" NUDGE_BENCH_ONNX="$PWD/bench-out/peer-build/model_M.onnx" \
   cargo bench --bench scoring | tee bench-out/nudge.txt
+
+echo "=== nudge: cargo bench --bench grpc"
+cargo bench --bench grpc | tee bench-out/grpc.txt

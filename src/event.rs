@@ -187,10 +187,16 @@ pub enum Reason {
     MessageTooLarge,
     Undecodable,
     TooOld,
+    /// Two fields that exclude each other are both set.
+    Conflicting,
+    /// A name that may appear once appears again.
+    Duplicate,
+    /// A packed array's length does not fit the shape it must have.
+    ShapeMismatch,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 13] = [
+    pub const ALL: [Reason; 16] = [
         Reason::Missing,
         Reason::TooLong,
         Reason::TooMany,
@@ -204,6 +210,9 @@ impl Reason {
         Reason::MessageTooLarge,
         Reason::Undecodable,
         Reason::TooOld,
+        Reason::Conflicting,
+        Reason::Duplicate,
+        Reason::ShapeMismatch,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -221,6 +230,9 @@ impl Reason {
             Reason::MessageTooLarge => "message_too_large",
             Reason::Undecodable => "undecodable",
             Reason::TooOld => "too_old",
+            Reason::Conflicting => "conflicting",
+            Reason::Duplicate => "duplicate",
+            Reason::ShapeMismatch => "shape_mismatch",
         }
     }
 }

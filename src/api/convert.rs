@@ -5,7 +5,7 @@
 use crate::delivery::webhook::DeadLetter;
 use crate::engine::Merge;
 use crate::event::{Event, EventKind, FieldError, PersonKey, Properties, Reason, MAX_ID_BYTES};
-use crate::features::{self, FeatureSpec};
+use crate::features::{self, FeatureRow, FeatureSpec, FEATURE_COUNT};
 use crate::identity::Pseudonymizer;
 use crate::model::{LoadFailure, Model, ModelSet, Score};
 use crate::pb;
@@ -229,6 +229,176 @@ pub fn identify_response(merged: Merge) -> pb::IdentifyResponse {
     pb::IdentifyResponse {
         merged: merged == Merge::Merged,
     }
+}
+
+/// Turns a Score request's caller-computed rows into FeatureSpec rows, from whichever of
+/// the two forms the request uses (exactly one must be set), at most `max_rows` of them.
+/// An absent feature is missing (NaN).
+pub fn feature_rows(pb: pb::FeatureRows, max_rows: usize) -> Result<Vec<FeatureRow>, FieldError> {
+    let pb::FeatureRows {
+        rows,
+        columns,
+        values,
+    } = pb;
+    let packed = !columns.is_empty() || !values.is_empty();
+    if !rows.is_empty() {
+        if packed {
+            return Err(FieldError::new(
+                "feature_rows",
+                Reason::Conflicting,
+                "sets both rows and the packed columns/values; send one form",
+            ));
+        }
+        check_row_count("feature_rows.rows", rows.len(), max_rows)?;
+        return mapped_rows(rows);
+    }
+    if !packed {
+        return Err(FieldError::new(
+            "feature_rows.rows",
+            Reason::Missing,
+            "at least one row is required, in rows or in columns and values",
+        ));
+    }
+    packed_rows(&columns, &values, max_rows)
+}
+
+fn check_row_count(field: &str, count: usize, max: usize) -> Result<(), FieldError> {
+    if count == 0 {
+        return Err(FieldError::new(
+            field,
+            Reason::Missing,
+            "at least one row is required",
+        ));
+    }
+    if count > max {
+        return Err(FieldError::new(
+            field,
+            Reason::TooMany,
+            format!("has {count} rows; at most {max} are allowed per request"),
+        ));
+    }
+    Ok(())
+}
+
+/// `subject` says what is not a feature: "is" when the field path already names it.
+fn unknown_feature(field: String, subject: &str, spec: &FeatureSpec) -> FieldError {
+    FieldError::new(
+        field,
+        Reason::UnknownFeature,
+        format!(
+            "{subject} not a feature of FeatureSpec version {}; ListModels lists the features",
+            spec.version
+        ),
+    )
+}
+
+/// The map form: every row names its features.
+fn mapped_rows(rows: Vec<pb::FeatureRow>) -> Result<Vec<FeatureRow>, FieldError> {
+    let spec = FeatureSpec::current();
+    rows.into_iter()
+        .enumerate()
+        .map(|(i, pb::FeatureRow { values })| {
+            let mut row = FeatureRow::missing();
+            for (name, value) in values {
+                let field = || format!("feature_rows.rows[{i}].values[{name:?}]");
+                let Some(at) = spec.index_of(&name) else {
+                    return Err(unknown_feature(field(), "is", spec));
+                };
+                if !value.is_finite() {
+                    return Err(FieldError::new(
+                        field(),
+                        Reason::NotFinite,
+                        format!("is {value}; leave a feature out to mark it missing"),
+                    ));
+                }
+                row.0[at] = value;
+            }
+            Ok(row)
+        })
+        .collect()
+}
+
+/// The packed form: the columns are named once, then `values` holds the rows back to back.
+/// Each column's FeatureSpec position is looked up once for the whole request; the rows
+/// are then only copied into place. A NaN is a missing value, as an absent key is in the
+/// map form, so the two forms can state exactly the same rows.
+fn packed_rows(
+    columns: &[String],
+    values: &[f64],
+    max_rows: usize,
+) -> Result<Vec<FeatureRow>, FieldError> {
+    let spec = FeatureSpec::current();
+    if columns.is_empty() {
+        return Err(FieldError::new(
+            "feature_rows.columns",
+            Reason::Missing,
+            format!(
+                "is empty but values holds {} numbers; name the feature of each column",
+                values.len()
+            ),
+        ));
+    }
+    // For each FeatureSpec position, the column that names it, to catch a repeat.
+    let mut named_by: [Option<usize>; FEATURE_COUNT] = [None; FEATURE_COUNT];
+    let mut positions = Vec::with_capacity(columns.len());
+    for (c, name) in columns.iter().enumerate() {
+        let field = || format!("feature_rows.columns[{c}]");
+        let Some(at) = spec.index_of(name) else {
+            // The name is the caller's and may be long; a prefix is enough to recognise it.
+            let shown: String = name.chars().take(64).collect();
+            let more = if shown.len() < name.len() { "…" } else { "" };
+            return Err(unknown_feature(
+                field(),
+                &format!("{shown:?}{more} is"),
+                spec,
+            ));
+        };
+        if let Some(first) = named_by[at] {
+            return Err(FieldError::new(
+                field(),
+                Reason::Duplicate,
+                format!("{name:?} is already columns[{first}]; name each feature at most once"),
+            ));
+        }
+        named_by[at] = Some(c);
+        positions.push(at);
+    }
+    let width = columns.len();
+    if !values.len().is_multiple_of(width) {
+        return Err(FieldError::new(
+            "feature_rows.values",
+            Reason::ShapeMismatch,
+            format!(
+                "holds {} numbers, which is not a whole number of rows of {width} columns",
+                values.len()
+            ),
+        ));
+    }
+    check_row_count("feature_rows.values", values.len() / width, max_rows)?;
+    values
+        .chunks_exact(width)
+        .enumerate()
+        .map(|(r, chunk)| {
+            let mut row = FeatureRow::missing();
+            for ((c, &at), &value) in positions.iter().enumerate().zip(chunk) {
+                if value.is_nan() {
+                    continue;
+                }
+                if value.is_infinite() {
+                    return Err(FieldError::new(
+                        format!("feature_rows.values[{}]", r * width + c),
+                        Reason::NotFinite,
+                        format!(
+                            "is {value} (row {r}, column {:?}); NaN marks a missing value",
+                            columns[c]
+                        ),
+                    ));
+                }
+                row.0[at] = value;
+            }
+            Ok(row)
+        })
+        .collect()
 }
 
 /// One model's answer, as the API reports it.

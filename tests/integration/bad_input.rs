@@ -194,6 +194,7 @@ async fn bad_score_requests_name_the_field() {
             rows: vec![pb::FeatureRow {
                 values: values.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
             }],
+            ..Default::default()
         })),
         models: vec![],
     };
@@ -262,6 +263,136 @@ async fn bad_score_requests_name_the_field() {
         ),
         Some(2.0)
     );
+    server.stop().await.unwrap();
+}
+
+/// Every way a Score request's rows can be malformed in the packed form (`columns` +
+/// `values`), or by mixing the two forms, is INVALID_ARGUMENT naming the field, and is
+/// counted under its reason.
+#[tokio::test]
+async fn bad_packed_rows_name_the_field_and_reason() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let max = test_config().server.max_score_rows;
+    let request =
+        |rows: Vec<pb::FeatureRow>, columns: &[&str], values: Vec<f64>| pb::ScoreRequest {
+            subject: Some(Subject::FeatureRows(pb::FeatureRows {
+                rows,
+                columns: columns.iter().map(|c| c.to_string()).collect(),
+                values,
+            })),
+            models: vec![],
+        };
+    let map_row = || pb::FeatureRow {
+        values: [("cart_value".to_owned(), 1.0)].into(),
+    };
+    let two = ["cart_value", "sessions_7d"];
+    // (case, request, the field named, the reason)
+    let cases: Vec<(&str, pb::ScoreRequest, &str, &str)> = vec![
+        (
+            "rows and columns",
+            request(vec![map_row()], &two, vec![]),
+            "feature_rows",
+            "conflicting",
+        ),
+        (
+            "rows and values",
+            request(vec![map_row()], &[], vec![1.0]),
+            "feature_rows",
+            "conflicting",
+        ),
+        (
+            "no rows in either form",
+            request(vec![], &[], vec![]),
+            "feature_rows.rows",
+            "missing",
+        ),
+        (
+            "values without columns",
+            request(vec![], &[], vec![1.0, 2.0]),
+            "feature_rows.columns",
+            "missing",
+        ),
+        (
+            "columns without values",
+            request(vec![], &two, vec![]),
+            "feature_rows.values",
+            "missing",
+        ),
+        (
+            "unknown column",
+            request(vec![], &["cart_value", "no_such_feature"], vec![1.0, 2.0]),
+            "feature_rows.columns[1]",
+            "unknown_feature",
+        ),
+        (
+            "repeated column",
+            request(
+                vec![],
+                &["cart_value", "sessions_7d", "cart_value"],
+                vec![1.0, 2.0, 3.0],
+            ),
+            "feature_rows.columns[2]",
+            "duplicate",
+        ),
+        (
+            "values not a whole number of rows",
+            request(vec![], &two, vec![1.0, 2.0, 3.0]),
+            "feature_rows.values",
+            "shape_mismatch",
+        ),
+        (
+            "too many rows",
+            request(vec![], &two, vec![1.0; 2 * (max + 1)]),
+            "feature_rows.values",
+            "too_many",
+        ),
+        (
+            "infinite value",
+            request(vec![], &two, vec![1.0, 2.0, 3.0, f64::INFINITY]),
+            "feature_rows.values[3]",
+            "not_finite",
+        ),
+    ];
+    for (case, request, field, reason) in cases {
+        let series = format!("nudge_invalid_input_total{{reason=\"{reason}\",rpc=\"Score\"}}");
+        let before = metric_value(&server.metrics().await, &series)
+            .unwrap_or_else(|| panic!("{series} is not preset"));
+        let err = client.score(request).await.unwrap_err();
+        assert_eq!(
+            err.code(),
+            Code::InvalidArgument,
+            "{case}: {}",
+            err.message()
+        );
+        assert!(
+            err.message().starts_with(&format!("{field}: ")),
+            "{case}: {field:?} is not the field of {:?}",
+            err.message()
+        );
+        let after = metric_value(&server.metrics().await, &series).unwrap_or(0.0);
+        assert_eq!(after - before, 1.0, "{case}: counted under {reason}");
+    }
+
+    // A column's field path is its index, so the message names the column.
+    let err = client
+        .score(request(vec![], &["no_such_feature"], vec![1.0]))
+        .await
+        .unwrap_err();
+    assert!(
+        err.message()
+            .starts_with("feature_rows.columns[0]: \"no_such_feature\" is not a feature"),
+        "{}",
+        err.message()
+    );
+
+    // Exactly the limit is fine, and NaN is a missing value, not a refusal.
+    let at_limit = client
+        .score(request(vec![], &two, vec![f64::NAN; 2 * max]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(at_limit.rows.len(), max);
     server.stop().await.unwrap();
 }
 

@@ -113,6 +113,7 @@ fn rows() -> pb::ScoreRequest {
                     .into(),
                 })
                 .collect(),
+            ..Default::default()
         })),
         models: vec!["purchase".into()],
     }

@@ -123,6 +123,7 @@ async fn python_models_score_the_same_over_grpc() {
                             .collect(),
                     })
                     .collect(),
+                ..Default::default()
             })),
             models: vec![],
         };
