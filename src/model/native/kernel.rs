@@ -50,7 +50,8 @@ pub(super) unsafe trait Lanes {
         nodes: Self::V,
     ) -> (Self::V, u32);
     /// Writes the lanes whose bit is set in `keep`, in lane order, to the start of
-    /// `out[..N]`; what it writes after them is unspecified but is values of `v`.
+    /// `out[..N]`; what it writes after them is unspecified but is values of `v` or 0
+    /// (position 0 is always a node: the first tree's root).
     unsafe fn compress(v: Self::V, keep: u32, out: &mut [u32]);
 }
 
@@ -143,15 +144,17 @@ impl Lists {
 pub(super) unsafe fn score_rows<L: Lanes>(layout: &Layout, rows: &[f64], out: &mut [f64]) {
     let n = layout.n_features;
     let stride = layout.stride();
-    let mut codes = vec![0i32; BLOCK * stride];
+    // No larger than the request: a few rows must not pay for zeroing a whole block.
+    let block = BLOCK.min(out.len());
+    let mut codes = vec![0i32; block * stride];
     // Finished walks are added to `acc[tag]`, the tag being the row's offset in `codes`.
-    let mut acc = vec![0.0f64; BLOCK * stride];
+    let mut acc = vec![0.0f64; block * stride];
     let any_root = layout
         .vector_trees
         .first()
         .map_or(0, |&t| layout.roots[t as usize]);
-    let mut lists = Lists::new(BLOCK, L::N, any_root);
-    for (block_rows, block_out) in rows.chunks(BLOCK * n).zip(out.chunks_mut(BLOCK)) {
+    let mut lists = Lists::new(block, L::N, any_root);
+    for (block_rows, block_out) in rows.chunks(block * n).zip(out.chunks_mut(block)) {
         let count = block_out.len();
         for (r, row) in block_rows.chunks_exact(n).enumerate() {
             layout.encode(row, &mut codes[r * stride..(r + 1) * stride]);

@@ -114,6 +114,9 @@ pub struct Forest {
     kernel: Kernel,
 }
 
+/// Below this many rows, [`Forest::predict_raw`] walks them one at a time.
+const FEW_ROWS: usize = 4;
+
 thread_local! {
     /// Single-row scoring's lists, reused from call to call.
     static SCRATCH: RefCell<kernel::Scratch> = RefCell::new(kernel::Scratch::default());
@@ -223,9 +226,13 @@ impl Forest {
     }
 
     fn raw_into(&self, rows: &[f64], out: &mut [f64]) {
-        if out.len() == 1 {
-            out[0] = self.predict_raw_one(rows);
-        } else if !out.is_empty() {
+        // A few rows walk one at a time, each lane a tree: the many-row walk fills a
+        // vector's lanes with rows and needs a vector's worth to pay for its set-up.
+        if out.len() < FEW_ROWS {
+            for (out, row) in out.iter_mut().zip(rows.chunks_exact(self.n_features())) {
+                *out = self.predict_raw_one(row);
+            }
+        } else {
             out.copy_from_slice(&self.predict_raw_many(rows));
         }
     }
