@@ -1,7 +1,13 @@
 //! Compiles the gRPC contract in `proto/` with the pure-Rust protox compiler, so building
 //! Nudge needs no system `protoc`. The encoded descriptor set is kept for gRPC reflection.
+//! Also compiles the part of ONNX's schema that the native scorer's ONNX import reads
+//! (`src/model/native/onnx.proto`), as plain messages beside the contract's.
 
 use protox::prost::Message;
+
+/// ONNX's schema, kept apart from `proto/`: it is not Nudge's API, so neither gRPC
+/// reflection nor the API lint rules see it.
+const ONNX_PROTO: &str = "src/model/native/onnx.proto";
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = ["proto/nudge/v1/nudge.proto"];
@@ -12,6 +18,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .build_server(true)
         .compile_fds(fds)?;
+
+    let mut onnx = protox::compile([ONNX_PROTO], ["src/model/native"])?;
+    // ONNX's comments are not Rust documentation (rustdoc would read some as code to
+    // test): the generated messages go without them.
+    for file in &mut onnx.file {
+        file.source_code_info = None;
+    }
+    tonic_prost_build::configure()
+        .build_client(false)
+        .build_server(false)
+        .compile_fds(onnx)?;
     println!("cargo:rerun-if-changed=proto");
+    println!("cargo:rerun-if-changed={ONNX_PROTO}");
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! Scoring benchmark: Nudge's native scorer on each kernel this CPU runs, and the
 //! LightGBM and ONNX backends, on the peer model (`../shared/peers/model_M.txt`, 500
-//! trees over 40 features, and its ONNX conversion) and on the shipped purchase model;
+//! trees over 40 features, and its ONNX conversion, also imported by the native scorer)
+//! and on the shipped purchase model;
 //! the native layout's load time and size; and Track → scores per event with the shipped
 //! default models on each engine.
 //!
@@ -85,6 +86,23 @@ fn main() {
             calls,
             &reference,
         );
+        // The same conversion imported by the native scorer (f32 sums, as ONNX Runtime).
+        match Forest::from_onnx(&bytes) {
+            Ok(forest) => {
+                for kernel in Kernel::available().into_iter().rev() {
+                    let forest = forest.clone().with_kernel(kernel).expect("available");
+                    report(
+                        &format!("nudge native onnx ({})", kernel.name()),
+                        &NativeScorer::new(forest, None),
+                        &rows,
+                        n,
+                        calls,
+                        &reference,
+                    );
+                }
+            }
+            Err(e) => println!("(the native scorer does not import the ONNX model: {e})"),
+        }
     } else {
         println!("(NUDGE_BENCH_ONNX not set: ONNX backend skipped)");
     }

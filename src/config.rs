@@ -93,8 +93,9 @@ pub struct ModelsConfig {
     /// The ONNX Runtime shared library; when empty, `ORT_DYLIB_PATH`, then
     /// `libonnxruntime.so` on the library path. Only read once an ONNX model loads.
     pub onnxruntime_library: String,
-    /// What scores LightGBM models: `"native"` (Nudge's own scorer, checked against
-    /// LightGBM at load; LightGBM serves what it does not) or `"lightgbm"`.
+    /// What scores tree models: `"native"` (Nudge's own scorer, checked at load against
+    /// LightGBM, or ONNX Runtime for ONNX tree ensembles; those serve what it does not)
+    /// or `"lightgbm"` (each model's own library: LightGBM, or ONNX Runtime).
     pub engine: crate::model::Engine,
 }
 

@@ -5,7 +5,8 @@
 //!
 //! The fixtures are checked against the libraries themselves (LightGBM's C API through
 //! `lightgbm3`, ONNX Runtime through `ort`), which proves the fixtures and this harness,
-//! and against Nudge's native scorer on every kernel this CPU runs.
+//! and against Nudge's native scorer on every kernel this CPU runs: it must serve every
+//! LightGBM case but the refused ones, and import every ONNX case.
 
 use std::path::{Path, PathBuf};
 
@@ -363,6 +364,21 @@ fn check_onnx(case: &Case, engine: &str, probability: Predict) -> Vec<String> {
     with_covers(case, failures)
 }
 
+/// The largest |got - want|; NaN when one side is NaN and the other is not.
+fn max_difference(got: &[f64], want: &[f64]) -> f64 {
+    let mut largest = 0.0f64;
+    for (g, w) in got.iter().zip(want) {
+        if g.to_bits() != w.to_bits() {
+            let d = (g - w).abs();
+            if d.is_nan() {
+                return f64::NAN;
+            }
+            largest = largest.max(d);
+        }
+    }
+    largest
+}
+
 fn report(checked: &[String], failures: Vec<String>) {
     assert!(!checked.is_empty(), "no case was checked");
     eprintln!("checked: {}", checked.join("; "));
@@ -476,13 +492,46 @@ fn onnx_cases_score_as_onnx_runtime() {
         let probability =
             |rows: &[f64], n: usize| scorer.predict(rows, n).map_err(|e| e.to_string());
         failures.extend(check_onnx(case, "OnnxScorer", &probability));
-        // native: an imported tree ensemble joins here, roughly:
-        //     let forest = nudge::model::native::Forest::from_onnx(&bytes)?;
-        //     for kernel in Kernel::available() {
-        //         failures.extend(check_onnx(case, &format!("native {kernel:?}"),
-        //             &|r, n| Ok(forest.predict(r, n, kernel))));
-        //     }
-        checked.push(format!("{} ({} rows)", case.name, case.n_rows()));
+
+        // The native scorer, on every kernel this CPU runs, through both walks. Every ONNX
+        // case is a tree ensemble it must import.
+        let mut largest = Vec::new();
+        match Forest::from_onnx(&bytes) {
+            Err(e) => failures.push(format!("{}: the native scorer refused it: {e}", case.name)),
+            Ok(forest) => {
+                for kernel in Kernel::available() {
+                    let forest = forest.clone().with_kernel(kernel).expect("available");
+                    let probability = |rows: &[f64], _: usize| Ok(forest.predict(rows));
+                    let what = format!("native {}", kernel.name());
+                    failures.extend(check_onnx(case, &what, &probability));
+                    let got = forest.predict(&case.rows);
+                    largest.push(format!(
+                        "{} {:e}",
+                        kernel.name(),
+                        max_difference(&got, &case.expected)
+                    ));
+                }
+                // And through the backend as the loader builds it: native, parity-checked.
+                let (scorer, note) = nudge::model::onnx::scorer(
+                    &bytes,
+                    Path::new(&library),
+                    nudge::model::Engine::Native,
+                )
+                .unwrap_or_else(|e| panic!("{}: the ONNX backend refused it: {e}", case.name));
+                if let Some(note) = note {
+                    failures.push(format!("{}: served by ONNX Runtime: {note}", case.name));
+                }
+                if !scorer.engine().starts_with("native/") {
+                    failures.push(format!("{}: served by {}", case.name, scorer.engine()));
+                }
+            }
+        }
+        checked.push(format!(
+            "{} ({} rows; max |native - ONNX Runtime|: {})",
+            case.name,
+            case.n_rows(),
+            largest.join(", ")
+        ));
     }
     report(&checked, failures);
 }

@@ -49,14 +49,16 @@ pub trait Scorer: Send + Sync {
     fn engine(&self) -> String;
 }
 
-/// Which engine scores LightGBM models (`models.engine`).
+/// Which engine scores tree models (`models.engine`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Engine {
-    /// Nudge's own scorer ([`native`]), where it serves the model; LightGBM elsewhere.
+    /// Nudge's own scorer ([`native`]), where it serves the model (LightGBM models, and
+    /// ONNX models that are tree ensembles it imports); the model's library elsewhere.
     #[default]
     Native,
-    /// LightGBM's C API for every LightGBM model.
+    /// The model's library for every model: LightGBM's C API for LightGBM models, ONNX
+    /// Runtime for ONNX models.
     Lightgbm,
 }
 
@@ -375,13 +377,7 @@ fn build_scorer(
             })?;
             lightgbm::scorer(text, options.engine)?
         }
-        ModelFormat::Onnx => (
-            Box::new(onnx::OnnxScorer::from_bytes(
-                bytes,
-                &options.onnxruntime_library,
-            )?),
-            None,
-        ),
+        ModelFormat::Onnx => onnx::scorer(bytes, &options.onnxruntime_library, options.engine)?,
     })
 }
 

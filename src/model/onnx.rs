@@ -1,8 +1,16 @@
-//! The ONNX backend: models scored through ONNX Runtime (`ort`, loaded at run time).
+//! The ONNX backend: models scored through ONNX Runtime (`ort`, loaded at run time), or
+//! by Nudge's native scorer ([`super::native`]) where the model is a tree ensemble it
+//! imports.
 //!
 //! Nudge serves binary classifiers as `onnxmltools.convert_lightgbm(..., zipmap=False)`
 //! writes them: one f32 input of shape `[N, n_features]` and an output `probabilities` of
 //! shape `[N, 2]` whose column 1 is the positive class.
+//!
+//! ONNX Runtime loads every model either way: it is the parser of record (a file it
+//! refuses is refused) and the validator of the native scorer, which serves only after
+//! its probabilities are within [`TOLERANCE`] of ONNX Runtime's on rows made to sit on
+//! and beside every threshold of the model ([`Forest::probe_rows`]). The session is then
+//! dropped.
 
 use std::path::Path;
 use std::sync::{Mutex, OnceLock};
@@ -11,7 +19,82 @@ use ort::session::builder::GraphOptimizationLevel;
 use ort::session::Session;
 use ort::value::{Tensor, ValueType};
 
-use super::{LoadError, ScoreError, Scorer};
+use super::lightgbm::NativeScorer;
+use super::native::{Forest, Kernel};
+use super::{Engine, LoadError, ScoreError, Scorer};
+
+/// Rows the native scorer must score as ONNX Runtime does before it serves a model.
+const PARITY_ROWS: usize = 512;
+
+/// The largest difference from ONNX Runtime's probability the native scorer may have.
+/// It adds in `f32` in ONNX Runtime's order and computes the logistic as it does, so on
+/// this machine the difference is 0; the bound leaves room for a C library whose `expf`
+/// rounds differently in the last place.
+pub const TOLERANCE: f64 = 1e-6;
+
+/// Builds the scorer for an ONNX model on `engine`. With the native engine, a model the
+/// native scorer does not import (or that fails the parity check) is served by ONNX
+/// Runtime, and the reason is returned beside the scorer.
+pub fn scorer(
+    bytes: &[u8],
+    library: &Path,
+    engine: Engine,
+) -> Result<(Box<dyn Scorer>, Option<String>), LoadError> {
+    let runtime = OnnxScorer::from_bytes(bytes, library)?;
+    if engine == Engine::Lightgbm {
+        return Ok((Box::new(runtime), None));
+    }
+    match Forest::from_onnx(bytes).and_then(|forest| {
+        check_parity(&forest, &runtime)?;
+        Ok(forest)
+    }) {
+        Ok(forest) => Ok((Box::new(NativeScorer::new(forest, None)), None)),
+        Err(reason) => Ok((Box::new(runtime), Some(reason))),
+    }
+}
+
+/// Holds the native scorer's probabilities to ONNX Runtime's, within [`TOLERANCE`], on
+/// every kernel this CPU runs and through both walks.
+pub fn check_parity(forest: &Forest, runtime: &OnnxScorer) -> Result<(), String> {
+    let n = forest.n_features();
+    if n != runtime.num_features() {
+        return Err(format!(
+            "the native scorer reads {n} columns, ONNX Runtime {}",
+            runtime.num_features()
+        ));
+    }
+    let rows = forest.probe_rows(PARITY_ROWS);
+    let want = runtime.predict(&rows, n).map_err(|e| e.to_string())?;
+    for kernel in Kernel::available() {
+        let forest = forest
+            .clone()
+            .with_kernel(kernel)
+            .expect("an available kernel");
+        let many = forest.predict(&rows);
+        let one = rows.chunks_exact(n).take(32).map(|r| forest.predict(r)[0]);
+        let far = |(got, want): (f64, &f64)| {
+            let d = (got - want).abs();
+            // NaN on either side is a difference.
+            d.is_nan() || d > TOLERANCE
+        };
+        let mismatch = many
+            .iter()
+            .copied()
+            .zip(&want)
+            .position(far)
+            .or_else(|| one.zip(&want).position(far));
+        if let Some(row) = mismatch {
+            return Err(format!(
+                "the native scorer ({}) differs from ONNX Runtime by more than {TOLERANCE:e} \
+                 on parity row {row}: {} vs {}",
+                kernel.name(),
+                many[row],
+                want[row]
+            ));
+        }
+    }
+    Ok(())
+}
 
 /// The output holding class probabilities.
 const PROBABILITIES: &str = "probabilities";

@@ -87,6 +87,13 @@ fn python_models_score_the_same_in_process() {
         let manifest = repo_path("tests/fixtures/parity").join(format!("{name}.manifest.toml"));
         let model = Model::load_from_manifest(&manifest, &load_options(), T0)
             .unwrap_or_else(|e| panic!("{name}: {e}"));
+        // Both are tree ensembles the native scorer serves (the ONNX one imported).
+        assert!(
+            model.engine().starts_with("native/"),
+            "{name}: served by {} ({:?})",
+            model.engine(),
+            model.engine_note()
+        );
         let got = model.score(&rows).unwrap();
         assert_close(name, &got, &want, tolerance);
         // One row at a time takes LightGBM's single-row path; it must agree too.

@@ -14,6 +14,20 @@ pub struct Ensemble {
     /// `average_output`, written by random-forest boosting).
     pub average_over: Option<u32>,
     pub output: Output,
+    /// How the tree outputs are added up.
+    pub sum: Sum,
+}
+
+/// The arithmetic a row's tree outputs are added in, one tree after another in tree order
+/// (as both LightGBM and ONNX Runtime with one thread add them), so that the sum is the
+/// number the model's own library computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sum {
+    /// In `f64`, from 0: LightGBM.
+    Double,
+    /// In `f32`, from 0, each leaf value rounded to `f32`: ONNX Runtime's tree ensembles
+    /// on float input, which keep their scores in the input's type.
+    Float,
 }
 
 /// How a row value is read before any comparison.
@@ -32,6 +46,9 @@ pub enum Output {
     /// `1 / (1 + exp(-scale * raw))`, LightGBM's binary objective (`sigmoid:` scale)
     /// and cross-entropy (scale 1).
     Sigmoid(f64),
+    /// ONNX Runtime's `ComputeLogistic`, in `f32` on the `f32` sum:
+    /// `v = 1 / (1 + exp(-|x|))`, and `1 - v` for negative `x`.
+    Logistic32,
     /// The raw sum itself.
     Identity,
 }
@@ -103,7 +120,24 @@ impl Output {
             // literals are exact in double, and negating the scale first is the same
             // number as negating the product.
             Output::Sigmoid(scale) => 1.0 / (1.0 + (-scale * raw).exp()),
+            Output::Logistic32 => {
+                let x = raw as f32;
+                // `f32::exp` is the C library's `expf`, which ONNX Runtime calls too.
+                let v = 1.0 / (1.0 + (-x.abs()).exp());
+                f64::from(if x < 0.0 { 1.0 - v } else { v })
+            }
             Output::Identity => raw,
+        }
+    }
+}
+
+impl Sum {
+    /// `acc` (a sum so far) plus one tree's output, in this arithmetic.
+    #[inline(always)]
+    pub fn add(self, acc: f64, value: f64) -> f64 {
+        match self {
+            Sum::Double => acc + value,
+            Sum::Float => f64::from(acc as f32 + value as f32),
         }
     }
 }
@@ -159,12 +193,13 @@ impl Ensemble {
     /// The sum of the trees for one row, in tree order.
     pub fn raw_reference(&self, row: &[f64]) -> f64 {
         let mut raw = 0.0;
+        let add = |raw: f64, value: f64| self.sum.add(raw, value);
         for tree in &self.trees {
             let mut node = 0;
             loop {
                 match &tree.nodes[node] {
                     Node::Leaf { value, .. } => {
-                        raw += value;
+                        raw = add(raw, *value);
                         break;
                     }
                     Node::Split {

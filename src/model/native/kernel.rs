@@ -13,12 +13,15 @@
 //! their memory reads without help.
 //!
 //! A row's tree outputs are added in tree order, the order LightGBM adds them in, so the
-//! sums are the same doubles.
+//! sums are the same doubles; for ONNX models, in `f32` as ONNX Runtime adds them
+//! ([`Sum`]). The arithmetic is a constant of each compiled walk, chosen once per call,
+//! so the LightGBM walks add exactly as they would without the other.
 //!
 //! Trees with a categorical split are walked by the scalar step inside every kernel:
 //! bitset lookups are rare in the models Nudge serves, and keeping them out of the vector
 //! step keeps it short.
 
+use super::ensemble::Sum;
 use super::layout::Layout;
 
 /// Rows per block: the codes of a block (here 256 rows of the model's columns) stay in
@@ -142,6 +145,30 @@ impl Lists {
 /// `L`'s instruction set must be available.
 #[inline(always)]
 pub(super) unsafe fn score_rows<L: Lanes>(layout: &Layout, rows: &[f64], out: &mut [f64]) {
+    match layout.sum {
+        Sum::Double => score_rows_in::<L, false>(layout, rows, out),
+        Sum::Float => score_rows_in::<L, true>(layout, rows, out),
+    }
+}
+
+/// The arithmetic a walk compiled with `FLOAT` adds in.
+#[inline(always)]
+const fn arithmetic(float: bool) -> Sum {
+    if float {
+        Sum::Float
+    } else {
+        Sum::Double
+    }
+}
+
+/// [`score_rows`] in one arithmetic.
+#[inline(always)]
+unsafe fn score_rows_in<L: Lanes, const FLOAT: bool>(
+    layout: &Layout,
+    rows: &[f64],
+    out: &mut [f64],
+) {
+    let sum = arithmetic(FLOAT);
     let n = layout.n_features;
     let stride = layout.stride();
     // No larger than the request: a few rows must not pay for zeroing a whole block.
@@ -173,13 +200,14 @@ pub(super) unsafe fn score_rows<L: Lanes>(layout: &Layout, rows: &[f64], out: &m
                     frontier::<L, false>(layout, &codes, u32::MAX, &mut lists, count)
                 };
                 for (&leaf, &tag) in lists.leaves[..finished].iter().zip(&lists.done) {
-                    acc[tag as usize] += layout.values[leaf as usize];
+                    let acc = &mut acc[tag as usize];
+                    *acc = sum.add(*acc, layout.values[leaf as usize]);
                 }
             } else {
                 // A constant tree, or one with a categorical split.
                 for r in 0..count {
-                    acc[r * stride] +=
-                        layout.values[layout.walk(&codes, r * stride, root) as usize];
+                    let value = layout.values[layout.walk(&codes, r * stride, root) as usize];
+                    acc[r * stride] = sum.add(acc[r * stride], value);
                 }
             }
         }
@@ -199,6 +227,20 @@ pub(super) unsafe fn score_one<L: Lanes>(
     row: &[f64],
     scratch: &mut Scratch,
 ) -> f64 {
+    match layout.sum {
+        Sum::Double => score_one_in::<L, false>(layout, row, scratch),
+        Sum::Float => score_one_in::<L, true>(layout, row, scratch),
+    }
+}
+
+/// [`score_one`] in one arithmetic.
+#[inline(always)]
+unsafe fn score_one_in<L: Lanes, const FLOAT: bool>(
+    layout: &Layout,
+    row: &[f64],
+    scratch: &mut Scratch,
+) -> f64 {
+    let sum = arithmetic(FLOAT);
     let stride = layout.stride();
     let trees = layout.roots.len();
     let any_root = layout
@@ -239,7 +281,7 @@ pub(super) unsafe fn score_one<L: Lanes>(
         } else {
             layout.walk(&scratch.codes, 0, root)
         };
-        raw += layout.values[leaf as usize];
+        raw = sum.add(raw, layout.values[leaf as usize]);
     }
     raw
 }

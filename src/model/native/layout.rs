@@ -25,7 +25,7 @@
 //! This is a layout of our own. It is not QuickScorer or any of its variants (interleaved
 //! per-feature threshold scans producing leaf bitvectors), which are patented.
 
-use super::ensemble::{category, Ensemble, Input, Node, Test, LIGHTGBM_ZERO};
+use super::ensemble::{category, Ensemble, Input, Node, Sum, Test, LIGHTGBM_ZERO};
 
 pub const FEATURE_MASK: u32 = (1 << 13) - 1;
 pub const NAN_FLIP: u32 = 1 << 13;
@@ -70,6 +70,8 @@ pub struct Column {
 pub struct Layout {
     pub n_features: usize,
     pub input: Input,
+    /// How the kernels add a row's tree outputs.
+    pub sum: Sum,
     /// The columns the trees read, in row order; a node's column indexes this.
     pub columns: Vec<Column>,
     pub nodes: Vec<u64>,
@@ -102,6 +104,7 @@ impl Layout {
         let mut layout = Layout {
             n_features: ensemble.n_features,
             input: ensemble.input,
+            sum: ensemble.sum,
             columns,
             nodes: Vec::new(),
             values: Vec::new(),

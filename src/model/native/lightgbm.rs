@@ -7,7 +7,7 @@
 //! served through LightGBM itself: linear trees, more than one output per row, objectives
 //! other than binary and cross-entropy.
 
-use super::ensemble::{Ensemble, Input, Node, Output, Test, Tree};
+use super::ensemble::{Ensemble, Input, Node, Output, Sum, Test, Tree};
 
 /// LightGBM's decision-type bits (`tree.h`).
 const CATEGORICAL: u8 = 1;
@@ -88,6 +88,7 @@ pub fn parse(text: &str) -> Result<Ensemble, String> {
         input: Input::Lightgbm,
         average_over,
         output,
+        sum: Sum::Double,
     };
     ensemble.check()?;
     Ok(ensemble)

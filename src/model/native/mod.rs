@@ -4,6 +4,7 @@
 //! - [`ensemble`]: the trees in one normalised form, whichever file they came from, with
 //!   a one-node-at-a-time reference walk.
 //! - [`lightgbm`]: the LightGBM text format → ensemble.
+//! - [`onnx`]: an ONNX binary tree classifier → ensemble, with ONNX Runtime's semantics.
 //! - [`layout`]: ensemble → flat arrays (integer-coded rows, one `u64` per node); its
 //!   module documentation describes the layout.
 //! - `kernel`: the walks, written once over a lane type, and the portable lanes;
@@ -16,11 +17,14 @@
 //! Every kernel adds a row's tree outputs in tree order, as LightGBM does, so a raw
 //! score is the same double LightGBM computes; the model loader checks that on sample
 //! rows against LightGBM itself before a native model serves
-//! ([`crate::model::lightgbm`]).
+//! ([`crate::model::lightgbm`]). An ONNX model's sums are kept in `f32` in the same
+//! order, as ONNX Runtime keeps them, and checked against ONNX Runtime
+//! ([`crate::model::onnx`]).
 
 pub mod ensemble;
 pub mod layout;
 pub mod lightgbm;
+pub mod onnx;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
@@ -30,7 +34,7 @@ mod kernel;
 
 use std::cell::RefCell;
 
-use ensemble::{Ensemble, Output};
+use ensemble::{Ensemble, Input, Output};
 use layout::Layout;
 
 /// An instruction set the walks can run on.
@@ -126,6 +130,12 @@ impl Forest {
     /// Compiles a LightGBM text model; `Err` names what the native scorer does not serve.
     pub fn from_lightgbm(text: &str) -> Result<Forest, String> {
         Forest::compile(&lightgbm::parse(text)?)
+    }
+
+    /// Compiles an ONNX model's tree ensemble; `Err` names what the native scorer does
+    /// not serve.
+    pub fn from_onnx(bytes: &[u8]) -> Result<Forest, String> {
+        Forest::compile(&onnx::parse(bytes)?)
     }
 
     /// Compiles an ensemble, to run on the best kernel this CPU has.
@@ -257,7 +267,8 @@ impl Forest {
     }
 
     /// `count` rows (row-major) made to test a scorer against this model: every value
-    /// that decides a split — each threshold, the doubles just above and below it — and
+    /// that decides a split — each threshold, the doubles just above and below it (and
+    /// the floats, for rows read as `f32`) — and
     /// the values with rules of their own (NaN, ±0, ±inf, subnormals, LightGBM's zero
     /// band and its edges, categories in and out of every bitset), spread over the rows
     /// so that each column takes each of its values (there are more than `count` rows
@@ -282,13 +293,29 @@ impl Forest {
             1.0,
             -1.0,
         ];
-        let mut candidates: Vec<Vec<f64>> = vec![specials.to_vec(); n];
+        let float32 = self.layout.input == Input::Float32;
+        let mut specials = specials.to_vec();
+        if float32 {
+            // Rows rounded to f32 have rules of their own at its edges: the largest f32,
+            // a double that rounds up to infinity, f32's smallest subnormal and normal.
+            let tiny = f64::from(f32::from_bits(1));
+            let max = f64::from(f32::MAX);
+            specials.extend([max, -max, 3.5e38, -3.5e38, tiny, -tiny]);
+            specials.push(f64::from(f32::MIN_POSITIVE));
+        }
+        let mut candidates: Vec<Vec<f64>> = vec![specials; n];
         for column in &self.layout.columns {
             let values = &mut candidates[column.source];
             match &column.encoding {
                 layout::Encoding::Numeric { thresholds, .. } => {
                     for &t in thresholds {
                         values.extend([t, t.next_up(), t.next_down()]);
+                        if float32 {
+                            // A double beside a threshold reads as the threshold itself
+                            // once rounded; the f32 values beside it are what differ.
+                            let t = t as f32;
+                            values.extend([f64::from(t.next_up()), f64::from(t.next_down())]);
+                        }
                     }
                 }
                 layout::Encoding::Categorical => {

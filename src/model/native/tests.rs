@@ -1,7 +1,7 @@
 //! The native scorer against its reference walk and against LightGBM itself, on randomly
 //! generated ensembles and on the shipped models.
 
-use super::ensemble::{Ensemble, Input, Node, Output, Test, Tree, LIGHTGBM_ZERO};
+use super::ensemble::{Ensemble, Input, Node, Output, Sum, Test, Tree, LIGHTGBM_ZERO};
 use super::{Forest, Kernel};
 use crate::model::lightgbm::LightgbmScorer;
 use crate::model::Scorer;
@@ -361,12 +361,19 @@ fn random_ensembles_match_the_reference_walk_on_every_kernel() {
         } else {
             Input::Lightgbm
         };
+        // ONNX Runtime's f32 sums, on either input.
+        let sum = if rng.chance(0.5) {
+            Sum::Float
+        } else {
+            Sum::Double
+        };
         let ensemble = Ensemble {
             n_features: n,
             trees,
             input,
             average_over: None,
             output: Output::Identity,
+            sum,
         };
         let forest = Forest::compile(&ensemble).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
         let rows = rows_for(&forest, &mut rng);
@@ -376,7 +383,7 @@ fn random_ensembles_match_the_reference_walk_on_every_kernel() {
             .collect();
         for kernel in Kernel::available() {
             let forest = forest.clone().with_kernel(kernel).unwrap();
-            let what = format!("seed {seed}, {:?}, {}", input, kernel.name());
+            let what = format!("seed {seed}, {input:?}, {sum:?}, {}", kernel.name());
             assert_bits(
                 &format!("{what}, many rows"),
                 &forest.predict_raw_many(&rows),
