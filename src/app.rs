@@ -248,6 +248,7 @@ impl Server {
             limits: Limits {
                 max_batch_events: config.server.max_batch_events,
                 max_score_rows: config.server.max_score_rows,
+                max_message_bytes: config.server.max_message_bytes,
                 retention_ms: config.store.retention_days as i64 * DAY_MS,
             },
             pseudonymizer,

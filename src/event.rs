@@ -17,6 +17,12 @@ pub const MAX_ATTRIBUTES: usize = 64;
 /// Longest attribute key and value, in bytes.
 pub const MAX_ATTRIBUTE_KEY_BYTES: usize = 128;
 pub const MAX_ATTRIBUTE_VALUE_BYTES: usize = 1024;
+/// Longest accepted name a request uses to pick something the server has (a model, a
+/// rule, a feature, a webhook endpoint), in bytes: longer than any such name can be, and
+/// short enough for a message to quote it.
+pub const MAX_NAME_BYTES: usize = 256;
+/// Most names one request may list (models to score, rules to subscribe to).
+pub const MAX_NAMES: usize = 256;
 /// How far in the future an `event_time` may be, to absorb client clock skew.
 pub const MAX_FUTURE_MS: i64 = DAY_MS;
 // Limits on the numbers an event carries. They keep every feature finite: a cart holds at
@@ -363,7 +369,8 @@ impl Event {
     }
 }
 
-fn check_len(field: &str, value: &str, max: usize) -> Result<(), FieldError> {
+/// A request's string of at most `max` bytes, or `TooLong` naming the field.
+pub fn check_len(field: &str, value: &str, max: usize) -> Result<(), FieldError> {
     if value.len() > max {
         return Err(FieldError::new(
             field,
@@ -372,6 +379,32 @@ fn check_len(field: &str, value: &str, max: usize) -> Result<(), FieldError> {
         ));
     }
     Ok(())
+}
+
+/// A list of at most [`MAX_NAMES`] names of at most [`MAX_NAME_BYTES`] each, or the
+/// field (`field[i]` for one name) and why not.
+pub fn check_names(field: &str, names: &[String]) -> Result<(), FieldError> {
+    if names.len() > MAX_NAMES {
+        return Err(FieldError::new(
+            field,
+            Reason::TooMany,
+            format!(
+                "has {} entries; at most {MAX_NAMES} are allowed",
+                names.len()
+            ),
+        ));
+    }
+    for (i, name) in names.iter().enumerate() {
+        check_len(&format!("{field}[{i}]"), name, MAX_NAME_BYTES)?;
+    }
+    Ok(())
+}
+
+/// A caller's text as a message quotes it: at most 64 characters, `…` marking a cut.
+pub fn quoted(text: &str) -> String {
+    let shown: String = text.chars().take(64).collect();
+    let more = if shown.len() < text.len() { "…" } else { "" };
+    format!("{shown:?}{more}")
 }
 
 /// A finite number that is not negative and at most `max`.

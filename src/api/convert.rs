@@ -4,7 +4,10 @@
 
 use crate::delivery::webhook::DeadLetter;
 use crate::engine::Merge;
-use crate::event::{Event, EventKind, FieldError, PersonKey, Properties, Reason, MAX_ID_BYTES};
+use crate::event::{
+    check_len, check_names, quoted, Event, EventKind, FieldError, PersonKey, Properties, Reason,
+    MAX_ID_BYTES, MAX_NAME_BYTES,
+};
 use crate::features::{self, FeatureRow, FeatureSpec, FEATURE_COUNT};
 use crate::identity::Pseudonymizer;
 use crate::model::{LoadFailure, Model, ModelSet, Score};
@@ -300,6 +303,12 @@ fn mapped_rows(rows: Vec<pb::FeatureRow>) -> Result<Vec<FeatureRow>, FieldError>
         .map(|(i, pb::FeatureRow { values })| {
             let mut row = FeatureRow::missing();
             for (name, value) in values {
+                // A key is the caller's: bounded before a message quotes it.
+                check_len(
+                    &format!("feature_rows.rows[{i}].values"),
+                    &name,
+                    MAX_NAME_BYTES,
+                )?;
                 let field = || format!("feature_rows.rows[{i}].values[{name:?}]");
                 let Some(at) = spec.index_of(&name) else {
                     return Err(unknown_feature(field(), "is", spec));
@@ -338,18 +347,16 @@ fn packed_rows(
             ),
         ));
     }
+    check_names("feature_rows.columns", columns)?;
     // For each FeatureSpec position, the column that names it, to catch a repeat.
     let mut named_by: [Option<usize>; FEATURE_COUNT] = [None; FEATURE_COUNT];
     let mut positions = Vec::with_capacity(columns.len());
     for (c, name) in columns.iter().enumerate() {
         let field = || format!("feature_rows.columns[{c}]");
         let Some(at) = spec.index_of(name) else {
-            // The name is the caller's and may be long; a prefix is enough to recognise it.
-            let shown: String = name.chars().take(64).collect();
-            let more = if shown.len() < name.len() { "…" } else { "" };
             return Err(unknown_feature(
                 field(),
-                &format!("{shown:?}{more} is"),
+                &format!("{} is", quoted(name)),
                 spec,
             ));
         };

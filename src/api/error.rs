@@ -48,9 +48,22 @@ impl From<Subscribe> for ApiError {
     }
 }
 
+/// The longest `grpc-message` Nudge sends, in bytes. A message travels in an HTTP/2
+/// header, where a long one would be a protocol error instead of the answer; every
+/// message that quotes input quotes a bounded part of it, and this is the backstop.
+const MAX_MESSAGE_BYTES: usize = 2048;
+
 impl From<ApiError> for Status {
     fn from(e: ApiError) -> Status {
-        let message = e.to_string();
+        let mut message = e.to_string();
+        if message.len() > MAX_MESSAGE_BYTES {
+            let mut cut = MAX_MESSAGE_BYTES;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+            message.push('…');
+        }
         match e {
             ApiError::Invalid(_) => Status::invalid_argument(message),
             ApiError::OutOfRange(_) => Status::out_of_range(message),
@@ -67,5 +80,21 @@ impl From<ApiError> for Status {
             ApiError::StreamEnded(_) => Status::unavailable(message),
             ApiError::Task(_) => Status::internal(message),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_message_is_cut_at_a_character_boundary() {
+        // Two-byte characters, so a cut at an odd byte would split one.
+        let long = ApiError::NotFound("é".repeat(MAX_MESSAGE_BYTES));
+        let status = Status::from(long);
+        assert!(status.message().len() <= MAX_MESSAGE_BYTES + '…'.len_utf8());
+        assert!(status.message().ends_with('…'), "{}", status.message());
+        let short = Status::from(ApiError::NotFound("person: unknown".into()));
+        assert_eq!(short.message(), "person: unknown");
     }
 }

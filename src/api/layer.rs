@@ -143,27 +143,7 @@ where
                 .get("grpc-message")
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or_default();
-            // tonic answers an oversize request OUT_OF_RANGE and an undecodable one (bad
-            // protobuf, invalid UTF-8 in a string) INTERNAL. Both are the caller's input.
-            let refusal = match code {
-                Code::OutOfRange if message.contains("message%20length%20too%20large") => Some((
-                    Code::ResourceExhausted,
-                    Reason::MessageTooLarge,
-                    format!(
-                        "the request message is larger than server.max_message_bytes ({} bytes)",
-                        layer.max_message_bytes
-                    ),
-                )),
-                Code::Internal if message.starts_with("failed%20to%20decode") => Some((
-                    Code::InvalidArgument,
-                    Reason::Undecodable,
-                    format!(
-                        "the request is not a valid protobuf message: {}",
-                        proto_field_names(&percent_decode(message))
-                    ),
-                )),
-                _ => None,
-            };
+            let refusal = refusal(code, &percent_decode(message), layer.max_message_bytes);
             if let Some((new_code, reason, message)) = refusal {
                 code = new_code;
                 layer
@@ -190,6 +170,36 @@ where
                 .observe(started.elapsed().as_secs_f64());
             Ok(response)
         })
+    }
+}
+
+/// What tonic's own refusal of a request message is, from the caller's side: tonic answers
+/// an oversize message OUT_OF_RANGE and an undecodable one (bad protobuf, invalid UTF-8 in
+/// a string) INTERNAL; both are the caller's input, RESOURCE_EXHAUSTED (as the gRPC spec
+/// asks) and INVALID_ARGUMENT. The one definition for unary calls (here, from the
+/// response headers) and stream messages (`track.rs`, from the stream's items).
+pub(super) fn refusal(
+    code: Code,
+    message: &str,
+    max_message_bytes: usize,
+) -> Option<(Code, Reason, String)> {
+    match code {
+        Code::OutOfRange if message.contains("message length too large") => Some((
+            Code::ResourceExhausted,
+            Reason::MessageTooLarge,
+            format!(
+                "the request message is larger than server.max_message_bytes ({max_message_bytes} bytes)"
+            ),
+        )),
+        Code::Internal if message.starts_with("failed to decode") => Some((
+            Code::InvalidArgument,
+            Reason::Undecodable,
+            format!(
+                "the request is not a valid protobuf message: {}",
+                proto_field_names(message)
+            ),
+        )),
+        _ => None,
     }
 }
 

@@ -18,7 +18,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::delivery::outbox::Outbox;
 use crate::delivery::stream;
 use crate::engine::Engine;
-use crate::event::{FieldError, PersonKey, Reason};
+use crate::event::{check_len, check_names, quoted, FieldError, PersonKey, Reason, MAX_NAME_BYTES};
 use crate::features::FeatureSpec;
 use crate::identity::Pseudonymizer;
 use crate::metrics::Metrics;
@@ -33,6 +33,8 @@ pub use error::ApiError;
 pub struct Limits {
     pub max_batch_events: usize,
     pub max_score_rows: usize,
+    /// The largest request message tonic decodes (`server.max_message_bytes`).
+    pub max_message_bytes: usize,
     /// Events older than this are refused.
     pub retention_ms: i64,
 }
@@ -128,6 +130,7 @@ impl NudgeApi {
 
     /// The models a request names (all when none), or INVALID_ARGUMENT for an unknown name.
     fn select_models(&self, rpc: &str, names: &[String]) -> Result<Vec<Arc<Model>>, ApiError> {
+        check_names("models", names).map_err(|e| self.refuse(rpc, e))?;
         let set = self.models.current();
         if set.is_empty() {
             return Err(ApiError::NoModels);
@@ -302,6 +305,7 @@ impl pb::nudge_service_server::NudgeService for NudgeApi {
         request: Request<pb::SubscribeTriggersRequest>,
     ) -> Result<Response<Self::SubscribeTriggersStream>, Status> {
         let pb::SubscribeTriggersRequest { cursor, rules } = request.into_inner();
+        check_names("rules", &rules).map_err(|e| self.refuse("SubscribeTriggers", e))?;
         let triggers = stream::subscribe(
             self.outbox.clone(),
             self.metrics.clone(),
@@ -343,6 +347,8 @@ impl pb::nudge_service_server::NudgeService for NudgeApi {
         request: Request<pb::GetExperimentReportRequest>,
     ) -> Result<Response<pb::GetExperimentReportResponse>, Status> {
         let pb::GetExperimentReportRequest { rule } = request.into_inner();
+        check_len("rule", &rule, MAX_NAME_BYTES)
+            .map_err(|e| self.refuse("GetExperimentReport", e))?;
         let outcomes = self
             .engine
             .experiment_report()
@@ -379,18 +385,14 @@ impl pb::nudge_service_server::NudgeService for NudgeApi {
                 )
                 .into());
         }
-        // A typo must not look like an endpoint with nothing dead. Checking the name
-        // against the configuration also keeps arbitrary (over-long) input away from the
-        // store's keys.
+        // Bounded before anything quotes or looks up the caller's name.
+        check_len("endpoint", &endpoint, MAX_NAME_BYTES)
+            .map_err(|e| self.refuse("ListDeadLetters", e))?;
+        // A typo must not look like an endpoint with nothing dead.
         if !self.endpoints.contains(&endpoint) {
-            let shown: String = endpoint.chars().take(64).collect();
             return Err(ApiError::NotFound(format!(
-                "endpoint: {shown:?}{} is not a configured webhook endpoint; configured: {:?}",
-                if shown.len() < endpoint.len() {
-                    "…"
-                } else {
-                    ""
-                },
+                "endpoint: {} is not a configured webhook endpoint; configured: {:?}",
+                quoted(&endpoint),
                 self.endpoints
             ))
             .into());

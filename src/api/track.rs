@@ -9,7 +9,7 @@ use tonic::{Code, Status, Streaming};
 
 use super::{convert, layer, ApiError, NudgeApi};
 use crate::engine::Outcome;
-use crate::event::{FieldError, Reason};
+use crate::event::FieldError;
 use crate::pb;
 
 /// Batches one TrackStream works on at once; more wait in HTTP/2 flow control.
@@ -102,21 +102,26 @@ impl NudgeApi {
         Box::pin(acks)
     }
 
-    /// A stream message tonic could not decode is the caller's input, as the layer treats
-    /// a unary one: INVALID_ARGUMENT naming the proto field, counted. (A stream's status
-    /// travels in trailers, which the layer does not rewrite.)
+    /// A stream message tonic refused is the caller's input, as the layer treats a unary
+    /// one (one status for one cause): RESOURCE_EXHAUSTED when oversize, INVALID_ARGUMENT
+    /// naming the proto field when undecodable, counted. (A stream's status travels in
+    /// trailers, which the layer does not rewrite.)
     fn undecodable(&self, status: Status) -> Status {
-        if status.code() != Code::Internal || !status.message().starts_with("failed to decode") {
+        let Some((code, reason, message)) = layer::refusal(
+            status.code(),
+            status.message(),
+            self.limits.max_message_bytes,
+        ) else {
             return status;
+        };
+        if code == Code::InvalidArgument {
+            let e = FieldError::new("message", reason, message);
+            return self.refuse("TrackStream", e).into();
         }
-        let e = FieldError::new(
-            "message",
-            Reason::Undecodable,
-            format!(
-                "is not a valid protobuf message: {}",
-                layer::proto_field_names(status.message())
-            ),
-        );
-        self.refuse("TrackStream", e).into()
+        self.metrics
+            .invalid_input
+            .with_label_values(&["TrackStream", reason.as_str()])
+            .inc();
+        Status::new(code, message)
     }
 }

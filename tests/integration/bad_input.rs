@@ -148,7 +148,30 @@ async fn request_level_limits() {
     // An oversize message: RESOURCE_EXHAUSTED, and the server keeps serving.
     let mut huge = event("big", "u", EventType::PageView, T0);
     huge.attributes = HashMap::from([("blob".to_owned(), "x".repeat(5 << 20))]);
-    let err = status(client.track(pb::TrackRequest { events: vec![huge] }).await);
+    let err = status(
+        client
+            .track(pb::TrackRequest {
+                events: vec![huge.clone()],
+            })
+            .await,
+    );
+    assert_eq!(err.code(), Code::ResourceExhausted, "{}", err.message());
+    assert!(
+        err.message().contains("max_message_bytes"),
+        "{}",
+        err.message()
+    );
+    // The same message on a TrackStream: the same status for the same cause.
+    let message = pb::TrackStreamRequest {
+        sequence: 1,
+        events: vec![huge],
+    };
+    let mut acks = client
+        .track_stream(futures_util::stream::iter([message]))
+        .await
+        .expect("the stream opens")
+        .into_inner();
+    let err = acks.message().await.unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{}", err.message());
     assert!(
         err.message().contains("max_message_bytes"),
@@ -161,13 +184,11 @@ async fn request_level_limits() {
     )
     .await;
     let metrics = server.metrics().await;
-    assert_eq!(
-        metric_value(
-            &metrics,
-            "nudge_invalid_input_total{reason=\"message_too_large\",rpc=\"Track\"}"
-        ),
-        Some(1.0)
-    );
+    for rpc in ["Track", "TrackStream"] {
+        let series =
+            format!("nudge_invalid_input_total{{reason=\"message_too_large\",rpc=\"{rpc}\"}}");
+        assert_eq!(metric_value(&metrics, &series), Some(1.0), "{series}");
+    }
 
     // Too many attributes on one event is that event's problem, not the batch's.
     let mut wide = event("wide", "u2", EventType::PageView, T0);
@@ -451,52 +472,6 @@ async fn huge_amounts_are_out_of_range() {
         Some(2.0)
     );
     server.stop().await.unwrap();
-}
-
-/// Sends bytes as they are, so a test can put a malformed message on the wire.
-#[derive(Clone, Copy)]
-struct RawCodec;
-
-impl tonic::codec::Codec for RawCodec {
-    type Encode = Vec<u8>;
-    type Decode = Vec<u8>;
-    type Encoder = RawCodec;
-    type Decoder = RawCodec;
-
-    fn encoder(&mut self) -> RawCodec {
-        RawCodec
-    }
-
-    fn decoder(&mut self) -> RawCodec {
-        RawCodec
-    }
-}
-
-impl tonic::codec::Encoder for RawCodec {
-    type Item = Vec<u8>;
-    type Error = tonic::Status;
-
-    fn encode(
-        &mut self,
-        item: Vec<u8>,
-        dst: &mut tonic::codec::EncodeBuf<'_>,
-    ) -> Result<(), tonic::Status> {
-        prost::bytes::BufMut::put_slice(dst, &item);
-        Ok(())
-    }
-}
-
-impl tonic::codec::Decoder for RawCodec {
-    type Item = Vec<u8>;
-    type Error = tonic::Status;
-
-    fn decode(
-        &mut self,
-        src: &mut tonic::codec::DecodeBuf<'_>,
-    ) -> Result<Option<Vec<u8>>, tonic::Status> {
-        let len = prost::bytes::Buf::remaining(src);
-        Ok(Some(prost::bytes::Buf::copy_to_bytes(src, len).to_vec()))
-    }
 }
 
 /// A malformed request is answered with the proto field's name (`Event.type`), not the
