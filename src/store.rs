@@ -19,9 +19,12 @@
 //! a crash of the process) and are fsynced every interval, so power loss may lose up to one
 //! interval.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arc_swap::ArcSwapOption;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 
 use crate::config::{StoreConfig, SyncPolicy};
@@ -87,6 +90,15 @@ pub enum StoreError {
     Corrupt(String),
     #[error("store: {0}")]
     Io(#[from] std::io::Error),
+    /// A write failed earlier; writes are refused until the store reopens.
+    #[error("store: writes are refused until the store recovers from a failed write ({0})")]
+    Faulted(String),
+    /// Between closing and reopening, during recovery.
+    #[error("store: the database is reopening")]
+    Closed,
+    /// A reopen found calls still using the old database; it is retried.
+    #[error("store: the database is still in use; the reopen is retried")]
+    Busy,
 }
 
 /// A change to commit, one of several in a batch.
@@ -129,8 +141,8 @@ pub enum Write {
     Nothing,
 }
 
-/// The database and its keyspaces.
-pub struct Store {
+/// The open database and its keyspaces.
+struct Tables {
     db: Database,
     profiles: Keyspace,
     /// anonymous key → person key.
@@ -153,7 +165,27 @@ pub struct Store {
     dead_letters: Keyspace,
     /// person prefix + time + order + trigger id → a trigger decision (postcard).
     audit: Keyspace,
+    /// Nudge's own records about the store: the probe a reopen writes.
+    meta: Keyspace,
+}
+
+/// The store: its tables while they are open and writable, and what went wrong when a
+/// write failed.
+///
+/// A write that fails (a full disk, a read-only filesystem, an I/O error) leaves fjall
+/// refusing every later write ("poisoned"): consistency is no longer guaranteed. The
+/// store then records the fault, and [`Store::reopen`] — which the server retries until
+/// it succeeds — closes the database and opens it again from disk, journal replay
+/// included. Nothing that was acknowledged is lost: it was committed before the fault.
+pub struct Store {
+    dir: PathBuf,
     sync: SyncMode,
+    /// `None` while a reopen has closed the database and not yet opened it again.
+    tables: ArcSwapOption<Tables>,
+    /// Why writes fail, from the first failed write until a reopen succeeds.
+    fault: Mutex<Option<String>>,
+    /// Set with `fault`, read on every write path without the lock.
+    faulted: AtomicBool,
 }
 
 /// A person's key as bytes: a tag and the id.
@@ -185,6 +217,21 @@ fn prefix(person: &PersonKey) -> Vec<u8> {
     p.extend_from_slice(&(k.len() as u16).to_be_bytes());
     p.extend_from_slice(&k);
     p
+}
+
+/// Writes, syncs and removes a small file in `dir`: whether the filesystem takes writes.
+fn probe_dir(dir: &Path) -> Result<(), StoreError> {
+    use std::io::Write as _;
+    let path = dir.join(".nudge-probe");
+    let written = std::fs::File::create(&path).and_then(|mut file| {
+        file.write_all(&[0; 4096])?;
+        file.sync_data()
+    });
+    // Whatever part of it was written goes, so a full disk gets its space back.
+    let removed = std::fs::remove_file(&path);
+    written?;
+    removed?;
+    Ok(())
 }
 
 /// Where a vacuum puts the old database while it swaps in the new one.
@@ -256,18 +303,11 @@ fn decode_audit(bytes: &[u8]) -> Result<AuditEntry, StoreError> {
     postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt(format!("audit entry: {e}")))
 }
 
-impl Store {
-    /// Opens (or creates) the database in `dir`, replaying its journal.
-    pub fn open(dir: &Path, sync: SyncMode) -> Result<Store, StoreError> {
-        // A vacuum that stopped between its two renames left the old database aside.
-        let aside = aside_path(dir);
-        if !dir.exists() && aside.exists() {
-            std::fs::rename(&aside, dir)?;
-        }
-        std::fs::create_dir_all(dir)?;
+impl Tables {
+    fn open(dir: &Path) -> Result<Tables, StoreError> {
         let db = Database::builder(dir).open()?;
         let open = |name: &str| db.keyspace(name, KeyspaceCreateOptions::default);
-        Ok(Store {
+        Ok(Tables {
             profiles: open("profiles")?,
             aliases: open("aliases")?,
             members: open("members")?,
@@ -279,8 +319,55 @@ impl Store {
             cursors: open("cursors")?,
             dead_letters: open("dead_letters")?,
             audit: open("audit")?,
+            meta: open("meta")?,
             db,
+        })
+    }
+
+    /// A small durable write: whether the disk takes writes again.
+    fn probe(&self) -> Result<(), StoreError> {
+        let mut batch = self.db.batch();
+        let at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis() as u64;
+        batch.insert(&self.meta, "probe", at.to_be_bytes());
+        batch.durability(Some(PersistMode::SyncData)).commit()?;
+        Ok(())
+    }
+
+    fn keyspaces(&self) -> [&Keyspace; 11] {
+        [
+            &self.profiles,
+            &self.aliases,
+            &self.members,
+            &self.seen,
+            &self.triggers,
+            &self.timers,
+            &self.outbox,
+            &self.outcomes,
+            &self.cursors,
+            &self.dead_letters,
+            &self.audit,
+        ]
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the database in `dir`, replaying its journal.
+    pub fn open(dir: &Path, sync: SyncMode) -> Result<Store, StoreError> {
+        // A vacuum that stopped between its two renames left the old database aside.
+        let aside = aside_path(dir);
+        if !dir.exists() && aside.exists() {
+            std::fs::rename(&aside, dir)?;
+        }
+        std::fs::create_dir_all(dir)?;
+        Ok(Store {
+            dir: dir.to_owned(),
             sync,
+            tables: ArcSwapOption::from_pointee(Tables::open(dir)?),
+            fault: Mutex::new(None),
+            faulted: AtomicBool::new(false),
         })
     }
 
@@ -288,7 +375,241 @@ impl Store {
         self.sync
     }
 
+    /// The open tables, or why there are none.
+    fn tables(&self) -> Result<Arc<Tables>, StoreError> {
+        self.tables.load_full().ok_or(StoreError::Closed)
+    }
+
+    /// Why writes fail now, if they do: from the first failed write until a
+    /// [`Store::reopen`] succeeds.
+    pub fn fault(&self) -> Option<String> {
+        if !self.faulted.load(Ordering::Acquire) {
+            return None;
+        }
+        self.fault.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Refuses a write while the store has a fault: fjall would refuse it too, with a
+    /// less helpful reason.
+    fn writable(&self) -> Result<(), StoreError> {
+        match self.fault() {
+            Some(fault) => Err(StoreError::Faulted(fault)),
+            None => Ok(()),
+        }
+    }
+
+    /// A write's result, with a failure recorded as the store's fault.
+    fn written<T>(&self, result: Result<T, StoreError>) -> Result<T, StoreError> {
+        if let Err(e) = &result {
+            // A record that does not encode is a defect of ours, not of the disk.
+            if !matches!(e, StoreError::Corrupt(_)) {
+                let mut fault = self.fault.lock().unwrap_or_else(|e| e.into_inner());
+                if fault.is_none() {
+                    tracing::error!(error = %e, dir = %self.dir.display(), "a store write failed; writes are refused until the store reopens");
+                    *fault = Some(e.to_string());
+                    self.faulted.store(true, Ordering::Release);
+                }
+            }
+        }
+        result
+    }
+
+    /// Recovers from a write fault: once a file in the store's directory can be written
+    /// and synced again, closes the database, opens it again from disk (replaying its
+    /// journal) and proves it takes a durable write. Fails, to be retried, while the
+    /// fault lasts; reads keep being served by the old database until the directory is
+    /// writable. On success the fault is cleared; what the caller keeps in memory must
+    /// then be rebuilt from the store, which is the truth.
+    pub fn reopen(&self) -> Result<(), StoreError> {
+        probe_dir(&self.dir)?;
+        if let Some(old) = self.tables.swap(None) {
+            // A call that loaded the tables before the swap still uses them; fjall's lock
+            // on the directory goes with the last of them.
+            if Arc::strong_count(&old) > 1 {
+                self.tables.store(Some(old));
+                return Err(StoreError::Busy);
+            }
+        }
+        let tables = Arc::new(Tables::open(&self.dir)?);
+        let probed = tables.probe();
+        self.tables.store(Some(tables));
+        probed?;
+        *self.fault.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.faulted.store(false, Ordering::Release);
+        tracing::info!(dir = %self.dir.display(), "the store reopened and takes writes again");
+        Ok(())
+    }
+
     pub fn load_profile(&self, person: &PersonKey) -> Result<Option<Profile>, StoreError> {
+        self.tables()?.load_profile(person)
+    }
+
+    /// When `event_id` was seen for `person`, if it was.
+    pub fn seen_at(&self, person: &PersonKey, event_id: &str) -> Result<Option<Time>, StoreError> {
+        self.tables()?.seen_at(person, event_id)
+    }
+
+    /// Every alias: (anonymous key, the person it belongs to).
+    pub fn aliases(&self) -> Result<Vec<(PersonKey, PersonKey)>, StoreError> {
+        self.tables()?.aliases()
+    }
+
+    pub fn load_triggers(&self, person: &PersonKey) -> Result<Option<TriggerState>, StoreError> {
+        self.tables()?.load_triggers(person)
+    }
+
+    /// A person's latest `limit` trigger decisions, oldest first.
+    pub fn audit(&self, person: &PersonKey, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
+        self.tables()?.audit(person, limit)
+    }
+
+    /// Deletes audit entries decided before `before`; returns how many.
+    pub fn expire_audit(&self, before: Time) -> Result<usize, StoreError> {
+        self.writable()?;
+        self.written(self.tables()?.expire_audit(before))
+    }
+
+    /// Every (due time, person) with a pending timer, earliest first.
+    pub fn timer_index(&self) -> Result<Vec<(Time, PersonKey)>, StoreError> {
+        self.tables()?.timer_index()
+    }
+
+    /// The highest outbox sequence number stored (0 when empty).
+    pub fn outbox_last(&self) -> Result<u64, StoreError> {
+        self.tables()?.outbox_last()
+    }
+
+    /// Outbox entries after `after` up to and including `up_to`, at most `limit`.
+    pub fn outbox_range(
+        &self,
+        after: u64,
+        up_to: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        self.tables()?.outbox_range(after, up_to, limit)
+    }
+
+    /// The lowest outbox sequence number still stored, if any.
+    pub fn outbox_first(&self) -> Result<Option<u64>, StoreError> {
+        self.tables()?.outbox_first()
+    }
+
+    /// Deletes outbox entries up to and including `up_to`; returns how many.
+    pub fn trim_outbox(&self, up_to: u64) -> Result<usize, StoreError> {
+        self.writable()?;
+        self.written(self.tables()?.trim_outbox(up_to))
+    }
+
+    /// Every stored (rule, variant, shard, totals).
+    pub fn outcomes(&self) -> Result<Vec<(String, String, u16, OutcomeTotals)>, StoreError> {
+        self.tables()?.outcomes()
+    }
+
+    /// A consumer's cursor: the last outbox sequence it has taken care of (0 if none).
+    pub fn cursor(&self, name: &str) -> Result<u64, StoreError> {
+        self.tables()?.cursor(name)
+    }
+
+    /// Moves a consumer's cursor and records dead letters, in one batch. A cursor needs no
+    /// fsync of its own: losing one only means redelivering (at least once).
+    pub fn advance_cursor(
+        &self,
+        name: &str,
+        to: u64,
+        dead: &[(u64, Vec<u8>)],
+    ) -> Result<(), StoreError> {
+        self.writable()?;
+        self.written(self.tables()?.advance_cursor(name, to, dead, self.sync))
+    }
+
+    /// Every dead letter of every consumer: (consumer, sequence, record).
+    pub fn all_dead_letters(&self) -> Result<Vec<(String, u64, Vec<u8>)>, StoreError> {
+        self.tables()?.all_dead_letters()
+    }
+
+    /// Deletes outbox entries and dead letters (erasure), durably.
+    pub fn remove_delivered(
+        &self,
+        outbox: &[u64],
+        dead: &[(String, u64)],
+    ) -> Result<(), StoreError> {
+        self.writable()?;
+        self.written(self.tables()?.remove_delivered(outbox, dead))
+    }
+
+    /// A consumer's dead letters, oldest first.
+    pub fn dead_letters(&self, name: &str) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        self.tables()?.dead_letters(name)
+    }
+
+    /// How many people have a stored profile: one per key, however many superseded
+    /// versions the tables still hold (fjall's own length estimate counts those). A scan
+    /// of the keys.
+    pub fn people(&self) -> Result<usize, StoreError> {
+        self.tables()?.people()
+    }
+
+    /// Commits every write atomically, with the configured durability.
+    pub fn commit(&self, writes: Vec<Write>) -> Result<(), StoreError> {
+        self.writable()?;
+        self.written(self.tables()?.commit(writes, self.sync))
+    }
+
+    /// Deletes idempotency records seen before `before`; returns how many.
+    pub fn expire_seen(&self, before: Time) -> Result<usize, StoreError> {
+        self.writable()?;
+        self.written(self.tables()?.expire_seen(before))
+    }
+
+    /// fsyncs everything committed so far.
+    pub fn sync_now(&self) -> Result<(), StoreError> {
+        self.writable()?;
+        self.written(self.tables()?.sync_now())
+    }
+
+    /// Writes every keyspace out to tables and compacts them fully, so deleted data leaves
+    /// the files: the journal that still held it is dropped once everything is flushed.
+    pub fn compact(&self) -> Result<(), StoreError> {
+        self.writable()?;
+        self.written(self.tables()?.compact())
+    }
+
+    /// Rewrites the database in `dir` with only its live data, like SQLite's VACUUM: the
+    /// files afterwards hold nothing that was deleted, whatever the journal still held.
+    /// Offline: nothing else may have the database open.
+    pub fn vacuum(dir: &Path) -> Result<(), StoreError> {
+        let fresh_dir = dir.with_extension("vacuum");
+        if fresh_dir.exists() {
+            std::fs::remove_dir_all(&fresh_dir)?;
+        }
+        {
+            let old = Tables::open(dir)?;
+            std::fs::create_dir_all(&fresh_dir)?;
+            let fresh = Tables::open(&fresh_dir)?;
+            for (from, to) in old.keyspaces().into_iter().zip(fresh.keyspaces()) {
+                let mut batch = fresh.db.batch();
+                for item in from.iter() {
+                    let (k, v) = item.into_inner()?;
+                    batch.insert(to, k, v);
+                    if batch.len() >= 10_000 {
+                        std::mem::replace(&mut batch, fresh.db.batch()).commit()?;
+                    }
+                }
+                batch.commit()?;
+            }
+            fresh.compact()?;
+        }
+        let aside = aside_path(dir);
+        std::fs::rename(dir, &aside)?;
+        std::fs::rename(&fresh_dir, dir)?;
+        std::fs::remove_dir_all(&aside)?;
+        Ok(())
+    }
+}
+
+/// The data operations on open tables; [`Store`] calls them through its fault handling.
+impl Tables {
+    fn load_profile(&self, person: &PersonKey) -> Result<Option<Profile>, StoreError> {
         let Some(bytes) = self.profiles.get(key(person))? else {
             return Ok(None);
         };
@@ -301,7 +622,7 @@ impl Store {
     }
 
     /// When `event_id` was seen for `person`, if it was.
-    pub fn seen_at(&self, person: &PersonKey, event_id: &str) -> Result<Option<Time>, StoreError> {
+    fn seen_at(&self, person: &PersonKey, event_id: &str) -> Result<Option<Time>, StoreError> {
         Ok(self.seen.get(seen_key(person, event_id))?.and_then(|v| {
             let bytes: [u8; 8] = v.as_ref().try_into().ok()?;
             Some(Time(i64::from_be_bytes(bytes)))
@@ -309,7 +630,7 @@ impl Store {
     }
 
     /// Every alias: (anonymous key, the person it belongs to).
-    pub fn aliases(&self) -> Result<Vec<(PersonKey, PersonKey)>, StoreError> {
+    fn aliases(&self) -> Result<Vec<(PersonKey, PersonKey)>, StoreError> {
         let mut out = Vec::new();
         for item in self.aliases.iter() {
             let (k, v) = item.into_inner()?;
@@ -320,7 +641,7 @@ impl Store {
         Ok(out)
     }
 
-    pub fn load_triggers(&self, person: &PersonKey) -> Result<Option<TriggerState>, StoreError> {
+    fn load_triggers(&self, person: &PersonKey) -> Result<Option<TriggerState>, StoreError> {
         self.triggers
             .get(key(person))?
             .map(|bytes| decode("trigger state", TRIGGER_STATE_FORMAT, &bytes))
@@ -328,7 +649,7 @@ impl Store {
     }
 
     /// A person's latest `limit` trigger decisions, oldest first.
-    pub fn audit(&self, person: &PersonKey, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
+    fn audit(&self, person: &PersonKey, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
         let mut out = Vec::new();
         for item in self.audit.prefix(prefix(person)).rev().take(limit) {
             out.push(decode_audit(&item.value()?)?);
@@ -338,7 +659,7 @@ impl Store {
     }
 
     /// Deletes audit entries decided before `before`; returns how many.
-    pub fn expire_audit(&self, before: Time) -> Result<usize, StoreError> {
+    fn expire_audit(&self, before: Time) -> Result<usize, StoreError> {
         let mut batch = self.db.batch();
         for item in self.audit.iter() {
             let (k, v) = item.into_inner()?;
@@ -352,7 +673,7 @@ impl Store {
     }
 
     /// Every (due time, person) with a pending timer, earliest first.
-    pub fn timer_index(&self) -> Result<Vec<(Time, PersonKey)>, StoreError> {
+    fn timer_index(&self) -> Result<Vec<(Time, PersonKey)>, StoreError> {
         let mut out = Vec::new();
         for item in self.timers.iter() {
             let k = item.key()?;
@@ -368,7 +689,7 @@ impl Store {
     }
 
     /// The highest outbox sequence number stored (0 when empty).
-    pub fn outbox_last(&self) -> Result<u64, StoreError> {
+    fn outbox_last(&self) -> Result<u64, StoreError> {
         Ok(match self.outbox.last_key_value() {
             Some(item) => be_u64(&item.key()?).unwrap_or(0),
             None => 0,
@@ -376,7 +697,7 @@ impl Store {
     }
 
     /// Outbox entries after `after` up to and including `up_to`, at most `limit`.
-    pub fn outbox_range(
+    fn outbox_range(
         &self,
         after: u64,
         up_to: u64,
@@ -400,7 +721,7 @@ impl Store {
     }
 
     /// The lowest outbox sequence number still stored, if any.
-    pub fn outbox_first(&self) -> Result<Option<u64>, StoreError> {
+    fn outbox_first(&self) -> Result<Option<u64>, StoreError> {
         Ok(match self.outbox.first_key_value() {
             Some(item) => be_u64(&item.key()?),
             None => None,
@@ -408,7 +729,7 @@ impl Store {
     }
 
     /// Deletes outbox entries up to and including `up_to`; returns how many.
-    pub fn trim_outbox(&self, up_to: u64) -> Result<usize, StoreError> {
+    fn trim_outbox(&self, up_to: u64) -> Result<usize, StoreError> {
         let mut batch = self.db.batch();
         for item in self.outbox.range(..=up_to.to_be_bytes()) {
             batch.remove(&self.outbox, item.key()?);
@@ -419,7 +740,7 @@ impl Store {
     }
 
     /// Every stored (rule, variant, shard, totals).
-    pub fn outcomes(&self) -> Result<Vec<(String, String, u16, OutcomeTotals)>, StoreError> {
+    fn outcomes(&self) -> Result<Vec<(String, String, u16, OutcomeTotals)>, StoreError> {
         let mut out = Vec::new();
         for item in self.outcomes.iter() {
             let (k, v) = item.into_inner()?;
@@ -450,7 +771,7 @@ impl Store {
     }
 
     /// A consumer's cursor: the last outbox sequence it has taken care of (0 if none).
-    pub fn cursor(&self, name: &str) -> Result<u64, StoreError> {
+    fn cursor(&self, name: &str) -> Result<u64, StoreError> {
         Ok(self
             .cursors
             .get(name.as_bytes())?
@@ -460,11 +781,12 @@ impl Store {
 
     /// Moves a consumer's cursor and records dead letters, in one batch. A cursor needs no
     /// fsync of its own: losing one only means redelivering (at least once).
-    pub fn advance_cursor(
+    fn advance_cursor(
         &self,
         name: &str,
         to: u64,
         dead: &[(u64, Vec<u8>)],
+        sync: SyncMode,
     ) -> Result<(), StoreError> {
         let mut batch = self.db.batch();
         batch.insert(&self.cursors, name.as_bytes(), to.to_be_bytes());
@@ -474,7 +796,7 @@ impl Store {
             k.extend(seq.to_be_bytes());
             batch.insert(&self.dead_letters, k, record.clone());
         }
-        let batch = match (self.sync, dead.is_empty()) {
+        let batch = match (sync, dead.is_empty()) {
             (SyncMode::Always, false) => batch.durability(Some(PersistMode::SyncData)),
             _ => batch,
         };
@@ -483,7 +805,7 @@ impl Store {
     }
 
     /// Every dead letter of every consumer: (consumer, sequence, record).
-    pub fn all_dead_letters(&self) -> Result<Vec<(String, u64, Vec<u8>)>, StoreError> {
+    fn all_dead_letters(&self) -> Result<Vec<(String, u64, Vec<u8>)>, StoreError> {
         let mut out = Vec::new();
         for item in self.dead_letters.iter() {
             let (k, v) = item.into_inner()?;
@@ -499,11 +821,7 @@ impl Store {
     }
 
     /// Deletes outbox entries and dead letters (erasure), durably.
-    pub fn remove_delivered(
-        &self,
-        outbox: &[u64],
-        dead: &[(String, u64)],
-    ) -> Result<(), StoreError> {
+    fn remove_delivered(&self, outbox: &[u64], dead: &[(String, u64)]) -> Result<(), StoreError> {
         let mut batch = self.db.batch();
         for seq in outbox {
             batch.remove(&self.outbox, seq.to_be_bytes());
@@ -519,7 +837,7 @@ impl Store {
     }
 
     /// A consumer's dead letters, oldest first.
-    pub fn dead_letters(&self, name: &str) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+    fn dead_letters(&self, name: &str) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         let mut prefix = name.as_bytes().to_vec();
         prefix.push(0);
         let mut out = Vec::new();
@@ -535,7 +853,7 @@ impl Store {
     /// How many people have a stored profile: one per key, however many superseded
     /// versions the tables still hold (fjall's own length estimate counts those). A scan
     /// of the keys.
-    pub fn people(&self) -> Result<usize, StoreError> {
+    fn people(&self) -> Result<usize, StoreError> {
         let mut n = 0;
         for item in self.profiles.iter() {
             item.key()?;
@@ -545,7 +863,7 @@ impl Store {
     }
 
     /// Commits every write atomically, with the configured durability.
-    pub fn commit(&self, writes: Vec<Write>) -> Result<(), StoreError> {
+    fn commit(&self, writes: Vec<Write>, sync: SyncMode) -> Result<(), StoreError> {
         if writes.is_empty() {
             return Ok(());
         }
@@ -641,7 +959,7 @@ impl Store {
                 Write::Nothing => {}
             }
         }
-        let batch = match self.sync {
+        let batch = match sync {
             SyncMode::Always => batch.durability(Some(PersistMode::SyncData)),
             SyncMode::Interval(_) => batch,
         };
@@ -650,7 +968,7 @@ impl Store {
     }
 
     /// Deletes idempotency records seen before `before`; returns how many.
-    pub fn expire_seen(&self, before: Time) -> Result<usize, StoreError> {
+    fn expire_seen(&self, before: Time) -> Result<usize, StoreError> {
         let mut batch = self.db.batch();
         for item in self.seen.iter() {
             let (k, v) = item.into_inner()?;
@@ -669,68 +987,21 @@ impl Store {
         Ok(n)
     }
 
-    fn keyspaces(&self) -> [&Keyspace; 11] {
-        [
-            &self.profiles,
-            &self.aliases,
-            &self.members,
-            &self.seen,
-            &self.triggers,
-            &self.timers,
-            &self.outbox,
-            &self.outcomes,
-            &self.cursors,
-            &self.dead_letters,
-            &self.audit,
-        ]
-    }
-
     /// fsyncs everything committed so far.
-    pub fn sync_now(&self) -> Result<(), StoreError> {
+    fn sync_now(&self) -> Result<(), StoreError> {
         self.db.persist(PersistMode::SyncAll)?;
         Ok(())
     }
 
     /// Writes every keyspace out to tables and compacts them fully, so deleted data leaves
     /// the files: the journal that still held it is dropped once everything is flushed.
-    pub fn compact(&self) -> Result<(), StoreError> {
+    fn compact(&self) -> Result<(), StoreError> {
         self.sync_now()?;
         for keyspace in self.keyspaces() {
             keyspace.rotate_memtable_and_wait()?;
             keyspace.major_compact()?;
         }
         self.sync_now()
-    }
-
-    /// Rewrites the database in `dir` with only its live data, like SQLite's VACUUM: the
-    /// files afterwards hold nothing that was deleted, whatever the journal still held.
-    /// Offline: nothing else may have the database open.
-    pub fn vacuum(dir: &Path) -> Result<(), StoreError> {
-        let fresh_dir = dir.with_extension("vacuum");
-        if fresh_dir.exists() {
-            std::fs::remove_dir_all(&fresh_dir)?;
-        }
-        {
-            let old = Store::open(dir, SyncMode::Always)?;
-            let fresh = Store::open(&fresh_dir, SyncMode::Always)?;
-            for (from, to) in old.keyspaces().into_iter().zip(fresh.keyspaces()) {
-                let mut batch = fresh.db.batch();
-                for item in from.iter() {
-                    let (k, v) = item.into_inner()?;
-                    batch.insert(to, k, v);
-                    if batch.len() >= 10_000 {
-                        std::mem::replace(&mut batch, fresh.db.batch()).commit()?;
-                    }
-                }
-                batch.commit()?;
-            }
-            fresh.compact()?;
-        }
-        let aside = aside_path(dir);
-        std::fs::rename(dir, &aside)?;
-        std::fs::rename(&fresh_dir, dir)?;
-        std::fs::remove_dir_all(&aside)?;
-        Ok(())
     }
 }
 
@@ -749,10 +1020,36 @@ mod tests {
         let store = Store::open(dir.path(), SyncMode::Always).unwrap();
         let mut bytes = vec![1];
         bytes.extend(hex::decode(crate::profile::v1::FORMAT_1_FIXTURE).unwrap());
-        store.profiles.insert(key(&person("u1")), bytes).unwrap();
+        store
+            .tables()
+            .unwrap()
+            .profiles
+            .insert(key(&person("u1")), bytes)
+            .unwrap();
         let profile = store.load_profile(&person("u1")).unwrap().unwrap();
         assert_eq!(profile.cart().items(), 2);
         assert!(profile.cart().checkout_started());
+    }
+
+    #[test]
+    fn a_reopen_closes_and_opens_the_database_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), SyncMode::Always).unwrap();
+        store
+            .commit(vec![Write::Seen(person("u1"), "e1".into(), Time(7))])
+            .unwrap();
+        // A read that holds the tables keeps the reopen from closing them under it.
+        let held = store.tables().unwrap();
+        assert!(matches!(store.reopen(), Err(StoreError::Busy)));
+        assert_eq!(store.seen_at(&person("u1"), "e1").unwrap(), Some(Time(7)));
+        drop(held);
+        store.reopen().unwrap();
+        assert_eq!(store.seen_at(&person("u1"), "e1").unwrap(), Some(Time(7)));
+        store
+            .commit(vec![Write::Seen(person("u1"), "e2".into(), Time(8))])
+            .unwrap();
+        assert_eq!(store.fault(), None);
+        assert!(!dir.path().join(".nudge-probe").exists());
     }
 
     #[test]
@@ -928,7 +1225,12 @@ mod tests {
                 ])
                 .unwrap();
             if round % 10 == 0 {
-                store.profiles.rotate_memtable_and_wait().unwrap();
+                store
+                    .tables()
+                    .unwrap()
+                    .profiles
+                    .rotate_memtable_and_wait()
+                    .unwrap();
             }
         }
         assert_eq!(store.people().unwrap(), 2);
