@@ -355,6 +355,7 @@ fn track_per_event(engine_kind: nudge::model::Engine) {
     // The default durable mode: every call waits for its fsync.
     let data = tempfile::tempdir().expect("a temporary directory");
     let store = Arc::new(Store::open(data.path(), SyncMode::Always).expect("opening the store"));
+    let metrics = Arc::new(Metrics::new());
     let engine = Engine::start(
         &EngineOptions {
             shards: 2,
@@ -366,7 +367,8 @@ fn track_per_event(engine_kind: nudge::model::Engine) {
         Arc::new(ModelRegistry::new(set)),
         Arc::new(Live::open(PathBuf::new()).expect("no rules file, no rules")),
         Arc::new(Outbox::open(store).expect("opening the outbox")),
-        Arc::new(Metrics::new()),
+        metrics.clone(),
+        Arc::new(nudge::readiness::Readiness::new(metrics)),
     )
     .expect("starting the engine");
     let stream = events(1000, 4_000);

@@ -22,6 +22,7 @@ use crate::model::reload::{self, record_models, Reloader};
 use crate::model::{LoadOptions, ModelRegistry};
 use crate::pb;
 use crate::pb::nudge_service_server::NudgeServiceServer;
+use crate::readiness::{Readiness, Reason as ReadinessReason};
 use crate::store::{Store, SyncMode};
 use crate::time::{Clock, DAY_MS, HOUR_MS};
 use crate::trigger::Live;
@@ -202,6 +203,12 @@ impl Server {
             manual_ticks,
         } = self;
         let dedup_horizon_ms = config.store.dedup_horizon_hours as i64 * HOUR_MS;
+        // Live as soon as it listens; ready to score once a model is loaded, while the
+        // store takes writes and every shard runs.
+        let readiness = Arc::new(Readiness::new(metrics.clone()));
+        if models.current().is_empty() {
+            readiness.set(ReadinessReason::NoModels, "no model is loaded");
+        }
         let engine = Arc::new(Engine::start(
             &EngineOptions {
                 shards: config.shards(),
@@ -214,29 +221,24 @@ impl Server {
             rules.clone(),
             outbox.clone(),
             metrics.clone(),
+            readiness.clone(),
         )?);
         // Shutdown fans out: the gRPC server, trigger streams, the metrics server, the
         // background tasks and the grace timer.
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        // Live as soon as it listens; ready to score once a model is loaded.
-        let ready = !models.current().is_empty();
         let (health, health_service) = tonic_health::server::health_reporter();
         let reloader = Arc::new(Reloader::new(
             models.clone(),
             metrics.clone(),
             clock.clone(),
             {
-                let health = health.clone();
+                let readiness = readiness.clone();
                 move |ready| {
-                    let health = health.clone();
-                    tokio::spawn(async move {
-                        let status = if ready {
-                            ServingStatus::Serving
-                        } else {
-                            ServingStatus::NotServing
-                        };
-                        health.set_service_status(SERVICE_NAME, status).await;
-                    });
+                    if ready {
+                        readiness.clear(ReadinessReason::NoModels);
+                    } else {
+                        readiness.set(ReadinessReason::NoModels, "no model is loaded");
+                    }
                 }
             },
         ));
@@ -277,16 +279,7 @@ impl Server {
             .max_decoding_message_size(max)
             .max_encoding_message_size(usize::MAX);
         health.set_service_status("", ServingStatus::Serving).await;
-        health
-            .set_service_status(
-                SERVICE_NAME,
-                if ready {
-                    ServingStatus::Serving
-                } else {
-                    ServingStatus::NotServing
-                },
-            )
-            .await;
+        let health_task = tokio::spawn(follow_readiness(health.clone(), readiness.watch()));
 
         let grace = Duration::from_secs(config.server.shutdown_grace_seconds);
         let grpc_addr = grpc.local_addr()?;
@@ -348,6 +341,13 @@ impl Server {
             },
             wait_for_stop(stop_rx.clone()),
         ));
+        let recovery = tokio::spawn(recover_store(
+            store.clone(),
+            engine.clone(),
+            readiness.clone(),
+            metrics.clone(),
+            stop_rx.clone(),
+        ));
         let ticker = tokio::spawn(tick(
             engine.clone(),
             clock.clone(),
@@ -408,6 +408,8 @@ impl Server {
 
         shutdown.await;
         tracing::info!("shutting down: NOT_SERVING, draining in-flight calls");
+        readiness.set(ReadinessReason::ShuttingDown, "the server is draining");
+        health_task.abort();
         set_health(&health, ServingStatus::NotServing).await;
         let _ = stop_tx.send(true);
         let mut grpc_task = grpc_task;
@@ -434,6 +436,7 @@ impl Server {
         let _ = rules_reloads.await;
         engine.shutdown().await;
         let _ = maintenance.await;
+        let _ = recovery.await;
         let _ = hangups.await;
         let _ = outbox_upkeep.await;
         for w in webhooks {
@@ -453,6 +456,88 @@ const SERVICE_NAME: &str = "nudge.v1.NudgeService";
 async fn set_health(health: &tonic_health::server::HealthReporter, status: ServingStatus) {
     health.set_service_status("", status).await;
     health.set_service_status(SERVICE_NAME, status).await;
+}
+
+/// Keeps the readiness service's health status (`nudge.v1.NudgeService`) what readiness
+/// says, as it changes.
+async fn follow_readiness(
+    health: tonic_health::server::HealthReporter,
+    mut ready: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let status = if *ready.borrow_and_update() {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        health.set_service_status(SERVICE_NAME, status).await;
+        if ready.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// How long a failed reopen of the store waits before the next.
+const REOPEN_RETRY: Duration = Duration::from_secs(1);
+
+/// Recovers from store write faults until `stop`: when a write fails, readiness turns off
+/// at once (with the fault as its detail); the store is reopened every [`REOPEN_RETRY`]
+/// until that succeeds, the shards rebuild their memory from it, and readiness turns on.
+async fn recover_store(
+    store: Arc<Store>,
+    engine: Arc<Engine>,
+    readiness: Arc<Readiness>,
+    metrics: Arc<Metrics>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut faults = store.faults();
+    let stopped = wait_for_stop(stop);
+    tokio::pin!(stopped);
+    loop {
+        tokio::select! {
+            _ = &mut stopped => return,
+            fault = faults.wait_for(|faulted| *faulted) => if fault.is_err() { return },
+        }
+        let detail = store
+            .fault()
+            .unwrap_or_else(|| "a store write failed".into());
+        readiness.set(
+            ReadinessReason::Store,
+            format!("{detail}; reopening the store"),
+        );
+        loop {
+            tokio::select! {
+                _ = &mut stopped => return,
+                _ = tokio::time::sleep(REOPEN_RETRY) => {}
+            }
+            let reopening = store.clone();
+            let reopened = tokio::task::spawn_blocking(move || reopening.reopen()).await;
+            match reopened {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    metrics.store_reopens.with_label_values(&["failed"]).inc();
+                    tracing::warn!(error = %e, "the store does not reopen yet; retrying");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "reopening the store panicked");
+                    continue;
+                }
+            }
+            match engine.resync().await {
+                Ok(()) => {
+                    store.resume();
+                    metrics.store_reopens.with_label_values(&["ok"]).inc();
+                    readiness.clear(ReadinessReason::Store);
+                    tracing::info!("recovered from the store fault");
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "rebuilding memory from the store failed; retrying")
+                }
+            }
+        }
+    }
 }
 
 /// How long records are kept.

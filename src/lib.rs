@@ -19,6 +19,7 @@
 //! - [`delivery`]: the outbox of delivered triggers, `SubscribeTriggers` readers and
 //!   webhooks.
 //! - [`store`]: everything durable, in one fjall database.
+//! - [`readiness`]: whether the server can do its work now, and why not.
 //! - [`metrics`]: the Prometheus registry and the `/metrics` endpoint (no domain types).
 //! - [`config`]: the TOML config with `NUDGE__` overrides; each section's part builds
 //!   itself from it.
@@ -36,6 +37,7 @@ pub mod identity;
 pub mod metrics;
 pub mod model;
 pub mod profile;
+pub mod readiness;
 pub mod segments;
 pub mod store;
 pub mod time;

@@ -49,6 +49,15 @@ pub struct Metrics {
     pub store_commit_duration: Histogram,
     /// Store commits that failed.
     pub store_errors: IntCounter,
+    /// Attempts to reopen the store after a write fault, by outcome (ok, failed).
+    pub store_reopens: IntCounterVec,
+    /// 1 while the server is ready (health SERVING for nudge.v1.NudgeService).
+    pub ready: IntGauge,
+    /// 1 for each reason the server is not ready now (no_models, store, shard,
+    /// shutting_down); 0 once it clears.
+    pub not_ready: IntGaugeVec,
+    /// Panics caught while handling a request, by where (shard, rpc).
+    pub panics: IntCounterVec,
     /// Model reloads by outcome: ok, refused (some file was refused), failed.
     pub model_reloads: IntCounterVec,
     /// Trigger decisions by rule and outcome: delivered, holdout, or a suppression reason.
@@ -171,6 +180,35 @@ impl Metrics {
                     .expect("unique metric");
                 c
             },
+            store_reopens: counter(
+                "nudge_store_reopens_total",
+                "Attempts to reopen the store after a write fault, by outcome (ok, failed).",
+                &["outcome"],
+            ),
+            ready: gauge(
+                &registry,
+                "nudge_ready",
+                "1 while the server is ready (health SERVING for nudge.v1.NudgeService).",
+            ),
+            not_ready: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "nudge_not_ready",
+                        "1 for each reason the server is not ready now (no_models, store, shard, shutting_down).",
+                    ),
+                    &["reason"],
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(g.clone()))
+                    .expect("unique metric");
+                g
+            },
+            panics: counter(
+                "nudge_panics_total",
+                "Panics caught while handling a request, by where (shard, rpc).",
+                &["where"],
+            ),
             model_reloads: counter(
                 "nudge_model_reloads_total",
                 "Model reloads by outcome (ok, refused, failed).",

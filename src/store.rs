@@ -186,6 +186,8 @@ pub struct Store {
     fault: Mutex<Option<String>>,
     /// Set with `fault`, read on every write path without the lock.
     faulted: AtomicBool,
+    /// Tells watchers (readiness, the recovery task) when a fault begins and ends.
+    faults: tokio::sync::watch::Sender<bool>,
 }
 
 /// A person's key as bytes: a tag and the id.
@@ -368,6 +370,7 @@ impl Store {
             tables: ArcSwapOption::from_pointee(Tables::open(dir)?),
             fault: Mutex::new(None),
             faulted: AtomicBool::new(false),
+            faults: tokio::sync::watch::channel(false).0,
         })
     }
 
@@ -389,6 +392,12 @@ impl Store {
         self.fault.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// Whether the store has a fault, as it changes: true from a failed write until a
+    /// reopen succeeds.
+    pub fn faults(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.faults.subscribe()
+    }
+
     /// Refuses a write while the store has a fault: fjall would refuse it too, with a
     /// less helpful reason.
     fn writable(&self) -> Result<(), StoreError> {
@@ -408,6 +417,7 @@ impl Store {
                     tracing::error!(error = %e, dir = %self.dir.display(), "a store write failed; writes are refused until the store reopens");
                     *fault = Some(e.to_string());
                     self.faulted.store(true, Ordering::Release);
+                    self.faults.send_replace(true);
                 }
             }
         }
@@ -418,8 +428,7 @@ impl Store {
     /// and synced again, closes the database, opens it again from disk (replaying its
     /// journal) and proves it takes a durable write. Fails, to be retried, while the
     /// fault lasts; reads keep being served by the old database until the directory is
-    /// writable. On success the fault is cleared; what the caller keeps in memory must
-    /// then be rebuilt from the store, which is the truth.
+    /// writable. Writes stay refused until [`Store::resume`].
     pub fn reopen(&self) -> Result<(), StoreError> {
         probe_dir(&self.dir)?;
         if let Some(old) = self.tables.swap(None) {
@@ -434,10 +443,18 @@ impl Store {
         let probed = tables.probe();
         self.tables.store(Some(tables));
         probed?;
+        tracing::info!(dir = %self.dir.display(), "the store reopened");
+        Ok(())
+    }
+
+    /// Takes writes again after a [`Store::reopen`], once the caller has rebuilt what it
+    /// keeps in memory from the store (until then writes stay refused, so nothing is
+    /// written from memory that predates the reopen).
+    pub fn resume(&self) {
         *self.fault.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.faulted.store(false, Ordering::Release);
-        tracing::info!(dir = %self.dir.display(), "the store reopened and takes writes again");
-        Ok(())
+        self.faults.send_replace(false);
+        tracing::info!(dir = %self.dir.display(), "the store takes writes again");
     }
 
     pub fn load_profile(&self, person: &PersonKey) -> Result<Option<Profile>, StoreError> {
@@ -551,6 +568,10 @@ impl Store {
 
     /// Commits every write atomically, with the configured durability.
     pub fn commit(&self, writes: Vec<Write>) -> Result<(), StoreError> {
+        // A group that only read has nothing to commit, fault or not.
+        if writes.is_empty() {
+            return Ok(());
+        }
         self.writable()?;
         self.written(self.tables()?.commit(writes, self.sync))
     }
@@ -1044,6 +1065,7 @@ mod tests {
         assert_eq!(store.seen_at(&person("u1"), "e1").unwrap(), Some(Time(7)));
         drop(held);
         store.reopen().unwrap();
+        store.resume();
         assert_eq!(store.seen_at(&person("u1"), "e1").unwrap(), Some(Time(7)));
         store
             .commit(vec![Write::Seen(person("u1"), "e2".into(), Time(8))])

@@ -71,6 +71,8 @@ impl From<ApiError> for Status {
             ApiError::Engine(EngineError::ShuttingDown) => Status::unavailable(message),
             ApiError::Engine(EngineError::Store(_)) => Status::unavailable(message),
             ApiError::Engine(EngineError::Conflict(_)) => Status::failed_precondition(message),
+            ApiError::Engine(EngineError::Panicked) => Status::internal(message),
+            ApiError::Engine(EngineError::GroupFailed) => Status::unavailable(message),
             ApiError::Store(_) => Status::unavailable(message),
             ApiError::Model { .. } => Status::internal(message),
             ApiError::NotFound(_) => Status::not_found(message),

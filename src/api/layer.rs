@@ -1,13 +1,17 @@
 //! One tower layer around every gRPC call: counts requests by RPC and status code, times
-//! them, and answers an oversize request with RESOURCE_EXHAUSTED as the gRPC spec asks
-//! (tonic itself answers OUT_OF_RANGE).
+//! them, answers an oversize request with RESOURCE_EXHAUSTED as the gRPC spec asks
+//! (tonic itself answers OUT_OF_RANGE), and turns a panic in a handler into INTERNAL for
+//! that call alone (counted in `nudge_panics_total{where="rpc"}`) instead of a dropped
+//! connection.
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
+use futures_util::FutureExt as _;
 use tonic::codegen::http::{self, HeaderValue};
 use tonic::Code;
 
@@ -113,6 +117,7 @@ where
         + 'static,
     S::Future: Send + 'static,
     ReqBody: Send + 'static,
+    ResBody: Default,
 {
     type Response = S::Response;
     type Error = S::Error;
@@ -130,7 +135,16 @@ where
         let rpc = rpc_label(request.uri().path());
         let started = Instant::now();
         Box::pin(async move {
-            let mut response = inner.call(request).await?;
+            let answered = AssertUnwindSafe(inner.call(request)).catch_unwind().await;
+            let mut response = match answered {
+                Ok(response) => response?,
+                Err(_) => {
+                    // The panic hook has logged the message and where.
+                    tracing::error!(rpc, "a handler panicked; answering INTERNAL");
+                    layer.metrics.panics.with_label_values(&["rpc"]).inc();
+                    panicked()
+                }
+            };
             // Errors of unary calls come back as trailers-only responses, with the status in
             // the headers; a response without one is OK so far.
             let headers = response.headers_mut();
@@ -171,6 +185,19 @@ where
             Ok(response)
         })
     }
+}
+
+/// The answer to a call whose handler panicked: INTERNAL, trailers-only.
+fn panicked<B: Default>() -> http::Response<B> {
+    let mut response = http::Response::new(B::default());
+    let headers = response.headers_mut();
+    headers.insert("content-type", HeaderValue::from_static("application/grpc"));
+    headers.insert("grpc-status", HeaderValue::from(Code::Internal as i32));
+    headers.insert(
+        "grpc-message",
+        HeaderValue::from_static("the request failed inside the server (a defect, logged)"),
+    );
+    response
 }
 
 /// What tonic's own refusal of a request message is, from the caller's side: tonic answers
@@ -284,6 +311,43 @@ mod tests {
                 method
             );
         }
+    }
+
+    #[tokio::test]
+    async fn a_panicking_handler_answers_internal_and_is_counted() {
+        use tower::{Layer as _, Service as _, ServiceExt as _};
+        let metrics = Arc::new(Metrics::new());
+        let handler = tower::service_fn(|request: http::Request<()>| async move {
+            if request.uri().path().ends_with("/Score") {
+                panic!("a handler panics (test)");
+            }
+            Ok::<_, std::convert::Infallible>(http::Response::new(()))
+        });
+        let mut service = MetricsLayer::new(metrics.clone(), 1024).layer(handler);
+        let call = |path: &'static str| http::Request::builder().uri(path).body(()).unwrap();
+        let response = service
+            .ready()
+            .await
+            .unwrap()
+            .call(call("/nudge.v1.NudgeService/Score"))
+            .await
+            .unwrap();
+        assert_eq!(response.headers()["grpc-status"], "13");
+        assert_eq!(metrics.panics.with_label_values(&["rpc"]).get(), 1);
+        let counted = metrics
+            .grpc_requests
+            .with_label_values(&["Score", "INTERNAL"])
+            .get();
+        assert_eq!(counted, 1);
+        // The service goes on serving.
+        let response = service
+            .ready()
+            .await
+            .unwrap()
+            .call(call("/nudge.v1.NudgeService/Track"))
+            .await
+            .unwrap();
+        assert!(response.headers().get("grpc-status").is_none());
     }
 
     #[test]

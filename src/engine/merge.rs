@@ -49,6 +49,7 @@ impl Engine {
     }
 
     async fn merge_inner(&self, from: PersonKey, into: PersonKey) -> Result<Merge, EngineError> {
+        self.writable()?;
         let _merging = self.merges.lock().await;
         let (from_shard, into_shard) = (self.shard_of(&from), self.shard_of(&into));
         let mut paused = None;

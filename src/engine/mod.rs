@@ -29,6 +29,7 @@ use crate::identity::Identities;
 use crate::metrics::Metrics;
 use crate::model::{Model, ModelRegistry, Scores};
 use crate::profile::Profile;
+use crate::readiness::Readiness;
 use crate::store::{Store, StoreError};
 use crate::time::Time;
 use crate::trigger::rules::{RuleSet, RulesError};
@@ -60,6 +61,14 @@ pub enum EngineError {
     Store(#[source] Arc<StoreError>),
     #[error("{0}")]
     Conflict(#[from] crate::identity::LinkRefused),
+    /// Handling the request panicked (a defect, logged and counted); nothing of it was
+    /// applied.
+    #[error("the request failed inside the server (a defect, logged); nothing of it was applied")]
+    Panicked,
+    /// Another request committed together with this one panicked, so none of the group
+    /// was applied; this one may be retried as it is.
+    #[error("a request handled together with this one failed inside the server; nothing of this request was applied; retry")]
+    GroupFailed,
 }
 
 impl From<StoreError> for EngineError {
@@ -95,6 +104,7 @@ pub struct Engine {
 }
 
 impl Engine {
+    #[allow(clippy::too_many_arguments)] // the parts the shards share, each named once
     pub fn start(
         options: &EngineOptions,
         store: Arc<Store>,
@@ -103,6 +113,7 @@ impl Engine {
         rules: Arc<Live>,
         outbox: Arc<crate::delivery::outbox::Outbox>,
         metrics: Arc<Metrics>,
+        readiness: Arc<Readiness>,
     ) -> Result<Engine, EngineError> {
         let count = options.shards.max(1);
         // Each shard takes its own people's timers and its own experiment totals.
@@ -131,6 +142,7 @@ impl Engine {
                 rules.clone(),
                 outbox.clone(),
                 metrics.clone(),
+                readiness.clone(),
                 options.dedup_horizon_ms,
             );
             let thread = std::thread::Builder::new()
@@ -167,6 +179,7 @@ impl Engine {
         now: Time,
     ) -> Result<Vec<(usize, Outcome)>, EngineError> {
         let received = Instant::now();
+        self.writable()?;
         for (_, event) in &events {
             if let Some(anonymous) = &event.linked {
                 // Most events that carry both ids belong to a link made long ago: check
@@ -217,6 +230,55 @@ impl Engine {
         }
         results.sort_unstable_by_key(|(index, _)| *index);
         Ok(results)
+    }
+
+    /// Refuses work that writes while the store has a fault, at once: it would be applied
+    /// in memory and then fail at its commit.
+    fn writable(&self) -> Result<(), EngineError> {
+        match self.store.fault() {
+            Some(fault) => Err(StoreError::Faulted(fault).into()),
+            None => Ok(()),
+        }
+    }
+
+    /// After the store reopened: every shard forgets what it holds in memory and takes
+    /// its timers and experiment totals from the store, which is the truth (a commit that
+    /// failed may still have reached the disk). Waits for room in each queue.
+    pub async fn resync(&self) -> Result<(), EngineError> {
+        let store = self.store.clone();
+        let (index, stored) = tokio::task::spawn_blocking(move || {
+            Ok::<_, StoreError>((store.timer_index()?, store.outcomes()?))
+        })
+        .await
+        .map_err(|_| EngineError::ShuttingDown)??;
+        let count = self.shards.len();
+        let mut timers = vec![Vec::new(); count];
+        for (due, person) in index {
+            timers[shard_index(&person, count)].push((due, person));
+        }
+        let mut outcomes = vec![BTreeMap::new(); count];
+        for (rule, variant, shard, totals) in stored {
+            if let Some(o) = outcomes.get_mut(usize::from(shard)) {
+                o.insert((rule, variant), totals);
+            }
+        }
+        let mut answers = Vec::with_capacity(count);
+        for ((shard, timers), outcomes) in self.shards.iter().zip(timers).zip(outcomes) {
+            let (reply, answer) = oneshot::channel();
+            shard
+                .send(Command::Resync {
+                    timers,
+                    outcomes,
+                    reply,
+                })
+                .await
+                .map_err(|_| EngineError::ShuttingDown)?;
+            answers.push(answer);
+        }
+        for answer in answers {
+            answer.await.map_err(|_| EngineError::ShuttingDown)??;
+        }
+        Ok(())
     }
 
     /// Scores a person's live profile; `None` if Nudge has no events for them.
@@ -281,6 +343,7 @@ impl Engine {
     /// state and timers, audit — durably, then their delivered triggers. Answers whether
     /// there was a profile; erasing twice is harmless.
     pub async fn erase(&self, person: PersonKey) -> Result<bool, EngineError> {
+        self.writable()?;
         let (existed, people) = {
             // The person and their aliases must not change while they are erased.
             let _merging = self.merges.lock().await;
@@ -430,7 +493,17 @@ mod tests {
     const T0: Time = Time(1_772_445_600_000);
 
     fn start(dir: &std::path::Path, shards: usize) -> (Arc<Engine>, Arc<Store>) {
+        let (engine, store, _) = start_with_readiness(dir, shards);
+        (engine, store)
+    }
+
+    fn start_with_readiness(
+        dir: &std::path::Path,
+        shards: usize,
+    ) -> (Arc<Engine>, Arc<Store>, Arc<Readiness>) {
         let store = Arc::new(Store::open(dir, crate::store::SyncMode::Always).unwrap());
+        let metrics = Arc::new(Metrics::new());
+        let readiness = Arc::new(Readiness::new(metrics.clone()));
         let engine = Engine::start(
             &EngineOptions {
                 shards,
@@ -442,10 +515,11 @@ mod tests {
             Arc::new(ModelRegistry::new(ModelSet::default())),
             Arc::new(Live::open(Default::default()).unwrap()),
             Arc::new(crate::delivery::outbox::Outbox::open(store.clone()).unwrap()),
-            Arc::new(Metrics::new()),
+            metrics.clone(),
+            readiness.clone(),
         )
         .unwrap();
-        (Arc::new(engine), store)
+        (Arc::new(engine), store, readiness)
     }
 
     fn view(id: &str, person: PersonKey) -> (usize, Event) {
@@ -531,6 +605,74 @@ mod tests {
         assert!(!erasure.is_finished(), "the erasure is still at its gate");
         open_gate.send(()).unwrap();
         assert!(erasure.await.unwrap().unwrap(), "there was a profile");
+        engine.shutdown().await;
+    }
+
+    /// Sends a test command to the shard of `person` and waits for its answer.
+    async fn send_to(
+        engine: &Engine,
+        person: &PersonKey,
+        command: impl FnOnce(Reply<()>) -> Command,
+    ) -> Result<(), EngineError> {
+        let (reply, answer) = oneshot::channel();
+        engine.shards[engine.shard_of(person)]
+            .send(command(reply))
+            .await
+            .map_err(|_| EngineError::ShuttingDown)?;
+        answer.await.map_err(|_| EngineError::ShuttingDown)?
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panic_fails_its_command_and_the_shard_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let (engine, store, readiness) = start_with_readiness(dir.path(), 1);
+        let user = PersonKey::User("u1".into());
+        engine
+            .track(vec![view("e1", user.clone())], T0)
+            .await
+            .unwrap();
+        let panicked = send_to(&engine, &user, |reply| Command::Panic { reply }).await;
+        assert!(
+            matches!(panicked, Err(EngineError::Panicked)),
+            "{panicked:?}"
+        );
+        assert_eq!(engine.metrics.panics.with_label_values(&["shard"]).get(), 1);
+        assert!(
+            readiness.is_ready(),
+            "a caught panic leaves the shard serving"
+        );
+        // What was committed before is there, and the shard takes new work.
+        engine
+            .track(vec![view("e2", user.clone())], T0)
+            .await
+            .unwrap();
+        let profile = store.load_profile(&user).unwrap().unwrap();
+        assert_eq!(
+            profile,
+            engine.profile(user.clone()).await.unwrap().unwrap()
+        );
+        let again = engine
+            .track(vec![view("e2", user.clone())], T0)
+            .await
+            .unwrap();
+        assert!(
+            matches!(again[0].1, Outcome::Duplicate(_)),
+            "e2 was applied once"
+        );
+        engine.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dead_shard_turns_readiness_off_and_its_callers_hear_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (engine, _store, readiness) = start_with_readiness(dir.path(), 1);
+        let user = PersonKey::User("u1".into());
+        engine.shards[0].send(Command::Die).await.unwrap();
+        // The next caller is answered (not left waiting) once the thread is gone.
+        let late = engine.track(vec![view("e1", user.clone())], T0).await;
+        assert!(matches!(late, Err(EngineError::ShuttingDown)), "{late:?}");
+        assert!(!readiness.is_ready());
+        assert_eq!(readiness.reasons()[0].0, crate::readiness::Reason::Shard);
         engine.shutdown().await;
     }
 }

@@ -7,9 +7,17 @@
 //! atomic store batch with one fsync, and only then answers. If the commit fails, the
 //! group's people are dropped from memory (the store still has their last good state) and
 //! every answer is the error.
+//!
+//! A panic while handling a command is a defect, and it must not take the shard with it:
+//! the command answers `Panicked` (INTERNAL), it is counted, and its group is abandoned —
+//! nothing of it is written, every other answer of the group is `GroupFailed` (nothing
+//! of theirs was applied; they retry), and the shard forgets what it holds in memory
+//! (profiles, trigger states, experiment totals) so that nothing a half-run command
+//! changed survives. A shard thread that dies anyway turns readiness off.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -24,6 +32,7 @@ use crate::features::{self, FeatureRow};
 use crate::metrics::Metrics;
 use crate::model::{score_row, Model, ModelRegistry, Scores};
 use crate::profile::Profile;
+use crate::readiness::{Readiness, Reason};
 use crate::segments;
 use crate::store::{Store, Write};
 use crate::time::Time;
@@ -81,8 +90,21 @@ pub(super) enum Command {
         person: PersonKey,
         reply: Reply<bool>,
     },
+    /// The store reopened after a fault: forget what memory holds and take the timers
+    /// and experiment totals as the store has them.
+    Resync {
+        timers: Vec<(Time, PersonKey)>,
+        outcomes: BTreeMap<(String, String), OutcomeTotals>,
+        reply: Reply<()>,
+    },
     /// The drain token: commit and answer everything queued before it, then stop.
     Stop,
+    /// Panics while handled (a test of the isolation).
+    #[cfg(test)]
+    Panic { reply: Reply<()> },
+    /// Panics outside any command (a test of a shard thread dying).
+    #[cfg(test)]
+    Die,
 }
 
 /// An answer held back until the group's commit: the value, unless the commit fails.
@@ -93,9 +115,11 @@ struct Answer<T> {
 
 impl<T> Answer<T> {
     fn send(self, committed: &Result<(), EngineError>) {
-        let value = match committed {
-            Ok(()) => self.value,
-            Err(e) => Err(e.clone()),
+        let value = match (committed, self.value) {
+            (Ok(()), value) => value,
+            // The command that panicked says so, whatever became of its group.
+            (Err(_), Err(EngineError::Panicked)) => Err(EngineError::Panicked),
+            (Err(e), _) => Err(e.clone()),
         };
         // Callers that gave up (deadline, cancellation) no longer listen; that is fine.
         let _ = self.reply.send(value);
@@ -110,6 +134,7 @@ enum Pending {
     Absorbed(Answer<()>),
     Erased(Answer<bool>),
     Ticked(Answer<()>),
+    Done(Answer<()>),
 }
 
 impl Pending {
@@ -122,6 +147,7 @@ impl Pending {
             Pending::Absorbed(a) => a.send(committed),
             Pending::Erased(a) => a.send(committed),
             Pending::Ticked(a) => a.send(committed),
+            Pending::Done(a) => a.send(committed),
         }
     }
 }
@@ -143,6 +169,8 @@ pub(super) struct Group {
     dirty_outcomes: HashSet<(String, String)>,
     /// Timer index entries taken out of memory, put back if the commit fails.
     pub(super) unindexed: Vec<(Time, PersonKey)>,
+    /// A command of the group panicked: the group is abandoned, not committed.
+    panicked: bool,
 }
 
 /// What one command's evaluation shares: the models and rules it started with, and `now`.
@@ -177,7 +205,28 @@ pub(super) struct Shard {
     rules: Arc<Live>,
     outbox: Arc<Outbox>,
     pub(super) metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
     dedup_horizon_ms: i64,
+}
+
+/// Lives as long as the shard thread's work loop: a loop that unwinds says so.
+struct Alive<'a> {
+    index: u16,
+    readiness: &'a Readiness,
+}
+
+impl Drop for Alive<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.readiness.set(
+                Reason::Shard,
+                format!(
+                    "shard {} stopped after a panic; its people cannot be served until a restart",
+                    self.index
+                ),
+            );
+        }
+    }
 }
 
 impl Shard {
@@ -191,6 +240,7 @@ impl Shard {
         rules: Arc<Live>,
         outbox: Arc<Outbox>,
         metrics: Arc<Metrics>,
+        readiness: Arc<Readiness>,
         dedup_horizon_ms: i64,
     ) -> Shard {
         Shard {
@@ -205,11 +255,17 @@ impl Shard {
             rules,
             outbox,
             metrics,
+            readiness,
             dedup_horizon_ms,
         }
     }
 
     pub(super) fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        let readiness = self.readiness.clone();
+        let _alive = Alive {
+            index: self.index,
+            readiness: &readiness,
+        };
         while let Some(first) = rx.blocking_recv() {
             let mut commands = vec![first];
             while commands.len() < MAX_GROUP
@@ -227,7 +283,15 @@ impl Shard {
                 match command {
                     Command::Pause { paused, resume } => pause = Some((paused, resume)),
                     Command::Stop => stop = true,
-                    command => self.handle(command, &mut group),
+                    #[cfg(test)]
+                    Command::Die => panic!("a shard dies (test)"),
+                    command => {
+                        self.handle(command, &mut group);
+                        if group.panicked {
+                            // Abandoned at once; the commands after it start a new group.
+                            self.commit(std::mem::take(&mut group));
+                        }
+                    }
                 }
             }
             self.commit(group);
@@ -249,6 +313,28 @@ impl Shard {
         }
     }
 
+    /// Runs one command's work; a panic in it becomes `Panicked`, counted, and marks the
+    /// group abandoned.
+    fn guarded<T>(
+        &mut self,
+        group: &mut Group,
+        work: impl FnOnce(&mut Shard, &mut Group) -> Result<T, EngineError>,
+    ) -> Result<T, EngineError> {
+        match std::panic::catch_unwind(AssertUnwindSafe(|| work(self, group))) {
+            Ok(value) => value,
+            Err(_) => {
+                // The panic hook has logged the message and where.
+                tracing::error!(
+                    shard = self.index,
+                    "a command panicked; its group is abandoned"
+                );
+                self.metrics.panics.with_label_values(&["shard"]).inc();
+                group.panicked = true;
+                Err(EngineError::Panicked)
+            }
+        }
+    }
+
     fn handle(&mut self, command: Command, group: &mut Group) {
         let pending = match command {
             Command::Track {
@@ -257,20 +343,24 @@ impl Shard {
                 received,
                 reply,
             } => {
-                let (models, rules) = self.serving();
-                let round = Round {
-                    models: &models,
-                    rules: &rules,
-                    now,
-                };
-                let value = events
-                    .into_iter()
-                    .map(|(index, event)| Ok((index, self.track(&event, &round, received, group)?)))
-                    .collect();
+                let value = self.guarded(group, |shard, group| {
+                    let (models, rules) = shard.serving();
+                    let round = Round {
+                        models: &models,
+                        rules: &rules,
+                        now,
+                    };
+                    events
+                        .into_iter()
+                        .map(|(index, event)| {
+                            Ok((index, shard.track(&event, &round, received, group)?))
+                        })
+                        .collect()
+                });
                 Pending::Track(Answer { reply, value })
             }
             Command::Tick { now, done } => {
-                let value = self.fire_timers(now, group);
+                let value = self.guarded(group, |shard, group| shard.fire_timers(now, group));
                 if let Err(e) = &value {
                     tracing::error!(error = %e, "firing timers failed; they stay pending");
                 }
@@ -281,7 +371,7 @@ impl Shard {
             }
             Command::Explain { person, reply } => Pending::Explain(Answer {
                 reply,
-                value: self.explain(&person),
+                value: self.guarded(group, |shard, _| shard.explain(&person)),
             }),
             Command::Score {
                 person,
@@ -289,23 +379,45 @@ impl Shard {
                 now,
                 reply,
             } => {
-                let value = self.read(&person).map(|profile| {
-                    profile.map(|p| score_row(&models, &features::extract(&p, now), &self.metrics))
+                let value = self.guarded(group, |shard, _| {
+                    let profile = shard.read(&person)?;
+                    Ok(profile
+                        .map(|p| score_row(&models, &features::extract(&p, now), &shard.metrics)))
                 });
                 Pending::Score(Answer { reply, value })
             }
             Command::Profile { person, reply } => Pending::Profile(Answer {
                 reply,
-                value: self.read(&person),
+                value: self.guarded(group, |shard, _| shard.read(&person)),
             }),
             Command::Absorb { from, into, reply } => Pending::Absorbed(Answer {
                 reply,
-                value: self.absorb(&from, &into, group),
+                value: self.guarded(group, |shard, group| shard.absorb(&from, &into, group)),
             }),
             Command::Erase { person, reply } => Pending::Erased(Answer {
                 reply,
-                value: self.erase(person, group),
+                value: self.guarded(group, |shard, group| shard.erase(person, group)),
             }),
+            Command::Resync {
+                timers,
+                outcomes,
+                reply,
+            } => {
+                self.forget_memory();
+                self.timers.replace(timers);
+                self.outcomes = outcomes;
+                Pending::Done(Answer {
+                    reply,
+                    value: Ok(()),
+                })
+            }
+            #[cfg(test)]
+            Command::Panic { reply } => Pending::Done(Answer {
+                reply,
+                value: self.guarded(group, |_, _| panic!("a command panics (test)")),
+            }),
+            #[cfg(test)]
+            Command::Die => unreachable!("handled by the work loop"),
             Command::Pause { .. } | Command::Stop => unreachable!("pauses and stops end a group"),
         };
         group.pending.push(pending);
@@ -631,10 +743,45 @@ impl Shard {
             .is_some_and(|at| now.since(at) < self.dedup_horizon_ms))
     }
 
+    /// Forgets every profile and trigger state held in memory (the store has them).
+    fn forget_memory(&mut self) {
+        self.metrics.profiles.sub(self.profiles.len() as i64);
+        self.profiles.clear();
+        self.states.clear();
+    }
+
+    /// Takes this shard's experiment totals from the store again, dropping changes made
+    /// in memory by a group that did not commit.
+    fn reload_outcomes(&mut self) {
+        match self.store.outcomes() {
+            Ok(stored) => {
+                self.outcomes = stored
+                    .into_iter()
+                    .filter(|(_, _, shard, _)| *shard == self.index)
+                    .map(|(rule, variant, _, totals)| ((rule, variant), totals))
+                    .collect();
+            }
+            // The resync after the store reopens takes them from the store then.
+            Err(e) => tracing::warn!(error = %e, "reloading experiment totals failed"),
+        }
+    }
+
     /// Writes the group in one batch, then answers. If the store fails, the people the
     /// group changed are dropped from memory (the store still has their last good state)
-    /// and every answer is the error.
+    /// and every answer is the error. A group in which a command panicked is not written:
+    /// memory is forgotten whole, and every answer but the panicked one's is
+    /// `GroupFailed`.
     fn commit(&mut self, mut group: Group) {
+        if group.panicked {
+            self.forget_memory();
+            self.reload_outcomes();
+            self.timers.restore(group.unindexed);
+            let failed = Err(EngineError::GroupFailed);
+            for pending in group.pending {
+                pending.send(&failed);
+            }
+            return;
+        }
         for person in &group.dirty {
             if let Some(profile) = self.profiles.get(person) {
                 group
@@ -689,6 +836,7 @@ impl Shard {
                 for person in &group.dirty {
                     self.evict(person);
                 }
+                self.reload_outcomes();
                 // The store still has the timers as they were before the group.
                 self.timers.restore(group.unindexed);
             }

@@ -85,6 +85,15 @@ impl TimerIndex {
         }
     }
 
+    /// Replaces the whole index with `entries` (the store's, after it reopened).
+    pub fn replace(&mut self, entries: Vec<(Time, PersonKey)>) {
+        self.metrics.timers_pending.sub(self.due.len() as i64);
+        self.due.clear();
+        for (due, person) in entries {
+            self.insert(due, person);
+        }
+    }
+
     /// Puts back entries taken during a group whose commit failed.
     pub fn restore(&mut self, taken: Vec<(Time, PersonKey)>) {
         for (due, person) in taken {

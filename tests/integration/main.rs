@@ -5,6 +5,7 @@ mod bad_input;
 mod commands;
 mod crash;
 mod durability;
+mod faults;
 mod features;
 mod hotswap;
 mod identity;
