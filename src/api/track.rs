@@ -24,6 +24,7 @@ impl NudgeApi {
         &self,
         rpc: &'static str,
         events: Vec<pb::Event>,
+        deadline: Option<std::time::Instant>,
     ) -> Result<Vec<pb::EventResult>, ApiError> {
         let now = self.clock.now();
         self.check_count(rpc, "events", events.len(), self.limits.max_batch_events)?;
@@ -56,7 +57,7 @@ impl NudgeApi {
         }
 
         let kinds: Vec<&'static str> = valid.iter().map(|(_, e)| e.kind.as_str()).collect();
-        let tracked = self.engine.track(valid, now).await?;
+        let tracked = self.engine.track(valid, now, deadline).await?;
         for ((i, outcome), kind) in tracked.into_iter().zip(kinds) {
             let (status, outcome_label, scores) = match outcome {
                 Outcome::Accepted(scores) => (pb::EventStatus::Accepted, "accepted", scores),
@@ -94,7 +95,8 @@ impl NudgeApi {
                 async move {
                     let pb::TrackStreamRequest { sequence, events } =
                         message.map_err(|status| api.undecodable(status))?;
-                    let results = api.track_batch("TrackStream", events).await?;
+                    // A stream's deadline is the whole stream's; its batches have none.
+                    let results = api.track_batch("TrackStream", events, None).await?;
                     Ok(pb::TrackStreamResponse { sequence, results })
                 }
             })
