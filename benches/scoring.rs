@@ -379,7 +379,12 @@ fn track_per_event(engine_kind: nudge::model::Engine) {
         let started_all = Instant::now();
         for (i, e) in stream.into_iter().enumerate() {
             let started = Instant::now();
-            std::hint::black_box(engine.track(vec![(i, e)], now, None).await.unwrap());
+            std::hint::black_box(
+                engine
+                    .track(vec![(i, e)], now, nudge::engine::Admit::Flow)
+                    .await
+                    .unwrap(),
+            );
             samples.push(started.elapsed());
         }
         (samples, started_all.elapsed())

@@ -17,7 +17,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::delivery::outbox::Outbox;
 use crate::delivery::stream;
-use crate::engine::Engine;
+use crate::engine::{Admit, Engine};
 use crate::event::{check_len, check_names, quoted, FieldError, PersonKey, Reason, MAX_NAME_BYTES};
 use crate::features::FeatureSpec;
 use crate::identity::Pseudonymizer;
@@ -224,7 +224,9 @@ impl pb::nudge_service_server::NudgeService for NudgeApi {
     ) -> Result<Response<pb::TrackResponse>, Status> {
         let deadline = deadline(request.metadata());
         let pb::TrackRequest { events } = request.into_inner();
-        let results = self.track_batch("Track", events, deadline).await?;
+        let results = self
+            .track_batch("Track", events, Admit::Shed { deadline })
+            .await?;
         Ok(Response::new(pb::TrackResponse { results }))
     }
 

@@ -7,7 +7,11 @@
 //! ahead of it at the measured rate, plus the commit in progress — and is refused at once
 //! when that exceeds the budget (`RESOURCE_EXHAUSTED`, with the excess as a retry hint),
 //! or when the prediction plus its own work runs past its gRPC deadline
-//! (`DEADLINE_EXCEEDED`, before any work). An empty queue admits everything, so a slow
+//! (`DEADLINE_EXCEEDED`, before any work). A TrackStream's batches are admitted by count
+//! only (`Admit::Flow`): the stream's window and HTTP/2 flow control already bound what it
+//! queues, and ending a stream for latency would cost more than its batches wait. They
+//! count in the queue all the same, so unary callers are shed first. An empty queue
+//! admits everything, so a slow
 //! disk alone never turns callers away. The shard still drops, unapplied, a request whose
 //! deadline passed while it waited: a wrong prediction costs latency, never work for a
 //! caller who has gone.
@@ -77,6 +81,11 @@ impl Load {
         }
         self.queued.fetch_add(units, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Counts `units` queued by a caller whose own window bounds its wait (a stream).
+    pub fn admit_flow(&self, units: u64) {
+        self.queued.fetch_add(units, Ordering::Relaxed);
     }
 
     /// Takes back an admission whose request was not queued after all.

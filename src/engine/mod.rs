@@ -87,6 +87,18 @@ impl From<StoreError> for EngineError {
     }
 }
 
+/// How a request is admitted to the shards' queues.
+#[derive(Debug, Clone, Copy)]
+pub enum Admit {
+    /// Within the queue budget, and only if it can finish before `deadline` (a unary
+    /// call): refused at once otherwise.
+    Shed { deadline: Option<Instant> },
+    /// Within the queues' count bound only: the caller's own window bounds what it has
+    /// queued (a TrackStream, at most a few batches in flight and held back by HTTP/2
+    /// flow control), so its batches wait rather than end the stream.
+    Flow,
+}
+
 /// What became of a tracked event.
 #[derive(Debug)]
 pub enum Outcome {
@@ -189,13 +201,12 @@ impl Engine {
     /// Applies validated events in order and answers each event's outcome. An event that
     /// carries both a user id and a not-yet-linked anonymous id first merges the anonymous
     /// visitor into the user. Either every event is queued or none is: capacity on every
-    /// shard involved is reserved first, and each must admit its part within the queue
-    /// budget and the `deadline`, if any.
+    /// shard involved is reserved first, and each must admit its part as `admit` says.
     pub async fn track(
         &self,
         events: Vec<(usize, Event)>,
         now: Time,
-        deadline: Option<Instant>,
+        admit: Admit,
     ) -> Result<Vec<(usize, Outcome)>, EngineError> {
         let received = Instant::now();
         self.writable()?;
@@ -231,7 +242,7 @@ impl Engine {
                 if batch.is_empty() {
                     continue;
                 }
-                self.admit(&mut admitted, i, batch.len() as u64, deadline)?;
+                self.admit(&mut admitted, i, batch.len() as u64, admit)?;
                 let permit = self.shards[i]
                     .try_reserve()
                     .map_err(|e| self.full_or_closed(e))?;
@@ -244,7 +255,10 @@ impl Engine {
                     events,
                     now,
                     received,
-                    deadline,
+                    deadline: match admit {
+                        Admit::Shed { deadline } => deadline,
+                        Admit::Flow => None,
+                    },
                     reply,
                 });
                 replies.push(answer);
@@ -471,7 +485,7 @@ impl Engine {
             let person = self.identities.read().resolve(person);
             let shard = self.shard_of(&person);
             let mut admitted = Admitted::new(&self.loads);
-            self.admit(&mut admitted, shard, 1, None)?;
+            self.admit(&mut admitted, shard, 1, Admit::Shed { deadline: None })?;
             self.shards[shard]
                 .try_send(command(person, reply))
                 .map_err(|e| self.full_or_closed(e))?;
@@ -536,17 +550,25 @@ impl Drop for Admitted<'_> {
 }
 
 impl Engine {
-    /// Admits `units` of work to `shard` within the queue budget and the deadline, or
-    /// says why not (counted).
+    /// Admits `units` of work to `shard` as `admit` says, or says why not (counted).
     fn admit(
         &self,
         admitted: &mut Admitted<'_>,
         shard: usize,
         units: u64,
-        deadline: Option<Instant>,
+        admit: Admit,
     ) -> Result<(), EngineError> {
-        let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-        match self.loads[shard].admit(units, self.queue_budget, left) {
+        let verdict = match admit {
+            Admit::Shed { deadline } => {
+                let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+                self.loads[shard].admit(units, self.queue_budget, left)
+            }
+            Admit::Flow => {
+                self.loads[shard].admit_flow(units);
+                Ok(())
+            }
+        };
+        match verdict {
             Ok(()) => {
                 admitted.units.push((shard, units));
                 Ok(())
@@ -640,7 +662,11 @@ mod tests {
             let engine = engine.clone();
             tokio::spawn(async move {
                 engine
-                    .track(vec![view("e1", PersonKey::User("u1".into()))], T0, None)
+                    .track(
+                        vec![view("e1", PersonKey::User("u1".into()))],
+                        T0,
+                        Admit::Shed { deadline: None },
+                    )
                     .await
             })
         };
@@ -655,7 +681,11 @@ mod tests {
             }
         }
         let late = other
-            .track(vec![view("e2", PersonKey::User("u2".into()))], T0, None)
+            .track(
+                vec![view("e2", PersonKey::User("u2".into()))],
+                T0,
+                Admit::Shed { deadline: None },
+            )
             .await;
         assert!(matches!(late, Err(EngineError::ShuttingDown)), "{late:?}");
         assert!(
@@ -672,7 +702,11 @@ mod tests {
         let (engine, _store) = start(dir.path(), 2);
         let gone = PersonKey::User("gone".into());
         engine
-            .track(vec![view("e1", gone.clone())], T0, None)
+            .track(
+                vec![view("e1", gone.clone())],
+                T0,
+                Admit::Shed { deadline: None },
+            )
             .await
             .unwrap();
         let (arrived, at_gate) = oneshot::channel();
@@ -720,7 +754,11 @@ mod tests {
         let (engine, store, readiness) = start_with_readiness(dir.path(), 1);
         let user = PersonKey::User("u1".into());
         engine
-            .track(vec![view("e1", user.clone())], T0, None)
+            .track(
+                vec![view("e1", user.clone())],
+                T0,
+                Admit::Shed { deadline: None },
+            )
             .await
             .unwrap();
         let panicked = send_to(&engine, &user, |reply| Command::Panic { reply }).await;
@@ -735,7 +773,11 @@ mod tests {
         );
         // What was committed before is there, and the shard takes new work.
         engine
-            .track(vec![view("e2", user.clone())], T0, None)
+            .track(
+                vec![view("e2", user.clone())],
+                T0,
+                Admit::Shed { deadline: None },
+            )
             .await
             .unwrap();
         let profile = store.load_profile(&user).unwrap().unwrap();
@@ -744,7 +786,11 @@ mod tests {
             engine.profile(user.clone()).await.unwrap().unwrap()
         );
         let again = engine
-            .track(vec![view("e2", user.clone())], T0, None)
+            .track(
+                vec![view("e2", user.clone())],
+                T0,
+                Admit::Shed { deadline: None },
+            )
             .await
             .unwrap();
         assert!(
@@ -761,7 +807,13 @@ mod tests {
         let user = PersonKey::User("u1".into());
         engine.shards[0].send(Command::Die).await.unwrap();
         // The next caller is answered (not left waiting) once the thread is gone.
-        let late = engine.track(vec![view("e1", user.clone())], T0, None).await;
+        let late = engine
+            .track(
+                vec![view("e1", user.clone())],
+                T0,
+                Admit::Shed { deadline: None },
+            )
+            .await;
         assert!(matches!(late, Err(EngineError::ShuttingDown)), "{late:?}");
         assert!(!readiness.is_ready());
         assert_eq!(readiness.reasons()[0].0, crate::readiness::Reason::Shard);
@@ -775,7 +827,13 @@ mod tests {
         let user = PersonKey::User("u1".into());
         // Admitted (the shard is idle), then found expired when the shard gets to it.
         let late = engine
-            .track(vec![view("e1", user.clone())], T0, Some(Instant::now()))
+            .track(
+                vec![view("e1", user.clone())],
+                T0,
+                Admit::Shed {
+                    deadline: Some(Instant::now()),
+                },
+            )
             .await;
         assert!(
             matches!(late, Err(EngineError::DeadlineExpired)),
@@ -788,7 +846,13 @@ mod tests {
         assert_eq!(engine.metrics.shed.with_label_values(&["expired"]).get(), 1);
         // The same event with time to spare applies.
         let soon = Some(Instant::now() + Duration::from_secs(30));
-        let done = engine.track(vec![view("e1", user.clone())], T0, soon).await;
+        let done = engine
+            .track(
+                vec![view("e1", user.clone())],
+                T0,
+                Admit::Shed { deadline: soon },
+            )
+            .await;
         assert!(matches!(done.unwrap()[0].1, Outcome::Accepted(_)));
         engine.shutdown().await;
     }
