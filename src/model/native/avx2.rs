@@ -82,6 +82,17 @@ unsafe impl<const GATHER: bool> Lanes for Avx2<GATHER> {
     }
 
     #[inline(always)]
+    unsafe fn permute(table: __m256i, index: __m256i) -> __m256i {
+        _mm256_permutevar8x32_epi32(table, index)
+    }
+
+    #[inline(always)]
+    unsafe fn path(path: __m256i, right: __m256i) -> __m256i {
+        // `right` is -1 where the row went right.
+        _mm256_sub_epi32(_mm256_add_epi32(path, path), right)
+    }
+
+    #[inline(always)]
     unsafe fn words(words: &[u64], nodes: __m256i) -> (__m256i, __m256i) {
         let words = words.as_ptr().cast::<i64>();
         // Lanes 0–3 and 4–7 as [j, meta] pairs, then j and meta apart, in lane order.
@@ -155,6 +166,11 @@ unsafe impl<const GATHER: bool> Lanes for Avx2<GATHER> {
     }
 
     #[inline(always)]
+    unsafe fn prefetch<T>(x: &[T]) {
+        prefetch(x)
+    }
+
+    #[inline(always)]
     unsafe fn compress(v: __m256i, keep: u32, out: &mut [u32]) {
         debug_assert!(out.len() >= 8);
         let order = _mm256_loadu_si256(PACK[(keep & 0xff) as usize].as_ptr().cast());
@@ -162,6 +178,16 @@ unsafe impl<const GATHER: bool> Lanes for Avx2<GATHER> {
             out.as_mut_ptr().cast(),
             _mm256_permutevar8x32_epi32(v, order),
         )
+    }
+}
+
+/// Asks for every cache line of `x` to be brought into L1.
+#[inline(always)]
+pub(super) unsafe fn prefetch<T>(x: &[T]) {
+    let bytes = std::mem::size_of_val(x);
+    let at = x.as_ptr().cast::<i8>();
+    for offset in (0..bytes).step_by(64) {
+        _mm_prefetch::<_MM_HINT_T0>(at.add(offset));
     }
 }
 

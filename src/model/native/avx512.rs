@@ -58,6 +58,17 @@ unsafe impl Lanes for Avx512 {
     }
 
     #[inline(always)]
+    unsafe fn permute(table: __m512i, index: __m512i) -> __m512i {
+        _mm512_permutexvar_epi32(index, table)
+    }
+
+    #[inline(always)]
+    unsafe fn path(path: __m512i, right: __mmask16) -> __m512i {
+        let twice = _mm512_add_epi32(path, path);
+        _mm512_mask_add_epi32(twice, right, twice, _mm512_set1_epi32(1))
+    }
+
+    #[inline(always)]
     unsafe fn words(words: &[u64], nodes: __m512i) -> (__m512i, __m512i) {
         let words = words.as_ptr().cast::<i64>();
         // Lanes 0–7 and 8–15 as [j, meta] pairs; j is every even i32 of the pair

@@ -22,7 +22,7 @@
 //! step keeps it short.
 
 use super::ensemble::Sum;
-use super::layout::{decide, Layout, DELTA_SHIFT, FEATURE_MASK, LEFT_LEAF, RIGHT_LEAF, TREE_NODES};
+use super::layout::{decide, Layout, DELTA_SHIFT, FEATURE_MASK, LEAF, TREE_NODES};
 
 /// Rows per block, as a power of two: the row of a many-row walk is the top
 /// `BLOCK_BITS` bits of its `u32`, and its position in the tree the rest.
@@ -59,6 +59,10 @@ pub(super) unsafe trait Lanes {
     unsafe fn row(x: Self::V) -> Self::V;
     /// `a` where the mask is set, else `b`.
     unsafe fn select(mask: Self::M, a: Self::V, b: Self::V) -> Self::V;
+    /// `table[index]` in every lane (indices below `N`).
+    unsafe fn permute(table: Self::V, index: Self::V) -> Self::V;
+    /// `2 * path + 1` where the mask is set, else `2 * path`.
+    unsafe fn path(path: Self::V, right: Self::M) -> Self::V;
     /// The words of each lane's node, `words[node]`, as their halves `(j, meta)`.
     unsafe fn words(words: &[u64], nodes: Self::V) -> (Self::V, Self::V);
     /// Each lane's code of its node's column: `codes[base + (column << SHIFT)]`.
@@ -76,6 +80,11 @@ pub(super) unsafe trait Lanes {
     /// Writes the lanes whose bit is set in `keep`, in lane order, to the start of
     /// `out[..N]`; what it writes after them is unspecified but is values of `v` or 0.
     unsafe fn compress(v: Self::V, keep: u32, out: &mut [u32]);
+    /// Asks for the cache lines of `x` to be brought into L1 (a hint).
+    #[inline(always)]
+    unsafe fn prefetch<T>(x: &[T]) {
+        let _ = x;
+    }
 }
 
 /// One step of every lane: the next node's distance from each lane's node, and a bit per
@@ -103,16 +112,64 @@ fn valid<L: Lanes>(len: usize, at: usize) -> u32 {
     }
 }
 
+/// Levels from the root that every row of a block walks without gathers.
+const TOP: usize = 4;
+/// The nodes a walk can be at on the deepest of them.
+const TOP_NODES: usize = 1 << (TOP - 1);
+
+/// A tree's first [`TOP`] levels: on level `d`, the `2^d` nodes a walk can be at,
+/// indexed by its path (its turns so far, the first in the highest bit; a walk that
+/// reached a leaf stays there, on both of its paths): their words' halves, and where
+/// their columns' codes start.
+struct Top {
+    j: [[u32; 16]; TOP],
+    meta: [[u32; 16]; TOP],
+    columns: [[usize; TOP_NODES]; TOP],
+}
+
+impl Top {
+    fn new(words: &[u64]) -> Top {
+        let mut top = Top {
+            j: [[0; 16]; TOP],
+            meta: [[0; 16]; TOP],
+            columns: [[0; TOP_NODES]; TOP],
+        };
+        let mut level = [0usize; TOP_NODES];
+        for d in 0..TOP {
+            let mut next = [0usize; TOP_NODES];
+            for (i, &node) in level[..1 << d].iter().enumerate() {
+                let word = words[node];
+                let meta = (word >> 32) as u32;
+                top.j[d][i] = word as u32;
+                top.meta[d][i] = meta;
+                top.columns[d][i] = ((meta & FEATURE_MASK) as usize) << BLOCK_BITS;
+                if d + 1 < TOP {
+                    let left = if word == LEAF {
+                        node
+                    } else {
+                        node + (meta >> DELTA_SHIFT) as usize
+                    };
+                    next[2 * i] = left;
+                    next[2 * i + 1] = if word == LEAF { node } else { left + 1 };
+                }
+            }
+            level = next;
+        }
+        top
+    }
+}
+
 /// Walks every row of a block (`count` rows, codes column-major: column `c` of row `r`
 /// at `codes[(c << BLOCK_BITS) + r]`) through the tree whose nodes start at `words[0]`,
 /// leaving each row's walk at its leaf in `walks.finished[..count]`, in no order.
 ///
 /// A walk is one `u32`: its row in the top `BLOCK_BITS` bits, its node's position in
 /// the tree below them, so a step adds the distance to the child and one list holds the
-/// walks. Every row starts at the root, whose column's codes are one contiguous load for
-/// a vector of rows; and at one of the root's two children, so the first two levels
-/// need no gathers. Each pass of the frontier then steps the walks still under way
-/// ([`frontier`]).
+/// walks. On the tree's first [`TOP`] levels a walk can only be at a few nodes, the same
+/// for every row: a vector of rows takes each candidate's codes with one contiguous
+/// load, keeps its own by the turns taken so far, and picks its node's word from the
+/// candidates' by its path; no gathers. Each pass of the frontier then steps the walks
+/// still under way ([`frontier`]).
 #[inline(always)]
 unsafe fn walk_tree<L: Lanes, const FLIPS: bool>(
     words: &[u64],
@@ -120,23 +177,7 @@ unsafe fn walk_tree<L: Lanes, const FLIPS: bool>(
     walks: &mut Walks,
     count: usize,
 ) {
-    let column = |meta: u32| ((meta & FEATURE_MASK) as usize) << BLOCK_BITS;
-    let half = |word: u64| (L::splat(word as u32), L::splat((word >> 32) as u32));
-    let root = words[0];
-    let meta = (root >> 32) as u32;
-    let (j0, meta0) = half(root);
-    let codes0 = &codes[column(meta)..];
-    // With a leaf below the root, the second level is left to the frontier.
-    let children = (meta & (LEFT_LEAF | RIGHT_LEAF) == 0).then(|| {
-        let delta = (meta >> DELTA_SHIFT) as usize;
-        let (left, right) = (words[delta], words[delta + 1]);
-        (
-            half(left),
-            half(right),
-            &codes[column((left >> 32) as u32)..],
-            &codes[column((right >> 32) as u32)..],
-        )
-    });
+    let top = Top::new(words);
     let lanes = L::load(&LANE_ROWS);
     let Walks {
         walks: list,
@@ -145,18 +186,30 @@ unsafe fn walk_tree<L: Lanes, const FLIPS: bool>(
     } = walks;
     let (mut kept, mut done) = (0, 0);
     for at in (0..count).step_by(L::N) {
-        let x = L::load_codes(&codes0[at..]);
-        let (mut inc, right, mut leaf) = L::decide::<FLIPS>(j0, meta0, x);
-        if let Some(((jl, ml), (jr, mr), left_codes, right_codes)) = children {
-            let x = L::select(
-                right,
-                L::load_codes(&right_codes[at..]),
-                L::load_codes(&left_codes[at..]),
-            );
-            let (j, meta) = (L::select(right, jr, jl), L::select(right, mr, ml));
-            let (second, _, second_leaf) = L::decide::<FLIPS>(j, meta, x);
-            inc = L::add(inc, second);
-            leaf = second_leaf;
+        let x = L::load_codes(&codes[top.columns[0][0] + at..]);
+        let (j, meta) = (L::splat(top.j[0][0]), L::splat(top.meta[0][0]));
+        let (mut inc, right, mut leaf) = L::decide::<FLIPS>(j, meta, x);
+        let mut path = L::path(L::splat(0), right);
+        // `turns[d]`: where each lane went right on level d.
+        let mut turns = [right; TOP];
+        for d in 1..TOP {
+            let mut x = [L::splat(0); TOP_NODES];
+            for (x, &column) in x.iter_mut().zip(&top.columns[d][..1 << d]) {
+                *x = L::load_codes(&codes[column + at..]);
+            }
+            // Candidates that differ in the last turn first, then the one before.
+            for s in 0..d {
+                for i in 0..1 << (d - s - 1) {
+                    x[i] = L::select(turns[d - 1 - s], x[2 * i + 1], x[2 * i]);
+                }
+            }
+            let j = L::permute(L::load(&top.j[d]), path);
+            let meta = L::permute(L::load(&top.meta[d]), path);
+            let (step, right, step_leaf) = L::decide::<FLIPS>(j, meta, x[0]);
+            inc = L::add(inc, step);
+            leaf = step_leaf;
+            turns[d] = right;
+            path = L::path(path, right);
         }
         let walk = L::add(
             L::add(lanes, L::splat((at as u32) << (32 - BLOCK_BITS))),
@@ -515,6 +568,16 @@ unsafe impl Lanes for Portable {
     #[inline(always)]
     unsafe fn select(mask: [bool; 8], a: [u32; 8], b: [u32; 8]) -> [u32; 8] {
         std::array::from_fn(|l| if mask[l] { a[l] } else { b[l] })
+    }
+
+    #[inline(always)]
+    unsafe fn permute(table: [u32; 8], index: [u32; 8]) -> [u32; 8] {
+        index.map(|i| table[i as usize])
+    }
+
+    #[inline(always)]
+    unsafe fn path(path: [u32; 8], right: [bool; 8]) -> [u32; 8] {
+        std::array::from_fn(|l| 2 * path[l] + right[l] as u32)
     }
 
     #[inline(always)]

@@ -14,7 +14,8 @@
 //! whether each child is a leaf, and the distance to the children in the high 32. The two
 //! children of a node sit side by side, so `next = node + delta + (went right)`, and the
 //! step that reaches a leaf knows it. A leaf's own word always goes left to itself
-//! (`j = i32::MAX`, `delta = 0`), so a walk that keeps stepping stays put. `values[node]`
+//! (`j = i32::MAX`, `delta = 0`) and says its left child is a leaf, so a walk that keeps
+//! stepping stays put and knows it has arrived. `values[node]`
 //! holds a leaf's value (and an internal node's expected value, for path attributions).
 //!
 //! **Hot paths together**: each tree is laid out depth first from its root, pairs of
@@ -43,8 +44,9 @@ pub const MAX_DELTA: usize = (1 << (32 - DELTA_SHIFT)) - 1;
 pub const NAN_CODE: i32 = i32::MAX;
 /// A categorical value that names no category.
 pub const NO_CATEGORY: i32 = -1;
-/// A leaf's `j`: every code is `<=` it, so a leaf always goes left, to itself.
-const LEAF_J: i32 = i32::MAX;
+/// A leaf's word: `j` is above every code, so a leaf always goes left, to itself
+/// (`delta = 0`), and says that this child is a leaf.
+pub const LEAF: u64 = (i32::MAX as u32 as u64) | ((LEFT_LEAF as u64) << 32);
 
 /// How one column of a row is encoded.
 #[derive(Debug, Clone)]
@@ -144,7 +146,7 @@ impl Layout {
             while let Some((i, at)) = stack.pop() {
                 match &tree.nodes[i] {
                     Node::Leaf { value, .. } => {
-                        layout.nodes[at] = word(LEAF_J, 0);
+                        layout.nodes[at] = LEAF;
                         layout.values[at] = *value;
                     }
                     Node::Split {
@@ -325,8 +327,7 @@ impl Layout {
     /// Whether the node at `node` is a leaf.
     #[inline(always)]
     pub fn is_leaf(&self, node: u32) -> bool {
-        let word = self.nodes[node as usize];
-        word as u32 as i32 == LEAF_J && (word >> 32) as u32 == 0
+        self.nodes[node as usize] == LEAF
     }
 
     /// The leaf a row reaches in the tree rooted at `root`.
