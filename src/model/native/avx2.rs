@@ -166,11 +166,6 @@ unsafe impl<const GATHER: bool> Lanes for Avx2<GATHER> {
     }
 
     #[inline(always)]
-    unsafe fn prefetch<T>(x: &[T]) {
-        prefetch(x)
-    }
-
-    #[inline(always)]
     unsafe fn compress(v: __m256i, keep: u32, out: &mut [u32]) {
         debug_assert!(out.len() >= 8);
         let order = _mm256_loadu_si256(PACK[(keep & 0xff) as usize].as_ptr().cast());
@@ -178,16 +173,6 @@ unsafe impl<const GATHER: bool> Lanes for Avx2<GATHER> {
             out.as_mut_ptr().cast(),
             _mm256_permutevar8x32_epi32(v, order),
         )
-    }
-}
-
-/// Asks for every cache line of `x` to be brought into L1.
-#[inline(always)]
-pub(super) unsafe fn prefetch<T>(x: &[T]) {
-    let bytes = std::mem::size_of_val(x);
-    let at = x.as_ptr().cast::<i8>();
-    for offset in (0..bytes).step_by(64) {
-        _mm_prefetch::<_MM_HINT_T0>(at.add(offset));
     }
 }
 

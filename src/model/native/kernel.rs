@@ -1,16 +1,25 @@
-//! The walks, written once over [`Lanes`]: vectors of (node, tag) pairs stepped through
-//! the layout. Each instruction set implements the few operations a step needs
-//! (`Portable` here, [`super::avx2`], [`super::avx512`]); the drivers are generic and
-//! inlined into each instruction set's entry point, so every path runs one algorithm.
+//! The walks, written once over [`Lanes`]: vectors of walks stepped through the layout.
+//! Each instruction set implements the few operations a step needs (`Portable` here,
+//! [`super::avx2`], [`super::avx512`]); the drivers are generic and inlined into each
+//! instruction set's entry point, so every path runs one algorithm.
 //!
 //! **A frontier, not a lockstep.** All the walks still under way — one per row of a block
 //! for one tree (`score_rows`), or one per tree for one row (`score_one`) — sit in a flat
 //! list. A pass steps every entry of the list once, a vector at a time; an entry whose
-//! step reached a leaf leaves the list for the finished list, the others are packed back
-//! in place. The next pass walks the shorter list, until it is empty. So every vector
-//! step does useful work in every lane (no lane waits at its leaf for the deepest walk of
-//! its group), and the entries of one pass are independent, so the processor overlaps
-//! their memory reads without help.
+//! step reached a leaf leaves the list for the finished list, the others are packed into
+//! the next pass's list. The next pass walks the shorter list, until it is empty. So
+//! every vector step does useful work in every lane (no lane waits at its leaf for the
+//! deepest walk of its group), and the entries of one pass are independent, so the
+//! processor overlaps their memory reads without help.
+//!
+//! **Many rows: the top of a tree without gathers.** A block's codes are column-major.
+//! On a tree's first [`TOP`] levels a row can only be at one of a few nodes (1, 2, 4, 8),
+//! the same for every row, so a vector of rows loads each candidate node's column of
+//! codes contiguously and keeps its own, and takes its node's word from the candidates'
+//! with a permutation by its path; the frontier starts below them, where each lane
+//! gathers its node's word and its code. A many-row walk is one `u32`, its row beside
+//! its position in the tree, so one list holds the walks. (Each level is the one
+//! comparison of a row's own walk; nothing evaluates nodes a row does not reach.)
 //!
 //! A row's tree outputs are added in tree order, the order LightGBM adds them in, so the
 //! sums are the same doubles; for ONNX models, in `f32` as ONNX Runtime adds them
@@ -27,8 +36,10 @@ use super::layout::{decide, Layout, DELTA_SHIFT, FEATURE_MASK, LEAF, TREE_NODES}
 /// Rows per block, as a power of two: the row of a many-row walk is the top
 /// `BLOCK_BITS` bits of its `u32`, and its position in the tree the rest.
 pub(super) const BLOCK_BITS: u32 = 32 - TREE_NODES.trailing_zeros();
-/// Rows per block: the codes of a block (here 256 rows of the model's columns) stay in
-/// L2 while every tree passes over them; the frontier of one tree stays in L1.
+/// Rows per block: the codes of a block (256 rows of the model's columns, 40 KiB for
+/// model M's 40) stay in L2 while every tree passes over them; the frontier of one tree
+/// stays in L1. (128 rows, whose codes fit in a 32 KiB L1, were slower on Zen 3: every
+/// tree's set-up and last passes are paid per block; 512 and 1024 no faster.)
 const BLOCK: usize = 1 << BLOCK_BITS;
 /// A many-row walk's position in its tree.
 const NODE_MASK: u32 = TREE_NODES as u32 - 1;
@@ -80,11 +91,6 @@ pub(super) unsafe trait Lanes {
     /// Writes the lanes whose bit is set in `keep`, in lane order, to the start of
     /// `out[..N]`; what it writes after them is unspecified but is values of `v` or 0.
     unsafe fn compress(v: Self::V, keep: u32, out: &mut [u32]);
-    /// Asks for the cache lines of `x` to be brought into L1 (a hint).
-    #[inline(always)]
-    unsafe fn prefetch<T>(x: &[T]) {
-        let _ = x;
-    }
 }
 
 /// One step of every lane: the next node's distance from each lane's node, and a bit per
@@ -405,8 +411,8 @@ unsafe fn score_rows_in<L: Lanes, const FLOAT: bool>(
     let sum = arithmetic(FLOAT);
     let n = layout.n_features;
     // Column-major, a column's codes `BLOCK` apart (and a vector past the last, which
-    // the top levels' contiguous loads may read): a tree's first two levels read the
-    // codes of a column for consecutive rows.
+    // the top levels' contiguous loads may read): a tree's first levels read the codes
+    // of a column for consecutive rows.
     let mut codes = vec![0i32; layout.stride() * BLOCK + L::N];
     // No larger than the request: a few rows must not pay for a whole block.
     let block = BLOCK.min(out.len());
