@@ -12,9 +12,9 @@ use super::layout::{
 
 /// `GATHER` chooses how lanes read memory: the AVX2 gather instructions, or one scalar
 /// load per lane assembled into a vector. Which is faster depends on the CPU: on AMD's
-/// Zen 3 the loads win (Model M: single rows 12–13 µs against 17–22 µs, batches 96–107k
-/// rows/s against 64–103k, measured side by side), where gathers are microcoded; Intel's
-/// gathers are cheaper. [`super::Kernel::best`] picks by vendor; both are tested.
+/// Zen 3 the loads win (model M: single rows 12–13 µs against 17–22 µs; batches 181k
+/// rows/s against 170k in one run of `scripts/bench.sh`), where gathers are microcoded;
+/// Intel's gathers are cheaper. [`super::Kernel::best`] picks by vendor; both are tested.
 pub(super) struct Avx2<const GATHER: bool>;
 
 /// For each 8-bit mask, the lanes whose bit is set, in order: the permutation that packs
