@@ -18,6 +18,7 @@ pub(super) struct Avx512;
 unsafe impl Lanes for Avx512 {
     const N: usize = 16;
     type V = __m512i;
+    type M = __mmask16;
 
     #[inline(always)]
     unsafe fn load(x: &[u32]) -> __m512i {
@@ -26,40 +27,90 @@ unsafe impl Lanes for Avx512 {
     }
 
     #[inline(always)]
+    unsafe fn load_codes(x: &[i32]) -> __m512i {
+        debug_assert!(x.len() >= 16);
+        _mm512_loadu_si512(x.as_ptr().cast())
+    }
+
+    #[inline(always)]
+    unsafe fn splat(x: u32) -> __m512i {
+        _mm512_set1_epi32(x as i32)
+    }
+
+    #[inline(always)]
+    unsafe fn add(a: __m512i, b: __m512i) -> __m512i {
+        _mm512_add_epi32(a, b)
+    }
+
+    #[inline(always)]
     unsafe fn and(x: __m512i, mask: u32) -> __m512i {
         _mm512_and_si512(x, _mm512_set1_epi32(mask as i32))
     }
 
     #[inline(always)]
-    unsafe fn step<const FLIPS: bool>(
-        layout: &Layout,
-        codes: &[i32],
-        bases: __m512i,
-        nodes: __m512i,
-    ) -> (__m512i, u32) {
-        let words = layout.nodes.as_ptr().cast::<i64>();
+    unsafe fn row(x: __m512i) -> __m512i {
+        _mm512_srli_epi32::<{ 32 - kernel::BLOCK_BITS }>(x)
+    }
+
+    #[inline(always)]
+    unsafe fn select(mask: __mmask16, a: __m512i, b: __m512i) -> __m512i {
+        _mm512_mask_blend_epi32(mask, b, a)
+    }
+
+    #[inline(always)]
+    unsafe fn permute(table: __m512i, index: __m512i) -> __m512i {
+        _mm512_permutexvar_epi32(index, table)
+    }
+
+    #[inline(always)]
+    unsafe fn path(path: __m512i, right: __mmask16) -> __m512i {
+        let twice = _mm512_add_epi32(path, path);
+        _mm512_mask_add_epi32(twice, right, twice, _mm512_set1_epi32(1))
+    }
+
+    #[inline(always)]
+    unsafe fn words(words: &[u64], nodes: __m512i) -> (__m512i, __m512i) {
+        let words = words.as_ptr().cast::<i64>();
         // Lanes 0–7 and 8–15 as [j, meta] pairs; j is every even i32 of the pair
         // (indices 16 and up select from the second vector), meta every odd one.
         let low = _mm512_i32gather_epi64::<8>(_mm512_castsi512_si256(nodes), words);
         let high = _mm512_i32gather_epi64::<8>(_mm512_extracti64x4_epi64::<1>(nodes), words);
         let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
         let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-        let j = _mm512_permutex2var_epi32(low, even, high);
-        let meta = _mm512_permutex2var_epi32(low, odd, high);
+        (
+            _mm512_permutex2var_epi32(low, even, high),
+            _mm512_permutex2var_epi32(low, odd, high),
+        )
+    }
+
+    #[inline(always)]
+    unsafe fn codes<const SHIFT: i32>(codes: &[i32], bases: __m512i, meta: __m512i) -> __m512i {
         let column = _mm512_and_si512(meta, _mm512_set1_epi32(FEATURE_MASK as i32));
-        let x = _mm512_i32gather_epi32::<4>(_mm512_add_epi32(bases, column), codes.as_ptr());
+        // A shift by a constant (this one's immediate is a `u32`, the trait's an `i32`).
+        let shifted = _mm512_sll_epi32(column, _mm_set_epi64x(0, i64::from(SHIFT)));
+        let at = _mm512_add_epi32(bases, shifted);
+        _mm512_i32gather_epi32::<4>(at, codes.as_ptr())
+    }
+
+    #[inline(always)]
+    unsafe fn decide<const FLIPS: bool>(
+        j: __m512i,
+        meta: __m512i,
+        x: __m512i,
+    ) -> (__m512i, __mmask16, u32) {
         let flag = |bit: u32| _mm512_test_epi32_mask(meta, _mm512_set1_epi32(bit as i32));
-        let nan = _mm512_cmpeq_epi32_mask(x, _mm512_set1_epi32(NAN_CODE)) & flag(NAN_FLIP);
-        let zero = _mm512_cmpeq_epi32_mask(x, _mm512_setzero_si512()) & flag(ZERO_FLIP);
         let right = if FLIPS {
+            let nan = _mm512_cmpeq_epi32_mask(x, _mm512_set1_epi32(NAN_CODE)) & flag(NAN_FLIP);
+            let zero = _mm512_cmpeq_epi32_mask(x, _mm512_setzero_si512()) & flag(ZERO_FLIP);
             _mm512_cmpgt_epi32_mask(x, j) ^ (nan | zero)
         } else {
             _mm512_cmpgt_epi32_mask(x, j)
         };
         let leaf = (right & flag(RIGHT_LEAF)) | (!right & flag(LEFT_LEAF));
-        let next = _mm512_add_epi32(nodes, _mm512_srli_epi32::<{ DELTA_SHIFT }>(meta));
+        let delta = _mm512_srli_epi32::<{ DELTA_SHIFT }>(meta);
         (
-            _mm512_mask_add_epi32(next, right, next, _mm512_set1_epi32(1)),
+            _mm512_mask_add_epi32(delta, right, delta, _mm512_set1_epi32(1)),
+            right,
             u32::from(leaf),
         )
     }

@@ -14,7 +14,8 @@
 //! whether each child is a leaf, and the distance to the children in the high 32. The two
 //! children of a node sit side by side, so `next = node + delta + (went right)`, and the
 //! step that reaches a leaf knows it. A leaf's own word always goes left to itself
-//! (`j = i32::MAX`, `delta = 0`), so a walk that keeps stepping stays put. `values[node]`
+//! (`j = i32::MAX`, `delta = 0`) and says its left child is a leaf, so a walk that keeps
+//! stepping stays put and knows it has arrived. `values[node]`
 //! holds a leaf's value (and an internal node's expected value, for path attributions).
 //!
 //! **Hot paths together**: each tree is laid out depth first from its root, pairs of
@@ -35,13 +36,17 @@ pub const CATEGORICAL: u32 = 1 << 15;
 pub const LEFT_LEAF: u32 = 1 << 16;
 pub const RIGHT_LEAF: u32 = 1 << 17;
 pub const DELTA_SHIFT: u32 = 18;
+/// The most nodes a tree may have: the many-row walk keeps a walk's position within its
+/// tree in the low 24 bits of a `u32` and its row in the high 8.
+pub const TREE_NODES: usize = 1 << 24;
 pub const MAX_DELTA: usize = (1 << (32 - DELTA_SHIFT)) - 1;
 /// A missing value's code: above every split's `j`, so the comparison sends it right.
 pub const NAN_CODE: i32 = i32::MAX;
 /// A categorical value that names no category.
 pub const NO_CATEGORY: i32 = -1;
-/// A leaf's `j`: every code is `<=` it, so a leaf always goes left, to itself.
-const LEAF_J: i32 = i32::MAX;
+/// A leaf's word: `j` is above every code, so a leaf always goes left, to itself
+/// (`delta = 0`), and says that this child is a leaf.
+pub const LEAF: u64 = (i32::MAX as u32 as u64) | ((LEFT_LEAF as u64) << 32);
 
 /// How one column of a row is encoded.
 #[derive(Debug, Clone)]
@@ -124,6 +129,12 @@ impl Layout {
             ));
         }
         for (t, tree) in ensemble.trees.iter().enumerate() {
+            if tree.nodes.len() > TREE_NODES {
+                return Err(format!(
+                    "tree {t} has {} nodes; the native layout holds trees of up to {TREE_NODES}",
+                    tree.nodes.len()
+                ));
+            }
             let root = layout.nodes.len();
             let root_u32 = u32::try_from(root).map_err(|_| "the model has too many nodes")?;
             layout.roots.push(root_u32);
@@ -135,7 +146,7 @@ impl Layout {
             while let Some((i, at)) = stack.pop() {
                 match &tree.nodes[i] {
                     Node::Leaf { value, .. } => {
-                        layout.nodes[at] = word(LEAF_J, 0);
+                        layout.nodes[at] = LEAF;
                         layout.values[at] = *value;
                     }
                     Node::Split {
@@ -249,63 +260,82 @@ impl Layout {
     #[inline(always)]
     pub fn encode(&self, row: &[f64], out: &mut [i32]) {
         for (column, code) in self.columns.iter().zip(out.iter_mut()) {
-            let x = self.input.read(row[column.source]);
-            *code = match &column.encoding {
-                Encoding::Numeric {
-                    thresholds,
-                    zero_rank,
-                    nan_is_zero,
-                } => {
-                    if x.is_nan() {
-                        if *nan_is_zero {
-                            0
-                        } else {
-                            NAN_CODE
-                        }
-                    } else {
-                        thresholds.partition_point(|&t| t < x) as i32 - zero_rank
-                    }
-                }
-                Encoding::Categorical => category(x).map_or(NO_CATEGORY, |c| c as i32),
-            };
+            *code = self.code(column, row[column.source]);
         }
     }
 
-    /// One step of a walk from `node` for the row whose codes start at `codes[base]`:
-    /// the child it goes to (or `node` itself at a leaf), and whether that child is a
-    /// leaf. The definition every kernel implements.
+    /// Encodes the rows of `rows` (row-major, `n_features` columns) column by column:
+    /// column `c` of row `r` goes to `out[c * spacing + r]`. A column at a time, so that
+    /// its thresholds stay in the L1 cache while every row searches them.
+    pub fn encode_columns(&self, rows: &[f64], spacing: usize, out: &mut [i32]) {
+        for (c, column) in self.columns.iter().enumerate() {
+            let codes = &mut out[c * spacing..];
+            for (row, code) in rows.chunks_exact(self.n_features).zip(codes.iter_mut()) {
+                *code = self.code(column, row[column.source]);
+            }
+        }
+    }
+
+    /// The code of the value `x` in `column`.
     #[inline(always)]
-    pub fn step(&self, codes: &[i32], base: usize, node: u32) -> (u32, bool) {
+    fn code(&self, column: &Column, x: f64) -> i32 {
+        let x = self.input.read(x);
+        match &column.encoding {
+            Encoding::Numeric {
+                thresholds,
+                zero_rank,
+                nan_is_zero,
+            } => {
+                if x.is_nan() {
+                    if *nan_is_zero {
+                        0
+                    } else {
+                        NAN_CODE
+                    }
+                } else {
+                    thresholds.partition_point(|&t| t < x) as i32 - zero_rank
+                }
+            }
+            Encoding::Categorical => category(x).map_or(NO_CATEGORY, |c| c as i32),
+        }
+    }
+
+    /// One step of a walk from `node` for the row whose code of column `c` is
+    /// `codes[at + c * spacing]` (a row-major row: `at` its start, `spacing` 1): the
+    /// child it goes to (or `node` itself at a leaf), and whether that child is a leaf.
+    /// The definition every kernel implements.
+    #[inline(always)]
+    pub fn step(&self, codes: &[i32], at: usize, spacing: usize, node: u32) -> (u32, bool) {
         let word = self.nodes[node as usize];
-        let j = word as u32 as i32;
         let meta = (word >> 32) as u32;
-        let x = codes[base + (meta & FEATURE_MASK) as usize];
-        let right = if meta & CATEGORICAL != 0 {
+        let x = codes[at + (meta & FEATURE_MASK) as usize * spacing];
+        if meta & CATEGORICAL != 0 {
+            let j = word as u32;
             let (offset, len) = self.sets[j as usize];
             let in_set = x >= 0
                 && (x as u32 / 32) < len
                 && (self.words[(offset + x as u32 / 32) as usize] >> (x as u32 % 32)) & 1 == 1;
-            !in_set
+            let right = !in_set;
+            let leaf = meta & if right { RIGHT_LEAF } else { LEFT_LEAF } != 0;
+            (node + (meta >> DELTA_SHIFT) + right as u32, leaf)
         } else {
-            (x > j) ^ (x == NAN_CODE && meta & NAN_FLIP != 0) ^ (x == 0 && meta & ZERO_FLIP != 0)
-        };
-        let leaf = meta & if right { RIGHT_LEAF } else { LEFT_LEAF } != 0;
-        (node + (meta >> DELTA_SHIFT) + right as u32, leaf)
+            let (right, leaf) = decide(word, x);
+            (node + (meta >> DELTA_SHIFT) + right as u32, leaf)
+        }
     }
 
     /// Whether the node at `node` is a leaf.
     #[inline(always)]
     pub fn is_leaf(&self, node: u32) -> bool {
-        let word = self.nodes[node as usize];
-        word as u32 as i32 == LEAF_J && (word >> 32) as u32 == 0
+        self.nodes[node as usize] == LEAF
     }
 
     /// The leaf a row reaches in the tree rooted at `root`.
     #[inline(always)]
-    pub fn walk(&self, codes: &[i32], base: usize, root: u32) -> u32 {
+    pub fn walk(&self, codes: &[i32], at: usize, spacing: usize, root: u32) -> u32 {
         let mut node = root;
         while !self.is_leaf(node) {
-            node = self.step(codes, base, node).0;
+            node = self.step(codes, at, spacing, node).0;
         }
         node
     }
@@ -324,7 +354,7 @@ impl Layout {
             out[self.n_features] += self.values[root as usize];
             let mut node = root;
             while !self.is_leaf(node) {
-                let next = self.step(&codes, 0, node).0;
+                let next = self.step(&codes, 0, 1, node).0;
                 let column = (self.nodes[node as usize] >> 32) as u32 & FEATURE_MASK;
                 out[self.columns[column as usize].source] +=
                     self.values[next as usize] - self.values[node as usize];
@@ -352,6 +382,20 @@ impl Layout {
             + thresholds
             + self.columns.len() * std::mem::size_of::<Column>()
     }
+}
+
+/// A numerical node's decision for the code `x`: whether the row goes right, and
+/// whether the child it goes to is a leaf.
+#[inline(always)]
+pub fn decide(word: u64, x: i32) -> (bool, bool) {
+    let j = word as u32 as i32;
+    let meta = (word >> 32) as u32;
+    let right =
+        (x > j) ^ (x == NAN_CODE && meta & NAN_FLIP != 0) ^ (x == 0 && meta & ZERO_FLIP != 0);
+    (
+        right,
+        meta & if right { RIGHT_LEAF } else { LEFT_LEAF } != 0,
+    )
 }
 
 fn word(j: i32, meta: u32) -> u64 {

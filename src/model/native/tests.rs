@@ -396,6 +396,23 @@ fn random_ensembles_match_the_reference_walk_on_every_kernel() {
                 .map(|r| forest.predict_raw_one(r))
                 .collect();
             assert_bits(&format!("{what}, one row"), &one, &expected, &rows, n);
+            // Several blocks of rows and a part of one (the many-row walk takes rows a
+            // block at a time).
+            let count = 2 * 256 + 37;
+            let (rows, expected): (Vec<&[f64]>, Vec<f64>) = rows
+                .chunks_exact(n)
+                .zip(&expected)
+                .cycle()
+                .take(count)
+                .unzip();
+            let rows = rows.concat();
+            assert_bits(
+                &format!("{what}, {count} rows"),
+                &forest.predict_raw_many(&rows),
+                &expected,
+                &rows,
+                n,
+            );
         }
     }
 }
