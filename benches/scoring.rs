@@ -361,6 +361,7 @@ fn track_per_event(engine_kind: nudge::model::Engine) {
             shards: 2,
             queue_capacity: 1024,
             dedup_horizon_ms: 24 * 3_600_000,
+            queue_budget: std::time::Duration::from_millis(25),
         },
         store.clone(),
         Arc::new(Identities::default()),
@@ -378,7 +379,12 @@ fn track_per_event(engine_kind: nudge::model::Engine) {
         let started_all = Instant::now();
         for (i, e) in stream.into_iter().enumerate() {
             let started = Instant::now();
-            std::hint::black_box(engine.track(vec![(i, e)], now).await.unwrap());
+            std::hint::black_box(
+                engine
+                    .track(vec![(i, e)], now, nudge::engine::Admit::Flow)
+                    .await
+                    .unwrap(),
+            );
             samples.push(started.elapsed());
         }
         (samples, started_all.elapsed())

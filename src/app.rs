@@ -214,6 +214,7 @@ impl Server {
                 shards: config.shards(),
                 queue_capacity: config.engine.queue_capacity,
                 dedup_horizon_ms,
+                queue_budget: Duration::from_millis(config.engine.queue_budget_ms),
             },
             store.clone(),
             identities,

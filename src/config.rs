@@ -45,8 +45,14 @@ pub struct ServerConfig {
 pub struct EngineConfig {
     /// Shard threads that own the profiles; 0 means one per CPU.
     pub shards: usize,
-    /// Requests waiting per shard before new ones are refused with RESOURCE_EXHAUSTED.
+    /// Requests waiting per shard before new ones are refused with RESOURCE_EXHAUSTED:
+    /// a bound on memory.
     pub queue_capacity: usize,
+    /// The longest a request may be expected to wait in a shard's queue before its work
+    /// starts, in milliseconds: a request that would wait longer (by the shard's measured
+    /// rate) is refused at once with RESOURCE_EXHAUSTED and a retry hint. A bound on
+    /// latency; an empty queue admits whatever this says.
+    pub queue_budget_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -149,6 +155,7 @@ impl Default for EngineConfig {
         EngineConfig {
             shards: 0,
             queue_capacity: 1024,
+            queue_budget_ms: 25,
         }
     }
 }
@@ -265,6 +272,9 @@ impl Config {
         }
         if self.engine.queue_capacity == 0 {
             problems.push("engine.queue_capacity must be at least 1".to_owned());
+        }
+        if self.engine.queue_budget_ms == 0 {
+            problems.push("engine.queue_budget_ms must be at least 1".to_owned());
         }
         if self.engine.shards > 1024 {
             problems.push("engine.shards must be at most 1024".to_owned());

@@ -58,6 +58,12 @@ pub struct Metrics {
     pub not_ready: IntGaugeVec,
     /// Panics caught while handling a request, by where (shard, rpc).
     pub panics: IntCounterVec,
+    /// Requests turned away before any work, by reason: overloaded (the queue's wait
+    /// would exceed the budget), deadline (it could not finish in time), expired (its
+    /// deadline passed while it waited), queue_full (the count bound).
+    pub shed: IntCounterVec,
+    /// How long requests waited in a shard's queue before their work started.
+    pub queue_wait: Histogram,
     /// Model reloads by outcome: ok, refused (some file was refused), failed.
     pub model_reloads: IntCounterVec,
     /// Trigger decisions by rule and outcome: delivered, holdout, or a suppression reason.
@@ -203,6 +209,23 @@ impl Metrics {
                     .register(Box::new(g.clone()))
                     .expect("unique metric");
                 g
+            },
+            shed: counter(
+                "nudge_shed_total",
+                "Requests turned away before any work, by reason (overloaded, deadline, expired, queue_full).",
+                &["reason"],
+            ),
+            queue_wait: {
+                let opts = HistogramOpts::new(
+                    "nudge_queue_wait_seconds",
+                    "How long requests waited in a shard's queue before their work started.",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec());
+                let h = Histogram::with_opts(opts).expect("valid metric");
+                registry
+                    .register(Box::new(h.clone()))
+                    .expect("unique metric");
+                h
             },
             panics: counter(
                 "nudge_panics_total",

@@ -67,7 +67,20 @@ impl From<ApiError> for Status {
         match e {
             ApiError::Invalid(_) => Status::invalid_argument(message),
             ApiError::OutOfRange(_) => Status::out_of_range(message),
-            ApiError::Engine(EngineError::Overloaded) => Status::resource_exhausted(message),
+            ApiError::Engine(EngineError::Overloaded { retry_after }) => {
+                let mut status = Status::resource_exhausted(message);
+                // gRPC's server pushback: how long a client's retry policy should wait.
+                let millis = retry_after.as_millis().max(1).to_string();
+                if let Ok(value) = millis.parse() {
+                    status
+                        .metadata_mut()
+                        .insert("grpc-retry-pushback-ms", value);
+                }
+                status
+            }
+            ApiError::Engine(EngineError::DeadlineUnmeetable | EngineError::DeadlineExpired) => {
+                Status::deadline_exceeded(message)
+            }
             ApiError::Engine(EngineError::ShuttingDown) => Status::unavailable(message),
             ApiError::Engine(EngineError::Store(_)) => Status::unavailable(message),
             ApiError::Engine(EngineError::Conflict(_)) => Status::failed_precondition(message),

@@ -17,7 +17,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::delivery::outbox::Outbox;
 use crate::delivery::stream;
-use crate::engine::Engine;
+use crate::engine::{Admit, Engine};
 use crate::event::{check_len, check_names, quoted, FieldError, PersonKey, Reason, MAX_NAME_BYTES};
 use crate::features::FeatureSpec;
 use crate::identity::Pseudonymizer;
@@ -195,6 +195,24 @@ impl NudgeApi {
     }
 }
 
+/// When the caller stops waiting: now plus the request's `grpc-timeout` (digits and a
+/// unit: H, M, S, m, u or n), if it sent one that parses.
+fn deadline(metadata: &tonic::metadata::MetadataMap) -> Option<std::time::Instant> {
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (amount, unit) = value.split_at(value.len().checked_sub(1)?);
+    let amount: u64 = amount.parse().ok()?;
+    let timeout = match unit {
+        "H" => std::time::Duration::from_secs(amount.checked_mul(3600)?),
+        "M" => std::time::Duration::from_secs(amount.checked_mul(60)?),
+        "S" => std::time::Duration::from_secs(amount),
+        "m" => std::time::Duration::from_millis(amount),
+        "u" => std::time::Duration::from_micros(amount),
+        "n" => std::time::Duration::from_nanos(amount),
+        _ => return None,
+    };
+    std::time::Instant::now().checked_add(timeout)
+}
+
 type TriggerStream =
     Pin<Box<dyn Stream<Item = Result<pb::SubscribeTriggersResponse, Status>> + Send + 'static>>;
 
@@ -204,8 +222,11 @@ impl pb::nudge_service_server::NudgeService for NudgeApi {
         &self,
         request: Request<pb::TrackRequest>,
     ) -> Result<Response<pb::TrackResponse>, Status> {
+        let deadline = deadline(request.metadata());
         let pb::TrackRequest { events } = request.into_inner();
-        let results = self.track_batch("Track", events).await?;
+        let results = self
+            .track_batch("Track", events, Admit::Shed { deadline })
+            .await?;
         Ok(Response::new(pb::TrackResponse { results }))
     }
 
@@ -424,5 +445,37 @@ impl pb::nudge_service_server::NudgeService for NudgeApi {
             changed: report.changed,
             errors: convert::load_errors(&self.models.failures()),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse_in_every_unit() {
+        let at = |value: &str| {
+            let mut metadata = tonic::metadata::MetadataMap::new();
+            metadata.insert("grpc-timeout", value.parse().unwrap());
+            let before = std::time::Instant::now();
+            deadline(&metadata).map(|d| d.duration_since(before))
+        };
+        let close = |got: Option<std::time::Duration>, want: std::time::Duration| {
+            let got = got.expect("parses");
+            assert!(
+                got >= want && got < want + std::time::Duration::from_millis(50),
+                "{got:?}"
+            );
+        };
+        close(at("5S"), std::time::Duration::from_secs(5));
+        close(at("250m"), std::time::Duration::from_millis(250));
+        close(at("2M"), std::time::Duration::from_secs(120));
+        close(at("1H"), std::time::Duration::from_secs(3600));
+        close(at("300u"), std::time::Duration::from_micros(300));
+        close(at("7n"), std::time::Duration::from_nanos(7));
+        assert_eq!(at("5x"), None);
+        assert_eq!(at("S"), None);
+        assert_eq!(at("-1S"), None);
+        assert!(deadline(&tonic::metadata::MetadataMap::new()).is_none());
     }
 }

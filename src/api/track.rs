@@ -8,7 +8,7 @@ use futures_util::{Stream, StreamExt};
 use tonic::{Code, Status, Streaming};
 
 use super::{convert, layer, ApiError, NudgeApi};
-use crate::engine::Outcome;
+use crate::engine::{Admit, Outcome};
 use crate::event::FieldError;
 use crate::pb;
 
@@ -24,6 +24,7 @@ impl NudgeApi {
         &self,
         rpc: &'static str,
         events: Vec<pb::Event>,
+        admit: Admit,
     ) -> Result<Vec<pb::EventResult>, ApiError> {
         let now = self.clock.now();
         self.check_count(rpc, "events", events.len(), self.limits.max_batch_events)?;
@@ -56,7 +57,7 @@ impl NudgeApi {
         }
 
         let kinds: Vec<&'static str> = valid.iter().map(|(_, e)| e.kind.as_str()).collect();
-        let tracked = self.engine.track(valid, now).await?;
+        let tracked = self.engine.track(valid, now, admit).await?;
         for ((i, outcome), kind) in tracked.into_iter().zip(kinds) {
             let (status, outcome_label, scores) = match outcome {
                 Outcome::Accepted(scores) => (pb::EventStatus::Accepted, "accepted", scores),
@@ -94,7 +95,9 @@ impl NudgeApi {
                 async move {
                     let pb::TrackStreamRequest { sequence, events } =
                         message.map_err(|status| api.undecodable(status))?;
-                    let results = api.track_batch("TrackStream", events).await?;
+                    // The stream's window bounds its batches; its deadline is the whole
+                    // stream's, not theirs.
+                    let results = api.track_batch("TrackStream", events, Admit::Flow).await?;
                     Ok(pb::TrackStreamResponse { sequence, results })
                 }
             })

@@ -15,7 +15,7 @@
 use tokio::sync::oneshot;
 
 use super::shard::{Command, Group, Shard};
-use super::{full_or_closed, Engine, EngineError};
+use super::{Engine, EngineError};
 use crate::event::PersonKey;
 use crate::identity::{self, Link};
 use crate::store::Write;
@@ -71,7 +71,7 @@ impl Engine {
                 };
                 if let Err(e) = self.shards[from_shard].try_send(pause) {
                     aliases.remove(&from);
-                    return Err(full_or_closed(e));
+                    return Err(self.full_or_closed(e));
                 }
                 paused = Some((paused_rx, resume_tx));
             }

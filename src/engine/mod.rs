@@ -9,10 +9,13 @@
 //! - [`merge`]: the identity merge protocol across two shards, both halves;
 //! - [`timers`]: each shard's index of pending timers by due time.
 //!
-//! Queues are bounded: when one is full the caller is told at once
-//! ([`EngineError::Overloaded`]). An answer is a promise: a shard answers only after the
-//! store batch holding the request's effects is committed.
+//! Queues are bounded in count (memory) and in time ([`admission`]): a request that
+//! would wait past the budget, or could not finish before its deadline, is told at once
+//! ([`EngineError::Overloaded`], [`EngineError::DeadlineUnmeetable`]). An answer is a
+//! promise: a shard answers only after the store batch holding the request's effects is
+//! committed.
 
+mod admission;
 mod merge;
 mod shard;
 mod timers;
@@ -20,7 +23,7 @@ mod timers;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -34,6 +37,7 @@ use crate::store::{Store, StoreError};
 use crate::time::Time;
 use crate::trigger::rules::{RuleSet, RulesError};
 use crate::trigger::{Explanation, Live, OutcomeTotals, VariantOutcome};
+use admission::{Load, Refusal};
 pub use merge::Merge;
 use shard::{Command, Reply, Shard};
 use timers::TimerIndex;
@@ -47,13 +51,19 @@ pub struct EngineOptions {
     pub queue_capacity: usize,
     /// How long an event id is remembered for idempotency.
     pub dedup_horizon_ms: i64,
+    /// The longest a request may be expected to wait in a shard's queue.
+    pub queue_budget: Duration,
 }
 
 /// Why the engine could not do what was asked.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum EngineError {
-    #[error("the engine is overloaded (a shard queue is full); retry with backoff")]
-    Overloaded,
+    #[error("the engine is overloaded: this request would wait longer than the queue budget; retry in {} ms", retry_after.as_millis())]
+    Overloaded { retry_after: Duration },
+    #[error("the request's deadline cannot be met at the current load; nothing of it was applied")]
+    DeadlineUnmeetable,
+    #[error("the request's deadline passed while it waited; nothing of it was applied")]
+    DeadlineExpired,
     #[error("the engine is shutting down")]
     ShuttingDown,
     /// Shared by every request of the group whose commit failed.
@@ -77,6 +87,18 @@ impl From<StoreError> for EngineError {
     }
 }
 
+/// How a request is admitted to the shards' queues.
+#[derive(Debug, Clone, Copy)]
+pub enum Admit {
+    /// Within the queue budget, and only if it can finish before `deadline` (a unary
+    /// call): refused at once otherwise.
+    Shed { deadline: Option<Instant> },
+    /// Within the queues' count bound only: the caller's own window bounds what it has
+    /// queued (a TrackStream, at most a few batches in flight and held back by HTTP/2
+    /// flow control), so its batches wait rather than end the stream.
+    Flow,
+}
+
 /// What became of a tracked event.
 #[derive(Debug)]
 pub enum Outcome {
@@ -89,6 +111,9 @@ pub enum Outcome {
 /// The handle to the shard threads.
 pub struct Engine {
     shards: Vec<mpsc::Sender<Command>>,
+    /// Each shard's queue and speed, for admission.
+    loads: Vec<Arc<Load>>,
+    queue_budget: Duration,
     /// Taken by [`Engine::shutdown`].
     threads: Mutex<Vec<JoinHandle<()>>>,
     identities: Arc<Identities>,
@@ -131,9 +156,11 @@ impl Engine {
         }
         let mut shards = Vec::with_capacity(count);
         let mut threads = Vec::with_capacity(count);
+        let loads: Vec<Arc<Load>> = (0..count).map(|_| Arc::default()).collect();
         for (i, (timers, outcomes)) in timers.into_iter().zip(outcomes).enumerate() {
             let (tx, rx) = mpsc::channel(options.queue_capacity.max(1));
             let shard = Shard::new(
+                loads[i].clone(),
                 i as u16,
                 timers,
                 outcomes,
@@ -154,6 +181,8 @@ impl Engine {
         }
         Ok(Engine {
             shards,
+            loads,
+            queue_budget: options.queue_budget,
             threads: Mutex::new(threads),
             identities,
             rules,
@@ -172,11 +201,12 @@ impl Engine {
     /// Applies validated events in order and answers each event's outcome. An event that
     /// carries both a user id and a not-yet-linked anonymous id first merges the anonymous
     /// visitor into the user. Either every event is queued or none is: capacity on every
-    /// shard involved is reserved first.
+    /// shard involved is reserved first, and each must admit its part as `admit` says.
     pub async fn track(
         &self,
         events: Vec<(usize, Event)>,
         now: Time,
+        admit: Admit,
     ) -> Result<Vec<(usize, Outcome)>, EngineError> {
         let received = Instant::now();
         self.writable()?;
@@ -207,18 +237,28 @@ impl Engine {
                 per_shard[self.shard_of(&event.person)].push((index, event));
             }
             let mut permits = Vec::new();
-            for (shard, batch) in self.shards.iter().zip(per_shard) {
+            let mut admitted = Admitted::new(&self.loads);
+            for (i, batch) in per_shard.into_iter().enumerate() {
                 if batch.is_empty() {
                     continue;
                 }
-                permits.push((shard.try_reserve().map_err(full_or_closed)?, batch));
+                self.admit(&mut admitted, i, batch.len() as u64, admit)?;
+                let permit = self.shards[i]
+                    .try_reserve()
+                    .map_err(|e| self.full_or_closed(e))?;
+                permits.push((permit, batch));
             }
+            admitted.keep();
             for (permit, events) in permits {
                 let (reply, answer) = oneshot::channel();
                 permit.send(Command::Track {
                     events,
                     now,
                     received,
+                    deadline: match admit {
+                        Admit::Shed { deadline } => deadline,
+                        Admit::Flow => None,
+                    },
                     reply,
                 });
                 replies.push(answer);
@@ -444,9 +484,12 @@ impl Engine {
         {
             let person = self.identities.read().resolve(person);
             let shard = self.shard_of(&person);
+            let mut admitted = Admitted::new(&self.loads);
+            self.admit(&mut admitted, shard, 1, Admit::Shed { deadline: None })?;
             self.shards[shard]
                 .try_send(command(person, reply))
-                .map_err(full_or_closed)?;
+                .map_err(|e| self.full_or_closed(e))?;
+            admitted.keep();
         }
         answer.await.map_err(|_| EngineError::ShuttingDown)?
     }
@@ -477,10 +520,80 @@ pub fn shard_index(person: &PersonKey, shards: usize) -> usize {
     (person.stable_hash() % shards as u64) as usize
 }
 
-fn full_or_closed<T>(e: mpsc::error::TrySendError<T>) -> EngineError {
-    match e {
-        mpsc::error::TrySendError::Full(_) => EngineError::Overloaded,
-        mpsc::error::TrySendError::Closed(_) => EngineError::ShuttingDown,
+/// Units admitted to shards' queues for one request, taken back unless the request was
+/// queued whole ([`Admitted::keep`]).
+struct Admitted<'a> {
+    loads: &'a [Arc<Load>],
+    units: Vec<(usize, u64)>,
+}
+
+impl<'a> Admitted<'a> {
+    fn new(loads: &'a [Arc<Load>]) -> Admitted<'a> {
+        Admitted {
+            loads,
+            units: Vec::new(),
+        }
+    }
+
+    /// The request was queued: its units stay counted until the shard starts on them.
+    fn keep(mut self) {
+        self.units.clear();
+    }
+}
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        for (shard, units) in self.units.drain(..) {
+            self.loads[shard].withdraw(units);
+        }
+    }
+}
+
+impl Engine {
+    /// Admits `units` of work to `shard` as `admit` says, or says why not (counted).
+    fn admit(
+        &self,
+        admitted: &mut Admitted<'_>,
+        shard: usize,
+        units: u64,
+        admit: Admit,
+    ) -> Result<(), EngineError> {
+        let verdict = match admit {
+            Admit::Shed { deadline } => {
+                let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+                self.loads[shard].admit(units, self.queue_budget, left)
+            }
+            Admit::Flow => {
+                self.loads[shard].admit_flow(units);
+                Ok(())
+            }
+        };
+        match verdict {
+            Ok(()) => {
+                admitted.units.push((shard, units));
+                Ok(())
+            }
+            Err(Refusal::Overloaded { retry_after }) => {
+                self.metrics.shed.with_label_values(&["overloaded"]).inc();
+                Err(EngineError::Overloaded { retry_after })
+            }
+            Err(Refusal::Deadline) => {
+                self.metrics.shed.with_label_values(&["deadline"]).inc();
+                Err(EngineError::DeadlineUnmeetable)
+            }
+        }
+    }
+
+    fn full_or_closed<T>(&self, e: mpsc::error::TrySendError<T>) -> EngineError {
+        match e {
+            mpsc::error::TrySendError::Full(_) => {
+                self.metrics.shed.with_label_values(&["queue_full"]).inc();
+                EngineError::Overloaded {
+                    retry_after: self.queue_budget,
+                }
+            }
+            mpsc::error::TrySendError::Closed(_) => EngineError::ShuttingDown,
+        }
     }
 }
 
@@ -509,6 +622,7 @@ mod tests {
                 shards,
                 queue_capacity: 64,
                 dedup_horizon_ms: 3_600_000,
+                queue_budget: Duration::from_millis(25),
             },
             store.clone(),
             Arc::new(Identities::default()),
@@ -548,7 +662,11 @@ mod tests {
             let engine = engine.clone();
             tokio::spawn(async move {
                 engine
-                    .track(vec![view("e1", PersonKey::User("u1".into()))], T0)
+                    .track(
+                        vec![view("e1", PersonKey::User("u1".into()))],
+                        T0,
+                        Admit::Shed { deadline: None },
+                    )
                     .await
             })
         };
@@ -563,7 +681,11 @@ mod tests {
             }
         }
         let late = other
-            .track(vec![view("e2", PersonKey::User("u2".into()))], T0)
+            .track(
+                vec![view("e2", PersonKey::User("u2".into()))],
+                T0,
+                Admit::Shed { deadline: None },
+            )
             .await;
         assert!(matches!(late, Err(EngineError::ShuttingDown)), "{late:?}");
         assert!(
@@ -580,7 +702,11 @@ mod tests {
         let (engine, _store) = start(dir.path(), 2);
         let gone = PersonKey::User("gone".into());
         engine
-            .track(vec![view("e1", gone.clone())], T0)
+            .track(
+                vec![view("e1", gone.clone())],
+                T0,
+                Admit::Shed { deadline: None },
+            )
             .await
             .unwrap();
         let (arrived, at_gate) = oneshot::channel();
@@ -628,7 +754,11 @@ mod tests {
         let (engine, store, readiness) = start_with_readiness(dir.path(), 1);
         let user = PersonKey::User("u1".into());
         engine
-            .track(vec![view("e1", user.clone())], T0)
+            .track(
+                vec![view("e1", user.clone())],
+                T0,
+                Admit::Shed { deadline: None },
+            )
             .await
             .unwrap();
         let panicked = send_to(&engine, &user, |reply| Command::Panic { reply }).await;
@@ -643,7 +773,11 @@ mod tests {
         );
         // What was committed before is there, and the shard takes new work.
         engine
-            .track(vec![view("e2", user.clone())], T0)
+            .track(
+                vec![view("e2", user.clone())],
+                T0,
+                Admit::Shed { deadline: None },
+            )
             .await
             .unwrap();
         let profile = store.load_profile(&user).unwrap().unwrap();
@@ -652,7 +786,11 @@ mod tests {
             engine.profile(user.clone()).await.unwrap().unwrap()
         );
         let again = engine
-            .track(vec![view("e2", user.clone())], T0)
+            .track(
+                vec![view("e2", user.clone())],
+                T0,
+                Admit::Shed { deadline: None },
+            )
             .await
             .unwrap();
         assert!(
@@ -669,10 +807,53 @@ mod tests {
         let user = PersonKey::User("u1".into());
         engine.shards[0].send(Command::Die).await.unwrap();
         // The next caller is answered (not left waiting) once the thread is gone.
-        let late = engine.track(vec![view("e1", user.clone())], T0).await;
+        let late = engine
+            .track(
+                vec![view("e1", user.clone())],
+                T0,
+                Admit::Shed { deadline: None },
+            )
+            .await;
         assert!(matches!(late, Err(EngineError::ShuttingDown)), "{late:?}");
         assert!(!readiness.is_ready());
         assert_eq!(readiness.reasons()[0].0, crate::readiness::Reason::Shard);
+        engine.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn work_whose_deadline_passed_in_the_queue_is_dropped_unapplied() {
+        let dir = tempfile::tempdir().unwrap();
+        let (engine, store) = start(dir.path(), 1);
+        let user = PersonKey::User("u1".into());
+        // Admitted (the shard is idle), then found expired when the shard gets to it.
+        let late = engine
+            .track(
+                vec![view("e1", user.clone())],
+                T0,
+                Admit::Shed {
+                    deadline: Some(Instant::now()),
+                },
+            )
+            .await;
+        assert!(
+            matches!(late, Err(EngineError::DeadlineExpired)),
+            "{late:?}"
+        );
+        assert!(
+            store.load_profile(&user).unwrap().is_none(),
+            "no work was done"
+        );
+        assert_eq!(engine.metrics.shed.with_label_values(&["expired"]).get(), 1);
+        // The same event with time to spare applies.
+        let soon = Some(Instant::now() + Duration::from_secs(30));
+        let done = engine
+            .track(
+                vec![view("e1", user.clone())],
+                T0,
+                Admit::Shed { deadline: soon },
+            )
+            .await;
+        assert!(matches!(done.unwrap()[0].1, Outcome::Accepted(_)));
         engine.shutdown().await;
     }
 }

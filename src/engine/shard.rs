@@ -23,6 +23,7 @@ use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
 
+use super::admission::Load;
 use super::merge::Resume;
 use super::timers::TimerIndex;
 use super::{EngineError, Outcome};
@@ -55,6 +56,8 @@ pub(super) enum Command {
         events: Vec<(usize, Event)>,
         now: Time,
         received: Instant,
+        /// The caller's gRPC deadline: past it, the events are dropped unapplied.
+        deadline: Option<Instant>,
         reply: Reply<Vec<(usize, Outcome)>>,
     },
     /// Fire the timers due at `now`; `done`, if any, answers once they are committed.
@@ -105,6 +108,21 @@ pub(super) enum Command {
     /// Panics outside any command (a test of a shard thread dying).
     #[cfg(test)]
     Die,
+}
+
+impl Command {
+    /// The units of work admission counted for this command when it was queued (events,
+    /// or one for a request through `Engine::ask`); internal commands are not admitted.
+    fn units(&self) -> u64 {
+        match self {
+            Command::Track { events, .. } => events.len() as u64,
+            Command::Explain { .. }
+            | Command::Score { .. }
+            | Command::Profile { .. }
+            | Command::Erase { .. } => 1,
+            _ => 0,
+        }
+    }
 }
 
 /// An answer held back until the group's commit: the value, unless the commit fails.
@@ -192,6 +210,8 @@ struct Scored<'a> {
 /// loop.
 pub(super) struct Shard {
     index: u16,
+    /// This shard's queue and speed, for admission.
+    load: Arc<Load>,
     pub(super) profiles: HashMap<PersonKey, Profile>,
     /// The trigger states this group touched (the store holds them between groups).
     pub(super) states: HashMap<PersonKey, TriggerState>,
@@ -232,6 +252,7 @@ impl Drop for Alive<'_> {
 impl Shard {
     #[allow(clippy::too_many_arguments)] // one constructor, called once, with named parts
     pub(super) fn new(
+        load: Arc<Load>,
         index: u16,
         timers: TimerIndex,
         outcomes: BTreeMap<(String, String), OutcomeTotals>,
@@ -245,6 +266,7 @@ impl Shard {
     ) -> Shard {
         Shard {
             index,
+            load,
             profiles: HashMap::new(),
             states: HashMap::new(),
             timers,
@@ -276,6 +298,10 @@ impl Shard {
                     Err(_) => break,
                 }
             }
+            let units: u64 = commands.iter().map(Command::units).sum();
+            self.load.started(units);
+            let started = Instant::now();
+            let mut committing = std::time::Duration::ZERO;
             let mut group = Group::default();
             let mut pause = None;
             let mut stop = false;
@@ -294,7 +320,11 @@ impl Shard {
                     }
                 }
             }
+            let commit = Instant::now();
             self.commit(group);
+            committing += commit.elapsed();
+            self.load
+                .finished(units, started.elapsed() - committing, committing);
             if stop {
                 // What is still queued is dropped with the receiver: its callers hear
                 // `ShuttingDown`, and none of it was acknowledged.
@@ -341,8 +371,19 @@ impl Shard {
                 events,
                 now,
                 received,
+                deadline,
                 reply,
             } => {
+                self.metrics
+                    .queue_wait
+                    .observe(received.elapsed().as_secs_f64());
+                if deadline.is_some_and(|d| d <= Instant::now()) {
+                    // The caller has gone: no work, and no answer anyone reads.
+                    self.metrics.shed.with_label_values(&["expired"]).inc();
+                    let value = Err(EngineError::DeadlineExpired);
+                    group.pending.push(Pending::Track(Answer { reply, value }));
+                    return;
+                }
                 let value = self.guarded(group, |shard, group| {
                     let (models, rules) = shard.serving();
                     let round = Round {
