@@ -28,6 +28,11 @@ impl NudgeApi {
     ) -> Result<Vec<pb::EventResult>, ApiError> {
         let now = self.clock.now();
         self.check_count(rpc, "events", events.len(), self.limits.max_batch_events)?;
+        if let Admit::Shed { .. } = admit {
+            // Under overload most calls are refused; they should cost as little as
+            // possible, so the refusal comes before validating and pseudonymizing.
+            self.engine.refuse_if_saturated()?;
+        }
 
         let mut results = Vec::with_capacity(events.len());
         let mut valid = Vec::with_capacity(events.len());

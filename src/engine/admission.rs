@@ -29,6 +29,9 @@ pub struct Load {
     queued: AtomicU64,
     /// Whether a group is being handled or committed now.
     busy: AtomicBool,
+    /// The units of the group being handled now: a request queued behind it waits for
+    /// them too (counted whole, as if the group had just begun: the bound errs long).
+    in_progress: AtomicU64,
     /// The average cost of one unit's handling, in nanoseconds.
     unit_ns: AtomicU64,
     /// The average cost of one group's commit, in nanoseconds.
@@ -53,9 +56,10 @@ impl Load {
         if queued == 0 && !busy {
             return Duration::ZERO;
         }
+        let ahead = queued.saturating_add(self.in_progress.load(Ordering::Relaxed));
         let unit = self.unit_ns.load(Ordering::Relaxed);
         let commit = self.commit_ns.load(Ordering::Relaxed);
-        Duration::from_nanos(queued.saturating_mul(unit).saturating_add(commit))
+        Duration::from_nanos(ahead.saturating_mul(unit).saturating_add(commit))
     }
 
     /// Admits `units` with `budget` for their wait and `left` until their deadline, if
@@ -96,6 +100,7 @@ impl Load {
     /// The shard takes `units` out of its queue and starts on them.
     pub fn started(&self, units: u64) {
         self.busy.store(true, Ordering::Relaxed);
+        self.in_progress.store(units, Ordering::Relaxed);
         self.queued.fetch_sub(units, Ordering::Relaxed);
     }
 
@@ -105,6 +110,7 @@ impl Load {
             smooth(&self.unit_ns, per_unit);
         }
         smooth(&self.commit_ns, commit.as_nanos() as u64);
+        self.in_progress.store(0, Ordering::Relaxed);
         self.busy.store(false, Ordering::Relaxed);
     }
 }
@@ -154,7 +160,9 @@ mod tests {
             load.admit(1, 24 * MS, None),
             Err(Refusal::Overloaded { retry_after: MS })
         );
+        // The shard takes all 23: a request behind them waits for the whole group.
         load.started(23);
+        assert_eq!(load.predicted_wait(), 25 * MS);
         load.finished(23, 23 * MS, 2 * MS);
         assert_eq!(load.predicted_wait(), Duration::ZERO, "drained and idle");
     }

@@ -550,6 +550,22 @@ impl Drop for Admitted<'_> {
 }
 
 impl Engine {
+    /// Refuses at once when every shard's queue would make a request wait past the
+    /// budget: such a request cannot be admitted wherever its events go, so the caller
+    /// need not spend validating it first.
+    pub fn refuse_if_saturated(&self) -> Result<(), EngineError> {
+        let least = self.loads.iter().map(|l| l.predicted_wait()).min();
+        match least {
+            Some(wait) if wait > self.queue_budget => {
+                self.metrics.shed.with_label_values(&["overloaded"]).inc();
+                Err(EngineError::Overloaded {
+                    retry_after: wait - self.queue_budget,
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Admits `units` of work to `shard` as `admit` says, or says why not (counted).
     fn admit(
         &self,
@@ -854,6 +870,30 @@ mod tests {
             )
             .await;
         assert!(matches!(done.unwrap()[0].1, Outcome::Accepted(_)));
+        engine.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_request_is_refused_before_validation_only_when_every_shard_is_saturated() {
+        let dir = tempfile::tempdir().unwrap();
+        let (engine, _store) = start(dir.path(), 2);
+        let ms = Duration::from_millis(1);
+        // Each shard has measured 10 ms an event; 10 events wait on the first one.
+        for load in &engine.loads {
+            load.started(0);
+            load.finished(1, 10 * ms, ms);
+        }
+        engine.loads[0].admit_flow(10);
+        assert!(engine.refuse_if_saturated().is_ok(), "shard 1 is idle");
+        engine.loads[1].admit_flow(10);
+        let refused = engine.refuse_if_saturated();
+        assert!(
+            matches!(refused, Err(EngineError::Overloaded { retry_after }) if retry_after == 101 * ms - 25 * ms),
+            "{refused:?}"
+        );
+        for load in &engine.loads {
+            load.withdraw(10);
+        }
         engine.shutdown().await;
     }
 }
