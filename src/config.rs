@@ -48,10 +48,10 @@ pub struct EngineConfig {
     /// Requests waiting per shard before new ones are refused with RESOURCE_EXHAUSTED:
     /// a bound on memory.
     pub queue_capacity: usize,
-    /// The longest a request may be expected to wait in a shard's queue before its work
-    /// starts, in milliseconds: a request that would wait longer (by the shard's measured
-    /// rate) is refused at once with RESOURCE_EXHAUSTED and a retry hint. A bound on
-    /// latency; an empty queue admits whatever this says.
+    /// The most work that may be ahead of a request in a shard's queue, in milliseconds
+    /// at the shard's measured rate: a request behind more is refused at once with
+    /// RESOURCE_EXHAUSTED and a retry hint. A bound on latency; commits are outside it
+    /// (every durable request waits for one), so a slow disk alone refuses nobody.
     pub queue_budget_ms: u64,
 }
 

@@ -3,18 +3,20 @@
 //!
 //! Each shard keeps [`Load`]: the work units queued and not yet started (an event is one,
 //! a read or another command is one), and moving averages of what a unit and a commit
-//! cost it, measured as it works. A caller predicts its wait before queuing — the units
-//! ahead of it at the measured rate, plus the commit in progress — and is refused at once
-//! when that exceeds the budget (`RESOURCE_EXHAUSTED`, with the excess as a retry hint),
-//! or when the prediction plus its own work runs past its gRPC deadline
-//! (`DEADLINE_EXCEEDED`, before any work). A TrackStream's batches are admitted by count
-//! only (`Admit::Flow`): the stream's window and HTTP/2 flow control already bound what it
-//! queues, and ending a stream for latency would cost more than its batches wait. They
-//! count in the queue all the same, so unary callers are shed first. An empty queue
-//! admits everything, so a slow
-//! disk alone never turns callers away. The shard still drops, unapplied, a request whose
-//! deadline passed while it waited: a wrong prediction costs latency, never work for a
-//! caller who has gone.
+//! cost it, measured as it works. A caller predicts its queueing before queuing — the
+//! units ahead of it, the group in progress included, at the measured rate — and is
+//! refused at once when that exceeds the budget (`RESOURCE_EXHAUSTED`, with the excess
+//! as a retry hint), or when its whole wait (the commit in progress too) plus its own
+//! work and commit runs past its gRPC deadline (`DEADLINE_EXCEEDED`, before any work).
+//! Commits are outside the budget: every durable request waits for one, and refusing
+//! callers does not make a slow disk faster.
+//!
+//! A TrackStream's batches are admitted by count only (`Admit::Flow`): the stream's window
+//! and HTTP/2 flow control already bound what it queues, and ending a stream for latency
+//! would cost more than its batches wait. They count in the queue all the same, so unary
+//! callers are shed first. The shard drops, unapplied, a request whose deadline passed
+//! while it waited: a wrong prediction costs latency, never work for a caller who has
+//! gone.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -48,38 +50,47 @@ pub enum Refusal {
 }
 
 impl Load {
-    /// How long a request queued now would wait before its work starts, at the measured
-    /// rate.
-    pub fn predicted_wait(&self) -> Duration {
-        let queued = self.queued.load(Ordering::Relaxed);
-        let busy = self.busy.load(Ordering::Relaxed);
-        if queued == 0 && !busy {
-            return Duration::ZERO;
-        }
-        let ahead = queued.saturating_add(self.in_progress.load(Ordering::Relaxed));
-        let unit = self.unit_ns.load(Ordering::Relaxed);
-        let commit = self.commit_ns.load(Ordering::Relaxed);
-        Duration::from_nanos(ahead.saturating_mul(unit).saturating_add(commit))
+    /// How long the work ahead of a request queued now takes to handle, at the measured
+    /// rate, not counting commits: what the budget bounds. A commit in progress is a wait
+    /// no refusal shortens — every durable request waits for one commit of its own — so a
+    /// slow disk alone never turns callers away.
+    pub fn queueing(&self) -> Duration {
+        let ahead = self
+            .queued
+            .load(Ordering::Relaxed)
+            .saturating_add(self.in_progress.load(Ordering::Relaxed));
+        Duration::from_nanos(ahead.saturating_mul(self.unit_ns.load(Ordering::Relaxed)))
     }
 
-    /// Admits `units` with `budget` for their wait and `left` until their deadline, if
-    /// any; an admitted request is counted as queued.
+    /// How long a request queued now would wait before its work starts: the queueing,
+    /// and the commit in progress, if any.
+    pub fn predicted_wait(&self) -> Duration {
+        let commit = if self.busy.load(Ordering::Relaxed) {
+            Duration::from_nanos(self.commit_ns.load(Ordering::Relaxed))
+        } else {
+            Duration::ZERO
+        };
+        self.queueing() + commit
+    }
+
+    /// Admits `units` with `budget` for their queueing and `left` until their deadline,
+    /// if any; an admitted request is counted as queued.
     pub fn admit(
         &self,
         units: u64,
         budget: Duration,
         left: Option<Duration>,
     ) -> Result<(), Refusal> {
-        let wait = self.predicted_wait();
-        if wait > budget {
+        let queueing = self.queueing();
+        if queueing > budget {
             return Err(Refusal::Overloaded {
-                retry_after: wait - budget,
+                retry_after: queueing - budget,
             });
         }
         if let Some(left) = left {
             let own = units.saturating_mul(self.unit_ns.load(Ordering::Relaxed))
                 + self.commit_ns.load(Ordering::Relaxed);
-            if wait + Duration::from_nanos(own) > left {
+            if self.predicted_wait() + Duration::from_nanos(own) > left {
                 return Err(Refusal::Deadline);
             }
         }
@@ -134,13 +145,18 @@ mod tests {
     const MS: Duration = Duration::from_millis(1);
 
     #[test]
-    fn an_idle_shard_admits_whatever_its_speed() {
+    fn a_slow_disk_alone_never_turns_callers_away() {
         let load = Load::default();
         load.started(0);
-        // A slow disk: every commit takes 100 ms.
+        // Every commit takes 100 ms, four times the budget.
         load.finished(1, MS, 100 * MS);
-        assert_eq!(load.predicted_wait(), Duration::ZERO);
-        assert_eq!(load.admit(1000, MS, None), Ok(()));
+        assert_eq!(load.predicted_wait(), Duration::ZERO, "idle");
+        assert_eq!(load.admit(10, 25 * MS, None), Ok(()));
+        // Busy committing, with 10 units queued: 10 ms of queueing is within the budget,
+        // though the wait is 110 ms.
+        load.started(0);
+        assert_eq!(load.predicted_wait(), 110 * MS);
+        assert_eq!(load.admit(1, 25 * MS, None), Ok(()));
     }
 
     #[test]
@@ -152,17 +168,18 @@ mod tests {
         for _ in 0..20 {
             load.admit(1, 25 * MS, None).unwrap();
         }
-        // 20 units ahead (20 ms) and a commit (2 ms): 22 ms.
+        // 20 units ahead: 20 ms of queueing, and the commit in progress (2 ms).
+        assert_eq!(load.queueing(), 20 * MS);
         assert_eq!(load.predicted_wait(), 22 * MS);
         load.admit(3, 25 * MS, None).unwrap();
-        // 25 ms; a budget of 24 ms is exceeded by 1 ms, a second by 3 ms more.
+        // 23 ms of queueing: a budget of 22 ms is exceeded by 1 ms.
         assert_eq!(
-            load.admit(1, 24 * MS, None),
+            load.admit(1, 22 * MS, None),
             Err(Refusal::Overloaded { retry_after: MS })
         );
         // The shard takes all 23: a request behind them waits for the whole group.
         load.started(23);
-        assert_eq!(load.predicted_wait(), 25 * MS);
+        assert_eq!(load.queueing(), 23 * MS);
         load.finished(23, 23 * MS, 2 * MS);
         assert_eq!(load.predicted_wait(), Duration::ZERO, "drained and idle");
     }

@@ -284,6 +284,10 @@ impl Shard {
 
     pub(super) fn run(mut self, mut rx: mpsc::Receiver<Command>) {
         let readiness = self.readiness.clone();
+        let _alive = Alive {
+            index: self.index,
+            readiness: &readiness,
+        };
         while let Some(first) = rx.blocking_recv() {
             let mut commands = vec![first];
             while commands.len() < MAX_GROUP
@@ -294,12 +298,7 @@ impl Shard {
                     Err(_) => break,
                 }
             }
-            // Declared after the commands, so that a panic that unwinds this loop turns
-            // readiness off before their callers (and the queue's) hear the shard is gone.
-            let _alive = Alive {
-                index: self.index,
-                readiness: &readiness,
-            };
+
             let units: u64 = commands.iter().map(Command::units).sum();
             self.load.started(units);
             let started = Instant::now();
