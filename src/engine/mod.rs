@@ -679,11 +679,7 @@ mod tests {
             let engine = engine.clone();
             tokio::spawn(async move {
                 engine
-                    .track(
-                        vec![view("e1", PersonKey::User("u1".into()))],
-                        T0,
-                        Admit::Shed { deadline: None },
-                    )
+                    .track(vec![view("e1", PersonKey::User("u1".into()))], T0, UNARY)
                     .await
             })
         };
@@ -698,11 +694,7 @@ mod tests {
             }
         }
         let late = other
-            .track(
-                vec![view("e2", PersonKey::User("u2".into()))],
-                T0,
-                Admit::Shed { deadline: None },
-            )
+            .track(vec![view("e2", PersonKey::User("u2".into()))], T0, UNARY)
             .await;
         assert!(matches!(late, Err(EngineError::ShuttingDown)), "{late:?}");
         assert!(
@@ -719,11 +711,7 @@ mod tests {
         let (engine, _store) = start(dir.path(), 2);
         let gone = PersonKey::User("gone".into());
         engine
-            .track(
-                vec![view("e1", gone.clone())],
-                T0,
-                Admit::Shed { deadline: None },
-            )
+            .track(vec![view("e1", gone.clone())], T0, UNARY)
             .await
             .unwrap();
         let (arrived, at_gate) = oneshot::channel();
@@ -751,6 +739,9 @@ mod tests {
         engine.shutdown().await;
     }
 
+    /// How a unary call without a deadline is admitted.
+    const UNARY: Admit = Admit::Shed { deadline: None };
+
     /// Sends a test command to the shard of `person` and waits for its answer.
     async fn send_to(
         engine: &Engine,
@@ -771,11 +762,7 @@ mod tests {
         let (engine, store, readiness) = start_with_readiness(dir.path(), 1);
         let user = PersonKey::User("u1".into());
         engine
-            .track(
-                vec![view("e1", user.clone())],
-                T0,
-                Admit::Shed { deadline: None },
-            )
+            .track(vec![view("e1", user.clone())], T0, UNARY)
             .await
             .unwrap();
         let panicked = send_to(&engine, &user, |reply| Command::Panic { reply }).await;
@@ -790,11 +777,7 @@ mod tests {
         );
         // What was committed before is there, and the shard takes new work.
         engine
-            .track(
-                vec![view("e2", user.clone())],
-                T0,
-                Admit::Shed { deadline: None },
-            )
+            .track(vec![view("e2", user.clone())], T0, UNARY)
             .await
             .unwrap();
         let profile = store.load_profile(&user).unwrap().unwrap();
@@ -803,11 +786,7 @@ mod tests {
             engine.profile(user.clone()).await.unwrap().unwrap()
         );
         let again = engine
-            .track(
-                vec![view("e2", user.clone())],
-                T0,
-                Admit::Shed { deadline: None },
-            )
+            .track(vec![view("e2", user.clone())], T0, UNARY)
             .await
             .unwrap();
         assert!(
@@ -825,11 +804,7 @@ mod tests {
         engine.shards[0].send(Command::Die).await.unwrap();
         // The next caller is answered (not left waiting) once the thread is gone.
         let late = engine
-            .track(
-                vec![view("e1", user.clone())],
-                T0,
-                Admit::Shed { deadline: None },
-            )
+            .track(vec![view("e1", user.clone())], T0, UNARY)
             .await;
         assert!(matches!(late, Err(EngineError::ShuttingDown)), "{late:?}");
         // The unwinding thread turns readiness off; its dropped queue may be heard first.
