@@ -362,6 +362,7 @@ fn track_per_event(engine_kind: nudge::model::Engine) {
             queue_capacity: 1024,
             dedup_horizon_ms: 24 * 3_600_000,
             queue_budget: std::time::Duration::from_millis(25),
+            cache_bytes: 1 << 30,
         },
         store.clone(),
         Arc::new(Identities::default()),

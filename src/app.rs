@@ -215,6 +215,7 @@ impl Server {
                 queue_capacity: config.engine.queue_capacity,
                 dedup_horizon_ms,
                 queue_budget: Duration::from_millis(config.engine.queue_budget_ms),
+                cache_bytes: config.cache_bytes(),
             },
             store.clone(),
             identities,

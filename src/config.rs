@@ -53,6 +53,11 @@ pub struct EngineConfig {
     /// RESOURCE_EXHAUSTED and a retry hint. A bound on latency; commits are outside it
     /// (every durable request waits for one), so a slow disk alone refuses nobody.
     pub queue_budget_ms: u64,
+    /// The memory the shards may keep people in (profiles and trigger states), in MiB,
+    /// shared by the shards; people beyond it are evicted, least recently used first, and
+    /// read from the store when they come back. 0 means a quarter of the memory this
+    /// process may use (its cgroup's limit, or the machine's memory).
+    pub cache_mb: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -156,6 +161,7 @@ impl Default for EngineConfig {
             shards: 0,
             queue_capacity: 1024,
             queue_budget_ms: 25,
+            cache_mb: 0,
         }
     }
 }
@@ -346,6 +352,15 @@ impl Config {
         }
     }
 
+    /// The shards' cache budget in bytes: `engine.cache_mb`, or a quarter of the memory
+    /// this process may use.
+    pub fn cache_bytes(&self) -> usize {
+        match self.engine.cache_mb {
+            0 => usable_memory().map_or(1 << 30, |bytes| bytes / 4),
+            mb => usize::try_from(mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX),
+        }
+    }
+
     /// The ONNX Runtime library to load, by the precedence documented on the field.
     pub fn onnxruntime_library(&self) -> PathBuf {
         if !self.models.onnxruntime_library.is_empty() {
@@ -380,6 +395,32 @@ fn apply_override(table: &mut toml::Table, path: &str, value: &str) -> Result<()
     }
     node.insert(last.clone(), parsed);
     Ok(())
+}
+
+/// The memory this process may use: its cgroup's limit (v2, then v1) when it has one, else
+/// the machine's memory.
+fn usable_memory() -> Option<usize> {
+    let read = |path: &str| std::fs::read_to_string(path).ok();
+    let limit = [
+        "/sys/fs/cgroup/memory.max",
+        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+    ]
+    .into_iter()
+    .filter_map(read)
+    // "max" (v2) or a huge number (v1) means no limit.
+    .filter_map(|s| s.trim().parse::<u64>().ok())
+    .find(|&bytes| bytes < 1 << 60);
+    let machine = read("/proc/meminfo").and_then(|info| {
+        info.lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+    });
+    let bytes = match (limit, machine) {
+        (Some(l), Some(m)) => l.min(m),
+        (l, m) => l.or(m)?,
+    };
+    usize::try_from(bytes).ok()
 }
 
 #[cfg(test)]

@@ -25,6 +25,7 @@
 //!   itself from it.
 //! - [`app`]: builds every part from the config, serves, drains on shutdown.
 //! - [`time`]: `Time`, and the `Clock` the server reads `now` from.
+//! - [`heap`]: the bytes a value holds on the heap, as the engine's cache counts them.
 
 pub mod api;
 pub mod app;
@@ -33,6 +34,7 @@ pub mod delivery;
 pub mod engine;
 pub mod event;
 pub mod features;
+pub mod heap;
 pub mod identity;
 pub mod metrics;
 pub mod model;

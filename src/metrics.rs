@@ -41,6 +41,15 @@ pub struct Metrics {
     pub model_load_failures: IntCounterVec,
     /// People with a profile in memory.
     pub profiles: IntGauge,
+    /// Lookups of a person's profile or trigger state in the shards' caches, by part and
+    /// result (hit, miss: a store read).
+    pub cache_lookups: IntCounterVec,
+    /// People evicted from the shards' caches to stay within the budget.
+    pub cache_evictions: IntCounter,
+    /// Bytes the shards' caches count for the people they hold.
+    pub cache_bytes: IntGauge,
+    /// The shards' caches' budget in bytes (`engine.cache_mb`).
+    pub cache_budget: IntGauge,
     /// Identity merges by outcome.
     pub merges: IntCounterVec,
     /// Erasures (DeleteUser).
@@ -153,6 +162,32 @@ impl Metrics {
                 &["reason"],
             ),
             profiles: gauge(&registry, "nudge_profiles", "People with a profile in memory."),
+            cache_lookups: counter(
+                "nudge_cache_lookups_total",
+                "Lookups of a person's profile or trigger state in memory, by part and result (a miss is a store read).",
+                &["part", "result"],
+            ),
+            cache_evictions: {
+                let c = IntCounter::new(
+                    "nudge_cache_evictions_total",
+                    "People evicted from memory to stay within engine.cache_mb.",
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(c.clone()))
+                    .expect("unique metric");
+                c
+            },
+            cache_bytes: gauge(
+                &registry,
+                "nudge_cache_bytes",
+                "Bytes counted for the people held in memory.",
+            ),
+            cache_budget: gauge(
+                &registry,
+                "nudge_cache_budget_bytes",
+                "The budget of the people held in memory (engine.cache_mb).",
+            ),
             merges: counter(
                 "nudge_identity_merges_total",
                 "Identity merges by outcome.",

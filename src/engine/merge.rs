@@ -117,11 +117,8 @@ impl Shard {
         into: &PersonKey,
         group: &mut Group,
     ) -> Result<(), EngineError> {
-        let absorbed = match self.profiles.remove(from) {
-            Some(p) => {
-                self.metrics.profiles.dec();
-                Some(p)
-            }
+        let absorbed = match self.cache.take_profile(from) {
+            Some(p) => Some(p),
             None => self.store.load_profile(from)?,
         };
         group.dirty.remove(from);

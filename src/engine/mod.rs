@@ -16,6 +16,7 @@
 //! committed.
 
 mod admission;
+mod cache;
 mod merge;
 mod shard;
 mod timers;
@@ -54,6 +55,8 @@ pub struct EngineOptions {
     /// The most work (at the measured rate) that may be ahead of a request in a shard's
     /// queue.
     pub queue_budget: Duration,
+    /// The bytes the shards may keep people in, shared equally.
+    pub cache_bytes: usize,
 }
 
 /// Why the engine could not do what was asked.
@@ -172,6 +175,7 @@ impl Engine {
                 metrics.clone(),
                 readiness.clone(),
                 options.dedup_horizon_ms,
+                options.cache_bytes / count,
             );
             let thread = std::thread::Builder::new()
                 .name(format!("nudge-shard-{i}"))
@@ -640,6 +644,7 @@ mod tests {
                 queue_capacity: 64,
                 dedup_horizon_ms: 3_600_000,
                 queue_budget: Duration::from_millis(25),
+                cache_bytes: 64 << 20,
             },
             store.clone(),
             Arc::new(Identities::default()),

@@ -24,6 +24,7 @@ use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
 
 use super::admission::Load;
+use super::cache::Cache;
 use super::merge::Resume;
 use super::timers::TimerIndex;
 use super::{EngineError, Outcome};
@@ -31,7 +32,7 @@ use crate::delivery::outbox::Outbox;
 use crate::event::{Event, PersonKey};
 use crate::features::{self, FeatureRow};
 use crate::metrics::Metrics;
-use crate::model::{score_row, Model, ModelRegistry, Scores};
+use crate::model::{score_each, score_row, Model, ModelRegistry, Scores};
 use crate::profile::Profile;
 use crate::readiness::{Readiness, Reason};
 use crate::segments;
@@ -212,9 +213,8 @@ pub(super) struct Shard {
     index: u16,
     /// This shard's queue and speed, for admission.
     load: Arc<Load>,
-    pub(super) profiles: HashMap<PersonKey, Profile>,
-    /// The trigger states this group touched (the store holds them between groups).
-    pub(super) states: HashMap<PersonKey, TriggerState>,
+    /// The profiles and trigger states of the people used lately, within a budget.
+    pub(super) cache: Cache,
     pub(super) timers: TimerIndex,
     /// This shard's share of each (rule, variant)'s experiment totals.
     outcomes: BTreeMap<(String, String), OutcomeTotals>,
@@ -263,12 +263,12 @@ impl Shard {
         metrics: Arc<Metrics>,
         readiness: Arc<Readiness>,
         dedup_horizon_ms: i64,
+        cache_bytes: usize,
     ) -> Shard {
         Shard {
             index,
             load,
-            profiles: HashMap::new(),
-            states: HashMap::new(),
+            cache: Cache::new(cache_bytes, metrics.clone()),
             timers,
             outcomes,
             decisions: 0,
@@ -392,12 +392,7 @@ impl Shard {
                         rules: &rules,
                         now,
                     };
-                    events
-                        .into_iter()
-                        .map(|(index, event)| {
-                            Ok((index, shard.track(&event, &round, received, group)?))
-                        })
-                        .collect()
+                    shard.track(&events, &round, received, group)
                 });
                 Pending::Track(Answer { reply, value })
             }
@@ -474,41 +469,73 @@ impl Shard {
         )
     }
 
+    /// Applies a Track command's events, scores them, and evaluates the rules for each.
+    ///
+    /// Every event is applied first, then all rows are scored in one call per model (a
+    /// batch walks the trees several times faster than its rows one by one), then the
+    /// rules run in the events' order. That order of effects is the same as one event at
+    /// a time: an evaluation reads the row, scores and history taken at its own event and
+    /// the person's trigger state, never the profile a later event changed.
     fn track(
         &mut self,
-        event: &Event,
+        events: &[(usize, Event)],
         round: &Round<'_>,
         received: Instant,
         group: &mut Group,
-    ) -> Result<Outcome, EngineError> {
-        let duplicate = self.is_duplicate(event, round.now, group)?;
-        let metrics = self.metrics.clone();
+    ) -> Result<Vec<(usize, Outcome)>, EngineError> {
+        let mut rows = Vec::with_capacity(events.len());
+        let mut histories = Vec::with_capacity(events.len());
+        for (_, event) in events {
+            let (row, history) = self.apply(event, round.now, group)?;
+            rows.push(row);
+            histories.push(history);
+        }
+        let scores = score_each(round.models, &rows, &self.metrics);
+        let mut outcomes = Vec::with_capacity(events.len());
+        for ((((index, event), row), scores), history) in
+            events.iter().zip(&rows).zip(scores).zip(histories)
+        {
+            let Some(history) = history else {
+                outcomes.push((*index, Outcome::Duplicate(scores)));
+                continue;
+            };
+            if !round.rules.rules.is_empty() {
+                let scored = Scored {
+                    person: &event.person,
+                    row,
+                    scores: &scores,
+                    history,
+                };
+                self.evaluate(scored, Cause::Event(event), Some(received), round, group)?;
+            }
+            outcomes.push((*index, Outcome::Accepted(scores)));
+        }
+        Ok(outcomes)
+    }
+
+    /// Applies one event to its person's profile (unless it is a duplicate) and records
+    /// its id: the person's feature row after it, and their history (`None` for a
+    /// duplicate, which changes nothing and is not evaluated).
+    fn apply(
+        &mut self,
+        event: &Event,
+        now: Time,
+        group: &mut Group,
+    ) -> Result<(FeatureRow, Option<History>), EngineError> {
+        let duplicate = self.is_duplicate(event, now, group)?;
         let profile = self.load(&event.person)?;
         if duplicate {
-            let row = features::extract(profile, round.now);
-            return Ok(Outcome::Duplicate(score_row(round.models, &row, &metrics)));
+            return Ok((features::extract(profile, now), None));
         }
         profile.apply(event);
-        let row = features::extract(profile, round.now);
+        let row = features::extract(profile, now);
         let history = History::of(profile);
         group.dirty.insert(event.person.clone());
         group.seen.insert((event.person.clone(), event.id.clone()));
-        group.writes.push(Write::Seen(
-            event.person.clone(),
-            event.id.clone(),
-            round.now,
-        ));
-        let scores = score_row(round.models, &row, &metrics);
-        if !round.rules.rules.is_empty() {
-            let scored = Scored {
-                person: &event.person,
-                row: &row,
-                scores: &scores,
-                history,
-            };
-            self.evaluate(scored, Cause::Event(event), Some(received), round, group)?;
-        }
-        Ok(Outcome::Accepted(scores))
+        group
+            .writes
+            .push(Write::Seen(event.person.clone(), event.id.clone(), now));
+        Ok((row, Some(history)))
     }
 
     /// Evaluates the rules for one person and one cause, and turns the decisions into
@@ -583,9 +610,14 @@ impl Shard {
             now: round.now,
         };
         let state = self.load_state(person)?;
+        let unchanged = state.clone();
         let before = state.dues();
         let decisions = trigger::evaluate(rules, state, &facts, cause);
         let after = state.dues();
+        // Most evaluations of most people change nothing: no write then.
+        if *state != unchanged {
+            group.dirty_states.insert(person.clone());
+        }
         let removed: Vec<Time> = before
             .iter()
             .filter(|d| !after.contains(d))
@@ -599,8 +631,6 @@ impl Shard {
         self.timers
             .remove(person, &removed, &mut group.writes, &mut group.unindexed);
         self.timers.add(person, &added, &mut group.writes);
-        // Latches move on most evaluations; the state is small.
-        group.dirty_states.insert(person.clone());
         for firing in &decisions.firings {
             self.decisions += 1;
             group.writes.push(Write::Audit(
@@ -686,11 +716,8 @@ impl Shard {
     }
 
     fn erase(&mut self, person: PersonKey, group: &mut Group) -> Result<bool, EngineError> {
-        let existed = match self.profiles.remove(&person) {
-            Some(_) => {
-                self.metrics.profiles.dec();
-                true
-            }
+        let existed = match self.cache.take_profile(&person) {
+            Some(_) => true,
             None => self.store.load_profile(&person)?.is_some(),
         };
         group.dirty.remove(&person);
@@ -715,7 +742,7 @@ impl Shard {
 
     /// The person's trigger state and latest decisions.
     fn explain(&self, person: &PersonKey) -> Result<Explanation, EngineError> {
-        let state = match self.states.get(person) {
+        let state = match self.cache.peek_state(person) {
             Some(s) => s.clone(),
             None => self.store.load_triggers(person)?.unwrap_or_default(),
         };
@@ -730,25 +757,27 @@ impl Shard {
         &mut self,
         person: &PersonKey,
     ) -> Result<&mut TriggerState, EngineError> {
-        if !self.states.contains_key(person) {
+        // A lookup, then an insert: returning the lookup's borrow on a hit would hold the
+        // cache across the miss's branch.
+        if self.cache.state(person).is_none() {
             let stored = self.store.load_triggers(person)?.unwrap_or_default();
-            self.states.insert(person.clone(), stored);
+            return Ok(self.cache.insert_state(person, stored));
         }
-        Ok(self.states.get_mut(person).expect("just inserted"))
+        Ok(self.cache.state_cached(person).expect("just found"))
     }
 
     /// Removes the person's trigger state from memory, returning it (from the store if it
     /// was not in memory).
     pub(super) fn take_state(&mut self, person: &PersonKey) -> Result<TriggerState, EngineError> {
-        match self.states.remove(person) {
+        match self.cache.take_state(person) {
             Some(s) => Ok(s),
             None => Ok(self.store.load_triggers(person)?.unwrap_or_default()),
         }
     }
 
     /// The person's profile, from memory or the store, without creating one.
-    fn read(&self, person: &PersonKey) -> Result<Option<Profile>, EngineError> {
-        match self.profiles.get(person) {
+    fn read(&mut self, person: &PersonKey) -> Result<Option<Profile>, EngineError> {
+        match self.cache.profile(person) {
             Some(p) => Ok(Some(p.clone())),
             None => Ok(self.store.load_profile(person)?),
         }
@@ -756,20 +785,16 @@ impl Shard {
 
     /// The person's profile for writing, loaded into memory (a new one if unknown).
     pub(super) fn load(&mut self, person: &PersonKey) -> Result<&mut Profile, EngineError> {
-        if !self.profiles.contains_key(person) {
+        if self.cache.profile(person).is_none() {
             let stored = self.store.load_profile(person)?.unwrap_or_default();
-            self.profiles.insert(person.clone(), stored);
-            self.metrics.profiles.inc();
+            return Ok(self.cache.insert_profile(person, stored));
         }
-        Ok(self.profiles.get_mut(person).expect("just inserted"))
+        Ok(self.cache.profile_cached(person).expect("just found"))
     }
 
     /// Drops a person from memory (the store has them, or they were merged away).
     pub(super) fn evict(&mut self, person: &PersonKey) {
-        if self.profiles.remove(person).is_some() {
-            self.metrics.profiles.dec();
-        }
-        self.states.remove(person);
+        self.cache.evict(person);
     }
 
     fn is_duplicate(&self, event: &Event, now: Time, group: &Group) -> Result<bool, EngineError> {
@@ -787,9 +812,7 @@ impl Shard {
 
     /// Forgets every profile and trigger state held in memory (the store has them).
     fn forget_memory(&mut self) {
-        self.metrics.profiles.sub(self.profiles.len() as i64);
-        self.profiles.clear();
-        self.states.clear();
+        self.cache.clear();
     }
 
     /// Takes this shard's experiment totals from the store again, dropping changes made
@@ -825,14 +848,14 @@ impl Shard {
             return;
         }
         for person in &group.dirty {
-            if let Some(profile) = self.profiles.get(person) {
+            if let Some(profile) = self.cache.profile_cached(person) {
                 group
                     .writes
                     .push(Write::Profile(person.clone(), Box::new(profile.clone())));
             }
         }
         for person in &group.dirty_states {
-            if let Some(state) = self.states.get(person) {
+            if let Some(state) = self.cache.state_cached(person) {
                 group
                     .writes
                     .push(Write::Triggers(person.clone(), Box::new(state.clone())));
@@ -859,11 +882,14 @@ impl Shard {
             .store_commit_duration
             .observe(started.elapsed().as_secs_f64());
         self.outbox.complete(reservation);
-        // Trigger states live in memory only for the group: they are small and read
-        // quickly, and most people are between triggers most of the time.
-        self.states.clear();
         match &result {
             Ok(()) => {
+                // Everything cached is clean now: what the group changed is counted again
+                // and the cache goes back under its budget.
+                for person in group.dirty.iter().chain(&group.dirty_states) {
+                    self.cache.reweigh(person);
+                }
+                self.cache.shrink();
                 for (_, received) in &group.delivered {
                     if let Some(received) = received {
                         self.metrics
@@ -875,7 +901,7 @@ impl Shard {
             Err(e) => {
                 tracing::error!(error = %e, "store commit failed; answering UNAVAILABLE");
                 self.metrics.store_errors.inc();
-                for person in &group.dirty {
+                for person in group.dirty.iter().chain(&group.dirty_states) {
                     self.evict(person);
                 }
                 self.reload_outcomes();

@@ -24,7 +24,7 @@ use arc_swap::ArcSwap;
 use crate::features::{FeatureRow, FeatureSpec};
 use crate::time::Time;
 pub use manifest::{Manifest, ModelFormat};
-pub use score::{score_row, score_rows, Score, Scores};
+pub use score::{score_each, score_row, score_rows, Score, Scores};
 
 /// A backend that turns feature rows into probabilities. A faster backend joins by
 /// implementing this.

@@ -27,6 +27,7 @@ pub mod window;
 use serde::{Deserialize, Serialize};
 
 use crate::event::{fnv1a, Event, EventKind};
+use crate::heap::{self, HeapSize};
 use crate::time::Time;
 pub use session::{Session, Sessions, SESSION_TIMEOUT_MS};
 use window::{DailySeries, DayValue};
@@ -227,6 +228,25 @@ impl Cart {
 pub struct CategoryViews {
     pub name: String,
     pub views: DailySeries<u32, CATEGORY_DAYS>,
+}
+
+impl HeapSize for Profile {
+    fn heap_bytes(&self) -> usize {
+        let cart = heap::buffer::<CartLine>(self.cart.lines.capacity())
+            + self
+                .cart
+                .lines
+                .iter()
+                .map(|l| l.product_id.heap_bytes())
+                .sum::<usize>();
+        let categories = heap::buffer::<CategoryViews>(self.categories.capacity())
+            + self
+                .categories
+                .iter()
+                .map(|c| c.name.heap_bytes() + c.views.heap_bytes())
+                .sum::<usize>();
+        self.sessions.heap_bytes() + cart + self.days.heap_bytes() + categories
+    }
 }
 
 impl Profile {

@@ -5,6 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::heap::{self, HeapSize};
 use crate::time::{Time, DAY_MS, MINUTE_MS};
 
 /// Inactivity that ends a session.
@@ -136,6 +137,17 @@ impl Session {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Sessions {
     list: Vec<Session>,
+}
+
+impl HeapSize for Sessions {
+    fn heap_bytes(&self) -> usize {
+        heap::buffer::<Session>(self.list.capacity())
+            + self
+                .list
+                .iter()
+                .map(|s| heap::buffer::<u64>(s.products.capacity()))
+                .sum::<usize>()
+    }
 }
 
 impl Sessions {

@@ -6,6 +6,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::heap::{self, HeapSize};
+
 /// A value that can be summed over days.
 pub trait DayValue: Default + Copy {
     fn accumulate(&mut self, other: &Self);
@@ -21,6 +23,12 @@ impl DayValue for u32 {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct DailySeries<V, const DAYS: i32> {
     days: Vec<(i32, V)>,
+}
+
+impl<V, const DAYS: i32> HeapSize for DailySeries<V, DAYS> {
+    fn heap_bytes(&self) -> usize {
+        heap::buffer::<(i32, V)>(self.days.capacity())
+    }
 }
 
 impl<V: DayValue, const DAYS: i32> DailySeries<V, DAYS> {

@@ -4,6 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::heap::{self, HeapSize};
 use crate::time::Time;
 
 /// Experiment exposures remembered per person while their conversion window is open.
@@ -107,6 +108,30 @@ impl Outcome {
 pub struct OutcomeTotals {
     pub exposures: u64,
     pub conversions: u64,
+}
+
+impl HeapSize for TriggerState {
+    fn heap_bytes(&self) -> usize {
+        let rules = heap::buffer::<(String, RuleState)>(self.rules.capacity())
+            + self
+                .rules
+                .iter()
+                .map(|(n, _)| n.heap_bytes())
+                .sum::<usize>();
+        let timers = heap::buffer::<Timer>(self.timers.capacity())
+            + self
+                .timers
+                .iter()
+                .map(|t| t.rule.heap_bytes() + t.cause.heap_bytes() + t.variant.heap_bytes())
+                .sum::<usize>();
+        let exposures = heap::buffer::<Exposure>(self.exposures.capacity())
+            + self
+                .exposures
+                .iter()
+                .map(|e| e.rule.heap_bytes() + e.variant.heap_bytes())
+                .sum::<usize>();
+        rules + heap::buffer::<Time>(self.delivered.capacity()) + timers + exposures
+    }
 }
 
 impl TriggerState {

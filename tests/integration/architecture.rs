@@ -111,8 +111,13 @@ fn the_core_imports_nothing_upstream_and_does_no_runtime_io() {
     const CORE_IO: &[&str] = &["tokio", "fjall", "tonic", "reqwest"];
     let mut problems = Vec::new();
     problems.extend(check("src/time.rs", &[], CORE_IO));
+    problems.extend(check("src/heap.rs", &[], CORE_IO));
     problems.extend(check("src/event.rs", &["time"], CORE_IO));
-    problems.extend(check("src/profile", &["event", "time", "profile"], CORE_IO));
+    problems.extend(check(
+        "src/profile",
+        &["event", "heap", "time", "profile"],
+        CORE_IO,
+    ));
     problems.extend(check(
         "src/features.rs",
         &["event", "profile", "time", "features"],
@@ -120,7 +125,7 @@ fn the_core_imports_nothing_upstream_and_does_no_runtime_io() {
     ));
     problems.extend(check(
         "src/trigger",
-        &["event", "features", "profile", "time", "trigger"],
+        &["event", "features", "heap", "profile", "time", "trigger"],
         CORE_IO,
     ));
     assert!(problems.is_empty(), "{problems:#?}");

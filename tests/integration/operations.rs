@@ -57,11 +57,22 @@ async fn metrics_cover_requests_events_models_and_never_a_person() {
             "nudge_model_info{format=\"lightgbm\",name=\"churn\",version=\"sim-3\"}",
             1.0,
         ),
+        // One call: a request's events are scored as one batch.
         (
             "nudge_model_score_duration_seconds_count{model=\"purchase\"}",
-            2.0,
+            1.0,
         ),
         ("nudge_profiles", 1.0),
+        // The first event reads the store, the second finds the profile in memory;
+        // GetProfile of nobody reads the store.
+        (
+            "nudge_cache_lookups_total{part=\"profile\",result=\"miss\"}",
+            2.0,
+        ),
+        (
+            "nudge_cache_lookups_total{part=\"profile\",result=\"hit\"}",
+            1.0,
+        ),
         (
             "nudge_invalid_input_total{reason=\"in_future\",rpc=\"Track\"}",
             0.0,
