@@ -23,7 +23,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 
 mod common;
-use common::{percentile, rss_bytes, Running};
+use common::{cpu_seconds, metric_sum, percentile, rss_bytes, scrape, Running};
 
 const STREAMS: usize = 4;
 const BATCH: usize = 100;
@@ -168,14 +168,36 @@ fn main() {
         .unwrap();
     runtime.block_on(async {
         let dir = tempfile::tempdir().unwrap();
-        let Running { stop, task, addr, .. } =
-            common::start(config(dir.path()), Arc::new(SystemClock)).await;
+        let Running {
+            stop,
+            task,
+            addr,
+            metrics_addr,
+            ..
+        } = common::start(config(dir.path()), Arc::new(SystemClock)).await;
         println!("Ingest over TrackStream: {STREAMS} streams, {BATCH} events per batch, default durable mode (fsync per group commit), purchase + churn scoring");
+        let cpu_before = cpu_seconds();
+        let metrics_before = scrape(metrics_addr).await;
         let (rate, latencies) = run(STREAMS, THROUGHPUT_SECONDS, None, &addr).await;
+        let cpu_after = cpu_seconds();
+        let metrics_after = scrape(metrics_addr).await;
         println!(
             "  sustained: {rate:>9.0} events/s over {THROUGHPUT_SECONDS} s (ack p50 {:.1} ms, p99 {:.1} ms at full load)",
             percentile(&latencies, 0.5),
             percentile(&latencies, 0.99)
+        );
+        let events = latencies.len() as f64 * BATCH as f64;
+        println!(
+            "  CPU per event: {:.1} µs in the shard threads, {:.1} µs in the others (gRPC server and this load generator)",
+            (cpu_after.0 - cpu_before.0) * 1e6 / events,
+            (cpu_after.1 - cpu_before.1) * 1e6 / events
+        );
+        let delta = |name: &str| metric_sum(&metrics_after, name) - metric_sum(&metrics_before, name);
+        let commits = delta("nudge_store_commit_duration_seconds_count");
+        println!(
+            "  group commits: {commits:.0}, {:.0} events each, {:.2} ms each on average (the store's sync included)",
+            events / commits,
+            delta("nudge_store_commit_duration_seconds_sum") * 1e3 / commits
         );
         for (label, target) in [("half rate", rate / 2.0), ("10,000/s", 10_000.0)] {
             let per_stream_batches = target / BATCH as f64 / STREAMS as f64;

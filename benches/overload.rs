@@ -34,7 +34,7 @@ use nudge::time::{Clock, SystemClock, Time, MINUTE_MS};
 use tonic::transport::Channel;
 
 mod common;
-use common::{percentile, rss_bytes, Running};
+use common::{percentile, rss_bytes, scrape, Running};
 
 /// The deadline every overload request carries, as a client with a 5 s timeout would.
 const DEADLINE: Duration = Duration::from_secs(5);
@@ -300,16 +300,6 @@ fn sample_memory(
         }
         samples
     })
-}
-
-/// The server's metrics text.
-async fn scrape(metrics_addr: std::net::SocketAddr) -> String {
-    reqwest::get(format!("http://{metrics_addr}/metrics"))
-        .await
-        .expect("the metrics endpoint answers")
-        .text()
-        .await
-        .expect("the metrics endpoint answers text")
 }
 
 /// One sample line: name, labels, value.

@@ -24,6 +24,62 @@ pub fn rss_bytes() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+/// CPU time this process's threads used so far, in seconds: the shard threads' and the
+/// others' (the gRPC runtime, and a benchmark's own load generator when it runs in the
+/// same process).
+pub fn cpu_seconds() -> (f64, f64) {
+    // utime and stime, in clock ticks (100 per second on Linux).
+    let tick = 100.0;
+    let mut shards = 0.0;
+    let mut others = 0.0;
+    for task in std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        // The command name is in parentheses and may hold spaces: split after it.
+        let Some((head, tail)) = stat.rsplit_once(") ") else {
+            continue;
+        };
+        let fields: Vec<&str> = tail.split(' ').collect();
+        let used =
+            fields[11].parse::<f64>().unwrap_or(0.0) + fields[12].parse::<f64>().unwrap_or(0.0);
+        if head.contains("(nudge-shard") {
+            shards += used / tick;
+        } else {
+            others += used / tick;
+        }
+    }
+    (shards, others)
+}
+
+/// The server's metrics text.
+pub async fn scrape(metrics_addr: std::net::SocketAddr) -> String {
+    reqwest::get(format!("http://{metrics_addr}/metrics"))
+        .await
+        .expect("the metrics endpoint answers")
+        .text()
+        .await
+        .expect("the metrics endpoint answers text")
+}
+
+/// The sum of a metric's samples over all its label sets (0 when absent).
+pub fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let metric = series.split('{').next()?;
+            (metric == name)
+                .then(|| value.parse::<f64>().ok())
+                .flatten()
+        })
+        .sum()
+}
+
 /// A running server: stop it with `stop.send(())` and await `task`.
 pub struct Running {
     pub stop: tokio::sync::oneshot::Sender<()>,

@@ -27,8 +27,13 @@ use crate::metrics::Metrics;
 use crate::profile::Profile;
 use crate::trigger::TriggerState;
 
+/// foldhash (hashbrown's default) instead of SipHash: hashing the key was a tenth of a
+/// commit. It is seeded at random, so a caller cannot precompute colliding ids, and with
+/// `identity.pseudonymize_key_file` set the keys are keyed hashes callers cannot choose.
+type People<V> = IndexMap<PersonKey, V, foldhash::fast::RandomState>;
+
 pub(super) struct Cache {
-    entries: IndexMap<PersonKey, Entry>,
+    entries: People<Entry>,
     /// The sum of the entries' weights.
     bytes: usize,
     budget: usize,
@@ -71,7 +76,7 @@ impl Part {
 impl Cache {
     pub(super) fn new(budget: usize, metrics: Arc<Metrics>) -> Cache {
         Cache {
-            entries: IndexMap::new(),
+            entries: People::default(),
             bytes: 0,
             budget,
             hand: 0,

@@ -2,9 +2,11 @@
 //! features nor context variables) and the context an evaluation runs them in. This is the
 //! only file that imports the CEL crate, so changing or upgrading it touches nothing else.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock};
 
+use cel_interpreter::objects::{Key, Map};
 use cel_interpreter::{Context, Program, Value};
 
 use super::rules::RuleSet;
@@ -84,6 +86,15 @@ pub fn is_known_variable(name: &str) -> bool {
 /// the largest single cost of an event (a quarter of the server's CPU under load).
 static FUNCTIONS: LazyLock<Context<'static>> = LazyLock::new(Context::default);
 
+type Variables = HashMap<String, Value>;
+
+thread_local! {
+    /// The variables map of this thread's previous evaluation, kept for the next: its
+    /// names are the same from one evaluation to the next (those the rules read), so
+    /// values are overwritten in place instead of names and a table allocated per event.
+    static SPARE: RefCell<Variables> = RefCell::default();
+}
+
 /// The CEL context for one evaluation, built once and shared by every rule: the
 /// evaluation's variables in a scope over the shared functions.
 pub struct Env {
@@ -93,36 +104,41 @@ pub struct Env {
 
 impl Env {
     pub fn new(rules: &RuleSet, facts: &Facts<'_>, event: Option<&Event>) -> Env {
-        // Only what some expression reads: building the context is most of the cost.
-        let read = |name: &str| rules.variables.contains(name);
-        let mut context = FUNCTIONS.new_inner_scope();
-        for (def, value) in FEATURES.iter().zip(facts.row.0) {
-            if read(def.name) {
-                context.add_variable_from_value(def.name, value);
-            }
+        let mut variables = SPARE.with(|spare| std::mem::take(&mut *spare.borrow_mut()));
+        // Only what some expression reads: building the context is most of the cost. Every
+        // name read is set below, so nothing of the previous evaluation is seen.
+        for &column in &rules.features_read {
+            set(&mut variables, FEATURES[column].name, facts.row.0[column]);
         }
+        let read = |name: &str| rules.variables.contains(name);
         if read("scores") {
-            let scores: HashMap<String, f64> = facts.scores.iter().cloned().collect();
-            context.add_variable_from_value("scores", scores);
+            let scores = facts
+                .scores
+                .iter()
+                .map(|(name, p)| (Key::from(name.as_str()), Value::Float(*p)));
+            set(&mut variables, "scores", map(scores));
         }
         if read("segment") {
-            context.add_variable_from_value("segment", facts.segment.unwrap_or("").to_owned());
-        }
-        if read("segments") {
-            context.add_variable_from_value(
-                "segments",
-                facts
-                    .segments
-                    .iter()
-                    .map(|s| (*s).to_owned())
-                    .collect::<Vec<_>>(),
+            set(
+                &mut variables,
+                "segment",
+                facts.segment.unwrap_or("").to_owned(),
             );
         }
-        if read("event") {
-            context.add_variable_from_value("event", event_value(event));
+        if read("segments") {
+            let segments: Vec<String> = facts.segments.iter().map(|s| (*s).to_owned()).collect();
+            set(&mut variables, "segments", segments);
         }
+        if read("event") {
+            set(&mut variables, "event", event_value(event));
+        }
+        // The journey's expressions are evaluated before the stage exists.
+        variables.remove("stage");
         let mut env = Env {
-            context,
+            context: Context::Child {
+                parent: &FUNCTIONS,
+                variables,
+            },
             stage: "awareness",
         };
         env.stage = if env.holds(&rules.journey.decision) {
@@ -143,32 +159,69 @@ impl Env {
     }
 }
 
-fn event_value(event: Option<&Event>) -> HashMap<String, Value> {
-    let mut map = HashMap::new();
+impl Drop for Env {
+    fn drop(&mut self) {
+        if let Context::Child { variables, .. } = &mut self.context {
+            let variables = std::mem::take(variables);
+            SPARE.with(|spare| *spare.borrow_mut() = variables);
+        }
+    }
+}
+
+/// Sets a variable, reusing its name's allocation when the map has it already.
+fn set(variables: &mut Variables, name: &str, value: impl Into<Value>) {
+    match variables.get_mut(name) {
+        Some(slot) => *slot = value.into(),
+        None => {
+            variables.insert(name.to_owned(), value.into());
+        }
+    }
+}
+
+/// The fields of `event` in expressions, each name allocated once for every evaluation.
+const EVENT_FIELDS: [&str; 9] = [
+    "kind",
+    "product_id",
+    "category",
+    "page",
+    "search_query",
+    "campaign_id",
+    "price",
+    "order_value",
+    "attributes",
+];
+static EVENT_KEYS: LazyLock<Vec<Key>> =
+    LazyLock::new(|| EVENT_FIELDS.iter().map(|&f| Key::from(f)).collect());
+
+/// A CEL map built directly (converting a `HashMap<String, _>` copies every entry again).
+fn map(entries: impl Iterator<Item = (Key, Value)>) -> Value {
+    Value::Map(Map {
+        map: Arc::new(entries.collect()),
+    })
+}
+
+fn event_value(event: Option<&Event>) -> Value {
     let s = |v: &str| Value::String(Arc::new(v.to_owned()));
+    let keys = EVENT_KEYS.iter().cloned();
     let Some(e) = event else {
-        map.insert("kind".into(), s("timer"));
-        return map;
+        return map(keys.zip([s("timer")]));
     };
-    map.insert("kind".into(), s(e.kind.as_str()));
     let p = &e.properties;
-    for (name, value) in [
-        ("product_id", &p.product_id),
-        ("category", &p.category),
-        ("page", &p.page),
-        ("search_query", &p.search_query),
-        ("campaign_id", &p.campaign_id),
-    ] {
-        map.insert(name.into(), s(value.as_deref().unwrap_or("")));
-    }
-    for (name, value) in [("price", p.price), ("order_value", p.order_value)] {
-        map.insert(name.into(), Value::Float(value.unwrap_or(f64::NAN)));
-    }
-    let attributes: HashMap<String, Value> = e
+    let text = |v: &Option<String>| s(v.as_deref().unwrap_or(""));
+    let attributes = map(e
         .attributes
         .iter()
-        .map(|(k, v)| (k.clone(), s(v)))
-        .collect();
-    map.insert("attributes".into(), attributes.into());
-    map
+        .map(|(k, v)| (Key::from(k.as_str()), s(v))));
+    let values = [
+        s(e.kind.as_str()),
+        text(&p.product_id),
+        text(&p.category),
+        text(&p.page),
+        text(&p.search_query),
+        text(&p.campaign_id),
+        Value::Float(p.price.unwrap_or(f64::NAN)),
+        Value::Float(p.order_value.unwrap_or(f64::NAN)),
+        attributes,
+    ];
+    map(keys.zip(values))
 }

@@ -26,6 +26,7 @@ pub use super::expr::{Expr, CONTEXT_VARIABLES};
 use sha2::{Digest, Sha256};
 
 use crate::event::EventKind;
+use crate::features::FEATURES;
 use crate::time::{DAY_MS, HOUR_MS, MINUTE_MS};
 
 /// The most rules one file may hold (rule names are metric labels).
@@ -50,6 +51,8 @@ pub struct RuleSet {
     pub journey: Journey,
     /// Every name some expression reads: only these go into an evaluation's context.
     pub variables: BTreeSet<String>,
+    /// The FeatureSpec columns among `variables`, by index: an evaluation's features.
+    pub features_read: Vec<usize>,
 }
 
 #[derive(Debug)]
@@ -541,7 +544,7 @@ impl RuleSet {
         rules.sort_by_key(|r| std::cmp::Reverse(r.priority));
         let decision = decision.expect("checked above");
         let consideration = consideration.expect("checked above");
-        let variables = rules
+        let variables: BTreeSet<String> = rules
             .iter()
             .flat_map(|r| [r.when.as_ref(), r.suppression.unless.as_ref()])
             .flatten()
@@ -555,6 +558,12 @@ impl RuleSet {
                     .collect::<Vec<_>>()
             })
             .collect();
+        let features_read = FEATURES
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| variables.contains(f.name))
+            .map(|(i, _)| i)
+            .collect();
         Ok(RuleSet {
             version: hex::encode(&Sha256::digest(text.as_bytes())[..8]),
             rules,
@@ -565,6 +574,7 @@ impl RuleSet {
                 consideration,
             },
             variables,
+            features_read,
         })
     }
 

@@ -593,3 +593,51 @@ fn the_state_stays_bounded_without_limits_and_forgets_removed_rules() {
     );
     assert!(p.state.rules.is_empty(), "{:?}", p.state.rules);
 }
+
+#[test]
+fn expressions_read_every_event_field_and_scores_and_nothing_of_the_evaluation_before() {
+    let rules = rules(
+        r#"
+        [[rules]]
+        name = "fields"
+        when = "event.kind == 'add_to_cart' && event.product_id == 'p9' && event.category == 'shoes' && event.page == '/p9' && event.search_query == 'red' && event.campaign_id == 'c1' && event.price == 25.0 && event.order_value == 50.0 && event.attributes.tier == 'gold' && scores.purchase == 0.25 && scores.churn == 0.5"
+        action = { type = "t", channel = "email", template = "t" }
+
+        [[rules]]
+        name = "bare_view"
+        when = "event.kind == 'page_view' && event.product_id == '' && size(event.attributes) == 0"
+        action = { type = "t", channel = "email", template = "t" }
+        "#,
+    );
+    let mut p = Person::new();
+    p.set_score("purchase", 0.25);
+    p.set_score("churn", 0.5);
+    let mut e = event("e1", EventKind::AddToCart, T0);
+    e.properties = Properties {
+        product_id: Some("p9".into()),
+        category: Some("shoes".into()),
+        page: Some("/p9".into()),
+        search_query: Some("red".into()),
+        campaign_id: Some("c1".into()),
+        price: Some(25.0),
+        order_value: Some(50.0),
+        ..Properties::default()
+    };
+    e.attributes = BTreeMap::from([("tier".to_owned(), "gold".to_owned())]);
+    assert_eq!(p.on(&rules, e.clone()), fired("fields"));
+
+    // One field different: the whole condition is false.
+    let mut other = e.clone();
+    other.id = "e2".into();
+    other.attributes.clear();
+    let mut q = Person::new();
+    q.set_score("purchase", 0.25);
+    q.set_score("churn", 0.5);
+    assert_eq!(q.on(&rules, other), vec![]);
+
+    // The next evaluation on this thread sees its own event, none of the previous one's
+    // fields (the variables map is reused between evaluations).
+    let mut r = Person::new();
+    let bare = event("e3", EventKind::PageView, T0.plus_ms(MINUTE_MS));
+    assert_eq!(r.on(&rules, bare), fired("bare_view"));
+}

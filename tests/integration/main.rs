@@ -2,6 +2,7 @@
 
 mod architecture;
 mod bad_input;
+mod cache;
 mod commands;
 mod crash;
 mod durability;
