@@ -37,6 +37,10 @@ fn config(dir: &std::path::Path) -> Config {
     config.models.dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
     config.store.dir = dir.to_owned();
     config.engine.queue_capacity = 4096;
+    // NUDGE_BENCH_SYNC=interval: the weaker documented mode, for its figures beside these.
+    if std::env::var("NUDGE_BENCH_SYNC").as_deref() == Ok("interval") {
+        config.store.sync = nudge::config::SyncPolicy::Interval;
+    }
     config.triggers.rules =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/rules.toml");
     config
@@ -175,7 +179,11 @@ fn main() {
             metrics_addr,
             ..
         } = common::start(config(dir.path()), Arc::new(SystemClock)).await;
-        println!("Ingest over TrackStream: {STREAMS} streams, {BATCH} events per batch, default durable mode (fsync per group commit), purchase + churn scoring");
+        let mode = match std::env::var("NUDGE_BENCH_SYNC").as_deref() {
+            Ok("interval") => "store.sync = interval (fsync every sync_interval_ms)",
+            _ => "default durable mode (fsync per group commit)",
+        };
+        println!("Ingest over TrackStream: {STREAMS} streams, {BATCH} events per batch, {mode}, purchase + churn scoring");
         let cpu_before = cpu_seconds();
         let metrics_before = scrape(metrics_addr).await;
         let (rate, latencies) = run(STREAMS, THROUGHPUT_SECONDS, None, &addr).await;
@@ -214,10 +222,25 @@ fn main() {
         let _ = stop.send(());
         task.await.unwrap().unwrap();
 
-        // Memory per person: load people through a fresh server, one batch per 100 people.
+        // Memory per person: load people through a fresh server, one batch per 100 people,
+        // resident memory sampled as they come. With NUDGE_BENCH_CACHE_MB set the cache has
+        // that budget and resident memory should level off once it is full; unset, it holds
+        // everyone (a budget beyond the machine) and the growth per person is the cost of
+        // one cached person.
+        let cache_mb: u64 = std::env::var("NUDGE_BENCH_CACHE_MB")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1 << 20);
         let dir = tempfile::tempdir().unwrap();
-        let Running { stop, task, addr, .. } =
-            common::start(config(dir.path()), Arc::new(SystemClock)).await;
+        let mut memory_config = config(dir.path());
+        memory_config.engine.cache_mb = cache_mb;
+        let Running {
+            stop,
+            task,
+            addr,
+            metrics_addr,
+            ..
+        } = common::start(memory_config, Arc::new(SystemClock)).await;
         let rss_before = rss_bytes();
         let started = Instant::now();
         let mut client = NudgeServiceClient::connect(addr.clone()).await.unwrap();
@@ -238,22 +261,44 @@ fn main() {
         });
         let mut acks = client.track_stream(ReceiverStream::new(rx)).await.unwrap().into_inner();
         let mut acked = 0u64;
+        let batches = people.div_ceil(100);
+        let mut series = Vec::new();
         while let Some(ack) = acks.next().await {
             ack.unwrap();
             acked += 1;
+            if acked % (batches / 10).max(1) == 0 {
+                series.push(format!("{}k: {:.0}", acked * 100 / 1000, rss_bytes() as f64 / 1048576.0));
+            }
         }
         feeder.await.unwrap();
         let load_time = started.elapsed();
         let rss_after = rss_bytes();
+        let text = scrape(metrics_addr).await;
+        let cached = metric_sum(&text, "nudge_profiles");
+        let cache_bytes = metric_sum(&text, "nudge_cache_bytes");
         println!(
-            "  loaded {people} people (3 events each, {acked} batches) in {:.1} s: resident memory {:.0} MiB -> {:.0} MiB, {:.0} bytes per person",
+            "  loaded {people} people (3 events each, {acked} batches) in {:.1} s, cache budget {}: resident memory {:.0} MiB -> {:.0} MiB, {:.0} bytes per person loaded",
             load_time.as_secs_f64(),
+            if cache_mb >= 1 << 20 { "unbounded".to_owned() } else { format!("{cache_mb} MiB") },
             rss_before as f64 / 1048576.0,
             rss_after as f64 / 1048576.0,
             (rss_after.saturating_sub(rss_before)) as f64 / people as f64
         );
+        println!("    resident MiB after people loaded: {}", series.join(", "));
+        println!(
+            "    cache: {cached:.0} people, {:.0} MiB counted, {:.0} bytes per cached person; {:.0} evicted",
+            cache_bytes / 1048576.0,
+            cache_bytes / cached.max(1.0),
+            metric_sum(&text, "nudge_cache_evictions_total")
+        );
         let _ = stop.send(());
         task.await.unwrap().unwrap();
+        let stored: u64 = walkdir(dir.path());
+        println!(
+            "    store on disk: {:.0} MiB, {:.0} bytes per person",
+            stored as f64 / 1048576.0,
+            stored as f64 / people as f64
+        );
 
         let Running {
             stop,
@@ -265,4 +310,18 @@ fn main() {
         let _ = stop.send(());
         task.await.unwrap().unwrap();
     });
+}
+
+/// The bytes of the files under `dir`.
+fn walkdir(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => walkdir(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
 }

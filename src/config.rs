@@ -54,8 +54,8 @@ pub struct EngineConfig {
     /// (every durable request waits for one), so a slow disk alone refuses nobody.
     pub queue_budget_ms: u64,
     /// The memory the shards may keep people in (profiles and trigger states), in MiB,
-    /// shared by the shards; people beyond it are evicted, least recently used first, and
-    /// read from the store when they come back. 0 means a quarter of the memory this
+    /// shared by the shards; beyond it the people used least lately are evicted (CLOCK)
+    /// and read from the store when they come back. 0 means a quarter of the memory this
     /// process may use (its cgroup's limit, or the machine's memory).
     pub cache_mb: u64,
 }

@@ -145,6 +145,9 @@ impl Engine {
         readiness: Arc<Readiness>,
     ) -> Result<Engine, EngineError> {
         let count = options.shards.max(1);
+        metrics
+            .cache_budget
+            .set(i64::try_from(options.cache_bytes).unwrap_or(i64::MAX));
         // Each shard takes its own people's timers and its own experiment totals.
         let mut timers: Vec<TimerIndex> = (0..count)
             .map(|_| TimerIndex::new(metrics.clone()))
