@@ -266,7 +266,7 @@ fn main() {
         while let Some(ack) = acks.next().await {
             ack.unwrap();
             acked += 1;
-            if acked % (batches / 10).max(1) == 0 {
+            if acked.is_multiple_of((batches / 10).max(1)) {
                 series.push(format!("{}k: {:.0}", acked * 100 / 1000, rss_bytes() as f64 / 1048576.0));
             }
         }
