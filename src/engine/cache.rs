@@ -148,10 +148,18 @@ impl Cache {
         entry.state.as_mut().expect("just inserted")
     }
 
-    /// Counts again what a person's entry holds, after a group changed it.
-    pub(super) fn reweigh(&mut self, person: &PersonKey) {
-        if let Some(entry) = self.entries.get_mut(person) {
-            reweigh(person, entry, &mut self.bytes, &self.metrics);
+    /// A person a group changed: their entry's weight counted again, and its parts for
+    /// the commit's writes.
+    pub(super) fn changed(
+        &mut self,
+        person: &PersonKey,
+    ) -> (Option<&Profile>, Option<&TriggerState>) {
+        match self.entries.get_mut(person) {
+            Some(entry) => {
+                reweigh(person, entry, &mut self.bytes, &self.metrics);
+                (entry.profile.as_ref(), entry.state.as_ref())
+            }
+            None => (None, None),
         }
     }
 

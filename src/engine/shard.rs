@@ -847,15 +847,23 @@ impl Shard {
             }
             return;
         }
+        // One look at each changed person: their writes, and their weight counted again
+        // (if the commit fails they are evicted, weight and all).
         for person in &group.dirty {
-            if let Some(profile) = self.cache.profile_cached(person) {
+            let (profile, state) = self.cache.changed(person);
+            if let Some(profile) = profile {
                 group
                     .writes
                     .push(Write::Profile(person.clone(), Box::new(profile.clone())));
             }
+            if let Some(state) = state.filter(|_| group.dirty_states.contains(person)) {
+                group
+                    .writes
+                    .push(Write::Triggers(person.clone(), Box::new(state.clone())));
+            }
         }
-        for person in &group.dirty_states {
-            if let Some(state) = self.cache.state_cached(person) {
+        for person in group.dirty_states.difference(&group.dirty) {
+            if let (_, Some(state)) = self.cache.changed(person) {
                 group
                     .writes
                     .push(Write::Triggers(person.clone(), Box::new(state.clone())));
@@ -884,11 +892,7 @@ impl Shard {
         self.outbox.complete(reservation);
         match &result {
             Ok(()) => {
-                // Everything cached is clean now: what the group changed is counted again
-                // and the cache goes back under its budget.
-                for person in group.dirty.iter().chain(&group.dirty_states) {
-                    self.cache.reweigh(person);
-                }
+                // Everything cached is clean now: the cache goes back under its budget.
                 self.cache.shrink();
                 for (_, received) in &group.delivered {
                     if let Some(received) = received {
