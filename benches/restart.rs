@@ -7,8 +7,9 @@
 //!    resident memory at `SERVING` and `nudge_timers_pending` as the server reports it;
 //! 2. kill -9 during ingest of a small store (300 people), `NUDGE_BENCH_KILLS` times (30):
 //!    the time from process start to `SERVING` after each kill (p50, p90, max), the time the
-//!    store took to recover (the binary's "store recovered" log line) and the journal's size
-//!    on disk before each restart.
+//!    store took to recover (the binary's "store recovered" log line) and the journal files'
+//!    size on disk before each restart (fjall makes a new journal file 64 MiB long before
+//!    writing to it, so a fresh one counts 64 MiB however little it holds).
 //!
 //! `cargo bench --bench restart`. `NUDGE_BENCH_STORE=DIR` keeps (and reuses) the big store in
 //! DIR instead of loading a fresh one; `NUDGE_BENCH_SKIP_BIG` or `NUDGE_BENCH_SKIP_KILLS`
@@ -93,8 +94,7 @@ impl Nudge {
                         }
                         Some("serving") => {
                             let addr = |name: &str| fields[name].as_str()?.parse().ok();
-                            if let (Some(g), Some(m)) = (addr("grpc_addr"), addr("metrics_addr"))
-                            {
+                            if let (Some(g), Some(m)) = (addr("grpc_addr"), addr("metrics_addr")) {
                                 let _ = addrs_tx.send((g, m));
                             }
                         }
@@ -372,13 +372,16 @@ fn journal_bytes(dir: &Path) -> u64 {
 
 async fn kills(cycles: usize) {
     let temp = tempfile::tempdir().unwrap();
-    let dir = temp.path().join("data");
+    let dir = std::env::var("NUDGE_BENCH_KILL_STORE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| temp.path().join("data"));
     let mut rng = Rng(env_or("NUDGE_BENCH_SEED", 0x5EED));
     let mut next = 0u64;
     let mut restarts = Vec::new();
     let mut recoveries = Vec::new();
     let mut worst: Option<(Duration, u64, u64)> = None;
     let mut journals = Vec::new();
+    let mut recovered_each = Vec::new();
     let mut nudge = Nudge::spawn(&dir).await;
     for cycle in 0..=cycles {
         if cycle > 0 {
@@ -387,6 +390,7 @@ async fn kills(cycles: usize) {
             let recovered = nudge.recovered_ms.lock().unwrap().unwrap_or(0);
             restarts.push(nudge.to_serving);
             recoveries.push(Duration::from_millis(recovered));
+            recovered_each.push(recovered);
             journals.push(journal);
             if worst.is_none_or(|(d, _, _)| nudge.to_serving > d) {
                 worst = Some((nudge.to_serving, recovered, journal));
@@ -453,6 +457,17 @@ async fn kills(cycles: usize) {
             mb(journals.last().copied().unwrap_or(0)),
         );
     }
+    // Journal size before each restart against the store's recovery time, largest first.
+    let mut pairs: Vec<(u64, u64)> = journals.iter().copied().zip(recovered_each).collect();
+    pairs.sort_unstable_by(|a, b| b.cmp(a));
+    let pairs: Vec<String> = pairs
+        .iter()
+        .map(|(j, ms)| format!("{:.0}:{ms}", mb(*j)))
+        .collect();
+    println!(
+        "  journal MiB:recovery ms, per restart: {}",
+        pairs.join(" ")
+    );
 }
 
 fn main() {
