@@ -268,11 +268,74 @@ fn aside_path(dir: &Path) -> std::path::PathBuf {
     dir.with_extension("vacuum-old")
 }
 
+/// A timer index key: the due time (big-endian, sign-flipped so that byte order is time
+/// order for negative times too), then the person's key. The keyspace sorts by due time,
+/// so the entries due in a range of time are one range scan.
 fn timer_key(due: Time, person: &PersonKey) -> Vec<u8> {
-    // Sign-flipped so that byte order is time order for negative times too.
-    let mut k = ((due.0 as u64) ^ (1 << 63)).to_be_bytes().to_vec();
+    let mut k = due_prefix(due);
     k.extend(key(person));
     k
+}
+
+/// The first 8 bytes of the timer keys due at `due`.
+fn due_prefix(due: Time) -> Vec<u8> {
+    ((due.0 as u64) ^ (1 << 63)).to_be_bytes().to_vec()
+}
+
+/// The (due time, person) of a timer index key.
+fn timer_entry(k: &[u8]) -> Option<(Time, PersonKey)> {
+    let due = be_u64(k.get(..8)?).map(|d| Time((d ^ (1 << 63)) as i64))?;
+    Some((due, person_from(k.get(8..)?)?))
+}
+
+/// A position in the timer index's order — due time, then the bytes of the person's key
+/// (its tag, `a` or `u`, then the id) — standing for everything at or before it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TimerPosition {
+    /// Before the first entry.
+    Start,
+    /// After every entry due at or before this time.
+    Due(Time),
+    /// After this entry and every entry before it.
+    Entry(Time, PersonKey),
+}
+
+impl TimerPosition {
+    /// Whether the entry (`due`, `person`) is at or before this position.
+    pub fn covers(&self, due: Time, person: &PersonKey) -> bool {
+        match self {
+            TimerPosition::Start => false,
+            TimerPosition::Due(t) => due <= *t,
+            TimerPosition::Entry(t, p) => {
+                due < *t || (due == *t && key_order(person) <= key_order(p))
+            }
+        }
+    }
+}
+
+/// A person's key in the order the store sorts it.
+fn key_order(person: &PersonKey) -> (u8, &[u8]) {
+    match person {
+        PersonKey::User(id) => (b'u', id.as_bytes()),
+        PersonKey::Anonymous(id) => (b'a', id.as_bytes()),
+    }
+}
+
+/// What a scan of the timer index found: the entries kept, earliest first, and how far it
+/// got (the whole range, or the last entry it looked at).
+#[derive(Debug, PartialEq, Eq)]
+pub struct TimerScan {
+    pub entries: Vec<(Time, PersonKey)>,
+    pub reached: TimerPosition,
+}
+
+impl TimerScan {
+    fn empty(reached: TimerPosition) -> TimerScan {
+        TimerScan {
+            entries: Vec::new(),
+            reached,
+        }
+    }
 }
 
 fn outcome_key(rule: &str, variant: &str, shard: u16) -> Vec<u8> {
@@ -543,9 +606,23 @@ impl Store {
         self.written(self.tables()?.expire_audit(before))
     }
 
-    /// Every (due time, person) with a pending timer, earliest first.
-    pub fn timer_index(&self) -> Result<Vec<(Time, PersonKey)>, StoreError> {
-        self.tables()?.timer_index()
+    /// Timer index entries after `after` and due at or before `through`, earliest first,
+    /// that `keep` wants; at most `limit` entries are looked at (kept or not), so a scan
+    /// takes a bounded time. [`TimerScan::reached`] is where the next scan starts.
+    pub fn timers_after(
+        &self,
+        after: &TimerPosition,
+        through: Time,
+        limit: usize,
+        keep: impl Fn(&PersonKey) -> bool,
+    ) -> Result<TimerScan, StoreError> {
+        self.tables()?.timers_after(after, through, limit, keep)
+    }
+
+    /// How many entries the timer index holds: a scan of its keys (no values), whose
+    /// memory does not grow with the count.
+    pub fn timer_count(&self) -> Result<u64, StoreError> {
+        self.tables()?.timer_count()
     }
 
     /// The highest outbox sequence number stored (0 when empty).
@@ -757,20 +834,61 @@ impl Tables {
         Ok(n)
     }
 
-    /// Every (due time, person) with a pending timer, earliest first.
-    fn timer_index(&self) -> Result<Vec<(Time, PersonKey)>, StoreError> {
-        let mut out = Vec::new();
-        for item in self.timers.iter() {
-            let k = item.key()?;
-            if k.len() < 9 {
-                continue;
-            }
-            let due = be_u64(&k[..8]).map(|d| Time((d ^ (1 << 63)) as i64));
-            if let (Some(due), Some(person)) = (due, person_from(&k[8..])) {
-                out.push((due, person));
+    /// Timer index entries after `after` and due at or before `through` that `keep` wants,
+    /// looking at most `limit` entries.
+    fn timers_after(
+        &self,
+        after: &TimerPosition,
+        through: Time,
+        limit: usize,
+        keep: impl Fn(&PersonKey) -> bool,
+    ) -> Result<TimerScan, StoreError> {
+        use std::ops::Bound;
+        let start = match after {
+            TimerPosition::Start => Bound::Unbounded,
+            TimerPosition::Due(t) => match t.0.checked_add(1) {
+                Some(next) => Bound::Included(due_prefix(Time(next))),
+                None => return Ok(TimerScan::empty(after.clone())),
+            },
+            TimerPosition::Entry(t, p) => Bound::Excluded(timer_key(*t, p)),
+        };
+        let end = match through.0.checked_add(1) {
+            Some(next) => Bound::Excluded(due_prefix(Time(next))),
+            None => Bound::Unbounded,
+        };
+        if let (Bound::Included(from) | Bound::Excluded(from), Bound::Excluded(to)) = (&start, &end)
+        {
+            if from >= to {
+                // `after` is at or past `through`: nothing in between.
+                return Ok(TimerScan::empty(after.clone()));
             }
         }
-        Ok(out)
+        let mut scan = TimerScan::empty(after.clone());
+        for (looked, item) in self.timers.range::<Vec<u8>, _>((start, end)).enumerate() {
+            if looked == limit {
+                // More may be in range: the next scan goes on after the last one seen.
+                return Ok(scan);
+            }
+            let k = item.key()?;
+            let Some((due, person)) = timer_entry(&k) else {
+                continue;
+            };
+            if keep(&person) {
+                scan.entries.push((due, person.clone()));
+            }
+            scan.reached = TimerPosition::Entry(due, person);
+        }
+        scan.reached = TimerPosition::Due(through);
+        Ok(scan)
+    }
+
+    fn timer_count(&self) -> Result<u64, StoreError> {
+        let mut n = 0;
+        for item in self.timers.iter() {
+            item.key()?;
+            n += 1;
+        }
+        Ok(n)
     }
 
     /// The highest outbox sequence number stored (0 when empty).
@@ -1302,6 +1420,86 @@ mod tests {
         assert_eq!(store.seen_at(&person("u3"), "e3").unwrap(), Some(Time(3)));
     }
 
+    #[test]
+    fn the_timer_index_scans_by_due_time_a_bounded_number_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), SyncMode::Always).unwrap();
+        let anon = PersonKey::Anonymous("zz".into());
+        let entries = [
+            (Time(-5), person("b")),
+            (Time(10), person("a")),
+            (Time(10), anon.clone()),
+            (Time(10), person("b")),
+            (Time(20), person("c")),
+            (Time(30), person("a")),
+        ];
+        store
+            .commit(
+                entries
+                    .iter()
+                    .rev()
+                    .map(|(t, p)| Write::TimerIndex(*t, p.clone(), true))
+                    .collect(),
+            )
+            .unwrap();
+        assert_eq!(store.timer_count().unwrap(), 6);
+        let all = |_: &PersonKey| true;
+
+        // Store order: due time (negative ones first), then the key bytes ('a' < 'u').
+        let scan = store
+            .timers_after(&TimerPosition::Start, Time(20), 100, all)
+            .unwrap();
+        assert_eq!(
+            scan.entries,
+            vec![
+                (Time(-5), person("b")),
+                (Time(10), anon.clone()),
+                (Time(10), person("a")),
+                (Time(10), person("b")),
+                (Time(20), person("c")),
+            ]
+        );
+        assert_eq!(scan.reached, TimerPosition::Due(Time(20)));
+        for (t, p) in &scan.entries {
+            assert!(scan.reached.covers(*t, p));
+        }
+        assert!(!scan.reached.covers(Time(30), &person("a")));
+
+        // At most `limit` looked at, kept or not; the next scan goes on after the last.
+        let only_b = |p: &PersonKey| *p == person("b");
+        let first = store
+            .timers_after(&TimerPosition::Start, Time(30), 3, only_b)
+            .unwrap();
+        assert_eq!(first.entries, vec![(Time(-5), person("b"))]);
+        assert_eq!(first.reached, TimerPosition::Entry(Time(10), person("a")));
+        assert!(first.reached.covers(Time(10), &anon));
+        assert!(!first.reached.covers(Time(10), &person("b")));
+        let next = store
+            .timers_after(&first.reached, Time(30), 3, only_b)
+            .unwrap();
+        assert_eq!(next.entries, vec![(Time(10), person("b"))]);
+        let last = store
+            .timers_after(&next.reached, Time(30), 3, only_b)
+            .unwrap();
+        assert_eq!(last.entries, vec![]);
+        assert_eq!(last.reached, TimerPosition::Due(Time(30)));
+
+        // After a time: from the next millisecond; nothing past `through`.
+        let after = store
+            .timers_after(&TimerPosition::Due(Time(10)), Time(25), 100, all)
+            .unwrap();
+        assert_eq!(after.entries, vec![(Time(20), person("c"))]);
+        let none = store
+            .timers_after(&TimerPosition::Due(Time(30)), Time(25), 100, all)
+            .unwrap();
+        assert_eq!(none.entries, vec![]);
+        assert_eq!(
+            none.reached,
+            TimerPosition::Due(Time(30)),
+            "never backwards"
+        );
+    }
+
     /// Items in the active memtables of every keyspace: what a crash would replay.
     fn unflushed(store: &Store) -> usize {
         let tables = store.tables().unwrap();
@@ -1356,7 +1554,7 @@ mod tests {
             "the journal's items were all in tables"
         );
         assert_eq!(store.seen_at(&person("u1"), "e1").unwrap(), Some(Time(7)));
-        assert_eq!(store.timer_index().unwrap(), vec![(Time(9), person("u1"))]);
+        assert_eq!(store.timer_count().unwrap(), 1);
     }
 
     #[test]

@@ -93,10 +93,9 @@ pub(super) enum Command {
         person: PersonKey,
         reply: Reply<bool>,
     },
-    /// The store reopened after a fault: forget what memory holds and take the timers
-    /// and experiment totals as the store has them.
+    /// The store reopened after a fault: forget what memory holds, load the timers again
+    /// and take the experiment totals as the store has them.
     Resync {
-        timers: Vec<(Time, PersonKey)>,
         outcomes: BTreeMap<(String, String), OutcomeTotals>,
         reply: Reply<()>,
     },
@@ -440,13 +439,9 @@ impl Shard {
                 reply,
                 value: self.guarded(group, |shard, group| shard.erase(person, group)),
             }),
-            Command::Resync {
-                timers,
-                outcomes,
-                reply,
-            } => {
+            Command::Resync { outcomes, reply } => {
                 self.forget_memory();
-                self.timers.replace(timers);
+                self.timers.reset();
                 self.outcomes = outcomes;
                 Pending::Done(Answer {
                     reply,
@@ -864,6 +859,7 @@ impl Shard {
         self.states.clear();
         match &result {
             Ok(()) => {
+                self.timers.committed();
                 for (_, received) in &group.delivered {
                     if let Some(received) = received {
                         self.metrics
