@@ -444,9 +444,11 @@ impl Server {
         for w in webhooks {
             let _ = w.await;
         }
-        tokio::task::spawn_blocking(move || store.sync_now())
+        // Written out to tables, not only synced: the next start then has nothing of the
+        // journal to insert again (see `Store::flush`).
+        tokio::task::spawn_blocking(move || store.flush())
             .await?
-            .context("syncing the store at shutdown")?;
+            .context("writing the store out at shutdown")?;
         tracing::info!("stopped");
         Ok(())
     }

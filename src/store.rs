@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
-use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use fjall::{AbstractTree as _, Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 
 use crate::config::{StoreConfig, SyncPolicy};
 use crate::event::PersonKey;
@@ -39,6 +39,31 @@ const PROFILE_FORMAT: u8 = 2;
 /// The version byte in front of every stored trigger state; its own, so that a new
 /// profile format does not invalidate trigger states, nor the other way round.
 const TRIGGER_STATE_FORMAT: u8 = 1;
+
+/// When Nudge writes the memtables out to tables: once they hold this many items, or
+/// [`MAX_UNFLUSHED_BYTES`]. Together with [`MAX_JOURNALING_BYTES`] this bounds how long the
+/// store takes to recover after a crash.
+///
+/// On open, fjall 3 replays every journal file still on disk, item by item: it looks the
+/// item's keyspace up in its meta tree (a point read, about half the replay time in a
+/// profile) and, unless that keyspace has the item in a table already, inserts it into the
+/// memtable. A journal is sealed only at a flush once it is past 64 MB, a keyspace flushes
+/// only when its memtable reaches 64 MiB, and a sealed journal is deleted only when every
+/// keyspace with data in it has flushed — up to 512 MiB of journals by default. So a small
+/// store (300 people) never flushed, its journal grew across restarts, and every restart
+/// replayed all of it: over 30 kill -9 restarts during ingest, recovery took up to 9.3 s
+/// (p50 3.1 s), about 85 ms per MiB of journal whose data was in no table yet and 30 ms per
+/// MiB when it was (on 2 shared cores). With memtables written out at these bounds, every
+/// keyspace at once (a keyspace that keeps data in memory keeps the journal holding it),
+/// journals are sealed at 64 MB and deleted soon after: a recovery replays about one
+/// journal, most of it already in tables (max 2.7 s, p50 1.5 s over the same 30 kills; see
+/// benches/restart.rs). Below that, fjall's fixed 64 MB journal is the floor.
+const MAX_UNFLUSHED_ITEMS: usize = 250_000;
+/// The byte bound beside [`MAX_UNFLUSHED_ITEMS`] (fjall's estimate of the memtables' size).
+const MAX_UNFLUSHED_BYTES: u64 = 32 * 1024 * 1024;
+/// The journals fjall keeps before it writes out the keyspaces that hold the oldest one:
+/// its smallest allowed limit (the default is 512 MiB), a backstop to the bounds above.
+const MAX_JOURNALING_BYTES: u64 = 64 * 1024 * 1024;
 
 /// A record as stored: its format byte, then postcard.
 fn encode<T: serde::Serialize>(format: u8, value: &T) -> Result<Vec<u8>, StoreError> {
@@ -167,6 +192,8 @@ struct Tables {
     audit: Keyspace,
     /// Nudge's own records about the store: the probe a reopen writes.
     meta: Keyspace,
+    /// Set while one commit writes the memtables out, so that the others go on.
+    flushing: AtomicBool,
 }
 
 /// The store: its tables while they are open and writable, and what went wrong when a
@@ -241,11 +268,74 @@ fn aside_path(dir: &Path) -> std::path::PathBuf {
     dir.with_extension("vacuum-old")
 }
 
+/// A timer index key: the due time (big-endian, sign-flipped so that byte order is time
+/// order for negative times too), then the person's key. The keyspace sorts by due time,
+/// so the entries due in a range of time are one range scan.
 fn timer_key(due: Time, person: &PersonKey) -> Vec<u8> {
-    // Sign-flipped so that byte order is time order for negative times too.
-    let mut k = ((due.0 as u64) ^ (1 << 63)).to_be_bytes().to_vec();
+    let mut k = due_prefix(due);
     k.extend(key(person));
     k
+}
+
+/// The first 8 bytes of the timer keys due at `due`.
+fn due_prefix(due: Time) -> Vec<u8> {
+    ((due.0 as u64) ^ (1 << 63)).to_be_bytes().to_vec()
+}
+
+/// The (due time, person) of a timer index key.
+fn timer_entry(k: &[u8]) -> Option<(Time, PersonKey)> {
+    let due = be_u64(k.get(..8)?).map(|d| Time((d ^ (1 << 63)) as i64))?;
+    Some((due, person_from(k.get(8..)?)?))
+}
+
+/// A position in the timer index's order — due time, then the bytes of the person's key
+/// (its tag, `a` or `u`, then the id) — standing for everything at or before it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TimerPosition {
+    /// Before the first entry.
+    Start,
+    /// After every entry due at or before this time.
+    Due(Time),
+    /// After this entry and every entry before it.
+    Entry(Time, PersonKey),
+}
+
+impl TimerPosition {
+    /// Whether the entry (`due`, `person`) is at or before this position.
+    pub fn covers(&self, due: Time, person: &PersonKey) -> bool {
+        match self {
+            TimerPosition::Start => false,
+            TimerPosition::Due(t) => due <= *t,
+            TimerPosition::Entry(t, p) => {
+                due < *t || (due == *t && key_order(person) <= key_order(p))
+            }
+        }
+    }
+}
+
+/// A person's key in the order the store sorts it.
+fn key_order(person: &PersonKey) -> (u8, &[u8]) {
+    match person {
+        PersonKey::User(id) => (b'u', id.as_bytes()),
+        PersonKey::Anonymous(id) => (b'a', id.as_bytes()),
+    }
+}
+
+/// What a scan of the timer index found: the entries kept, earliest first, and how far it
+/// got (the whole range, or the last entry it looked at).
+#[derive(Debug, PartialEq, Eq)]
+pub struct TimerScan {
+    pub entries: Vec<(Time, PersonKey)>,
+    pub reached: TimerPosition,
+}
+
+impl TimerScan {
+    fn empty(reached: TimerPosition) -> TimerScan {
+        TimerScan {
+            entries: Vec::new(),
+            reached,
+        }
+    }
 }
 
 fn outcome_key(rule: &str, variant: &str, shard: u16) -> Vec<u8> {
@@ -307,7 +397,9 @@ fn decode_audit(bytes: &[u8]) -> Result<AuditEntry, StoreError> {
 
 impl Tables {
     fn open(dir: &Path) -> Result<Tables, StoreError> {
-        let db = Database::builder(dir).open()?;
+        let db = Database::builder(dir)
+            .max_journaling_size(MAX_JOURNALING_BYTES)
+            .open()?;
         let open = |name: &str| db.keyspace(name, KeyspaceCreateOptions::default);
         Ok(Tables {
             profiles: open("profiles")?,
@@ -322,8 +414,36 @@ impl Tables {
             dead_letters: open("dead_letters")?,
             audit: open("audit")?,
             meta: open("meta")?,
+            flushing: AtomicBool::new(false),
             db,
         })
+    }
+
+    /// Writes the memtables out to tables once they hold [`MAX_UNFLUSHED_ITEMS`] items or
+    /// [`MAX_UNFLUSHED_BYTES`] (fjall's own trigger is 64 MiB in one keyspace). Every
+    /// keyspace is written out, not only the largest: a keyspace that keeps data in memory
+    /// keeps the journal that holds it. Cheap under the bounds (a count per keyspace); the
+    /// writing itself is fjall's flush workers'.
+    fn bound_replay(&self) {
+        let (mut items, mut bytes) = (0, 0);
+        for keyspace in self.keyspaces().into_iter().chain([&self.meta]) {
+            let memtable = keyspace.tree.active_memtable();
+            items += memtable.len();
+            bytes += memtable.size();
+        }
+        if items < MAX_UNFLUSHED_ITEMS && bytes < MAX_UNFLUSHED_BYTES {
+            return;
+        }
+        if self.flushing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        for keyspace in self.keyspaces().into_iter().chain([&self.meta]) {
+            // A failure here is the disk's, and the next commit meets it too.
+            if let Err(e) = keyspace.rotate_memtable() {
+                tracing::warn!(error = %e, keyspace = %keyspace.name(), "writing a memtable out failed");
+            }
+        }
+        self.flushing.store(false, Ordering::Release);
     }
 
     /// A small durable write: whether the disk takes writes again.
@@ -486,9 +606,23 @@ impl Store {
         self.written(self.tables()?.expire_audit(before))
     }
 
-    /// Every (due time, person) with a pending timer, earliest first.
-    pub fn timer_index(&self) -> Result<Vec<(Time, PersonKey)>, StoreError> {
-        self.tables()?.timer_index()
+    /// Timer index entries after `after` and due at or before `through`, earliest first,
+    /// that `keep` wants; at most `limit` entries are looked at (kept or not), so a scan
+    /// takes a bounded time. [`TimerScan::reached`] is where the next scan starts.
+    pub fn timers_after(
+        &self,
+        after: &TimerPosition,
+        through: Time,
+        limit: usize,
+        keep: impl Fn(&PersonKey) -> bool,
+    ) -> Result<TimerScan, StoreError> {
+        self.tables()?.timers_after(after, through, limit, keep)
+    }
+
+    /// How many entries the timer index holds: a scan of its keys (no values), whose
+    /// memory does not grow with the count.
+    pub fn timer_count(&self) -> Result<u64, StoreError> {
+        self.tables()?.timer_count()
     }
 
     /// The highest outbox sequence number stored (0 when empty).
@@ -586,6 +720,13 @@ impl Store {
     pub fn sync_now(&self) -> Result<(), StoreError> {
         self.writable()?;
         self.written(self.tables()?.sync_now())
+    }
+
+    /// Syncs, then writes every memtable out to tables, so that the next open has nothing
+    /// to replay (a graceful shutdown's last step).
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.writable()?;
+        self.written(self.tables()?.flush())
     }
 
     /// Writes every keyspace out to tables and compacts them fully, so deleted data leaves
@@ -693,20 +834,61 @@ impl Tables {
         Ok(n)
     }
 
-    /// Every (due time, person) with a pending timer, earliest first.
-    fn timer_index(&self) -> Result<Vec<(Time, PersonKey)>, StoreError> {
-        let mut out = Vec::new();
-        for item in self.timers.iter() {
-            let k = item.key()?;
-            if k.len() < 9 {
-                continue;
-            }
-            let due = be_u64(&k[..8]).map(|d| Time((d ^ (1 << 63)) as i64));
-            if let (Some(due), Some(person)) = (due, person_from(&k[8..])) {
-                out.push((due, person));
+    /// Timer index entries after `after` and due at or before `through` that `keep` wants,
+    /// looking at most `limit` entries.
+    fn timers_after(
+        &self,
+        after: &TimerPosition,
+        through: Time,
+        limit: usize,
+        keep: impl Fn(&PersonKey) -> bool,
+    ) -> Result<TimerScan, StoreError> {
+        use std::ops::Bound;
+        let start = match after {
+            TimerPosition::Start => Bound::Unbounded,
+            TimerPosition::Due(t) => match t.0.checked_add(1) {
+                Some(next) => Bound::Included(due_prefix(Time(next))),
+                None => return Ok(TimerScan::empty(after.clone())),
+            },
+            TimerPosition::Entry(t, p) => Bound::Excluded(timer_key(*t, p)),
+        };
+        let end = match through.0.checked_add(1) {
+            Some(next) => Bound::Excluded(due_prefix(Time(next))),
+            None => Bound::Unbounded,
+        };
+        if let (Bound::Included(from) | Bound::Excluded(from), Bound::Excluded(to)) = (&start, &end)
+        {
+            if from >= to {
+                // `after` is at or past `through`: nothing in between.
+                return Ok(TimerScan::empty(after.clone()));
             }
         }
-        Ok(out)
+        let mut scan = TimerScan::empty(after.clone());
+        for (looked, item) in self.timers.range::<Vec<u8>, _>((start, end)).enumerate() {
+            if looked == limit {
+                // More may be in range: the next scan goes on after the last one seen.
+                return Ok(scan);
+            }
+            let k = item.key()?;
+            let Some((due, person)) = timer_entry(&k) else {
+                continue;
+            };
+            if keep(&person) {
+                scan.entries.push((due, person.clone()));
+            }
+            scan.reached = TimerPosition::Entry(due, person);
+        }
+        scan.reached = TimerPosition::Due(through);
+        Ok(scan)
+    }
+
+    fn timer_count(&self) -> Result<u64, StoreError> {
+        let mut n = 0;
+        for item in self.timers.iter() {
+            item.key()?;
+            n += 1;
+        }
+        Ok(n)
     }
 
     /// The highest outbox sequence number stored (0 when empty).
@@ -985,6 +1167,7 @@ impl Tables {
             SyncMode::Interval(_) => batch,
         };
         batch.commit()?;
+        self.bound_replay();
         Ok(())
     }
 
@@ -1011,6 +1194,18 @@ impl Tables {
     /// fsyncs everything committed so far.
     fn sync_now(&self) -> Result<(), StoreError> {
         self.db.persist(PersistMode::SyncAll)?;
+        Ok(())
+    }
+
+    /// Syncs, then writes every memtable out to tables and waits for it. fjall starts a
+    /// new journal at a flush once the current one is past 64 MB, and the probe written
+    /// first makes it see the journal's true length (a journal reopened after a restart
+    /// counts from 0 until its first write), so a long one is dropped now.
+    fn flush(&self) -> Result<(), StoreError> {
+        self.probe()?;
+        for keyspace in self.keyspaces().into_iter().chain([&self.meta]) {
+            keyspace.rotate_memtable_and_wait()?;
+        }
         Ok(())
     }
 
@@ -1223,6 +1418,143 @@ mod tests {
             ])
             .unwrap();
         assert_eq!(store.seen_at(&person("u3"), "e3").unwrap(), Some(Time(3)));
+    }
+
+    #[test]
+    fn the_timer_index_scans_by_due_time_a_bounded_number_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), SyncMode::Always).unwrap();
+        let anon = PersonKey::Anonymous("zz".into());
+        let entries = [
+            (Time(-5), person("b")),
+            (Time(10), person("a")),
+            (Time(10), anon.clone()),
+            (Time(10), person("b")),
+            (Time(20), person("c")),
+            (Time(30), person("a")),
+        ];
+        store
+            .commit(
+                entries
+                    .iter()
+                    .rev()
+                    .map(|(t, p)| Write::TimerIndex(*t, p.clone(), true))
+                    .collect(),
+            )
+            .unwrap();
+        assert_eq!(store.timer_count().unwrap(), 6);
+        let all = |_: &PersonKey| true;
+
+        // Store order: due time (negative ones first), then the key bytes ('a' < 'u').
+        let scan = store
+            .timers_after(&TimerPosition::Start, Time(20), 100, all)
+            .unwrap();
+        assert_eq!(
+            scan.entries,
+            vec![
+                (Time(-5), person("b")),
+                (Time(10), anon.clone()),
+                (Time(10), person("a")),
+                (Time(10), person("b")),
+                (Time(20), person("c")),
+            ]
+        );
+        assert_eq!(scan.reached, TimerPosition::Due(Time(20)));
+        for (t, p) in &scan.entries {
+            assert!(scan.reached.covers(*t, p));
+        }
+        assert!(!scan.reached.covers(Time(30), &person("a")));
+
+        // At most `limit` looked at, kept or not; the next scan goes on after the last.
+        let only_b = |p: &PersonKey| *p == person("b");
+        let first = store
+            .timers_after(&TimerPosition::Start, Time(30), 3, only_b)
+            .unwrap();
+        assert_eq!(first.entries, vec![(Time(-5), person("b"))]);
+        assert_eq!(first.reached, TimerPosition::Entry(Time(10), person("a")));
+        assert!(first.reached.covers(Time(10), &anon));
+        assert!(!first.reached.covers(Time(10), &person("b")));
+        let next = store
+            .timers_after(&first.reached, Time(30), 3, only_b)
+            .unwrap();
+        assert_eq!(next.entries, vec![(Time(10), person("b"))]);
+        let last = store
+            .timers_after(&next.reached, Time(30), 3, only_b)
+            .unwrap();
+        assert_eq!(last.entries, vec![]);
+        assert_eq!(last.reached, TimerPosition::Due(Time(30)));
+
+        // After a time: from the next millisecond; nothing past `through`.
+        let after = store
+            .timers_after(&TimerPosition::Due(Time(10)), Time(25), 100, all)
+            .unwrap();
+        assert_eq!(after.entries, vec![(Time(20), person("c"))]);
+        let none = store
+            .timers_after(&TimerPosition::Due(Time(30)), Time(25), 100, all)
+            .unwrap();
+        assert_eq!(none.entries, vec![]);
+        assert_eq!(
+            none.reached,
+            TimerPosition::Due(Time(30)),
+            "never backwards"
+        );
+    }
+
+    /// Items in the active memtables of every keyspace: what a crash would replay.
+    fn unflushed(store: &Store) -> usize {
+        let tables = store.tables().unwrap();
+        tables
+            .keyspaces()
+            .into_iter()
+            .chain([&tables.meta])
+            .map(|k| k.tree.active_memtable().len())
+            .sum()
+    }
+
+    #[test]
+    fn memtables_are_written_out_before_a_crash_would_replay_more_than_the_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), SyncMode::Interval(Duration::from_secs(60))).unwrap();
+        // Outbox entries of 1 MiB: the byte bound is passed within a few dozen commits.
+        let entry = vec![7u8; 1 << 20];
+        let commits = (MAX_UNFLUSHED_BYTES >> 20) + 2;
+        for seq in 1..=commits {
+            store
+                .commit(vec![Write::Outbox(seq, entry.clone())])
+                .unwrap();
+        }
+        assert!(
+            unflushed(&store) < commits as usize - 1,
+            "{} of {commits} entries are still only in memory",
+            unflushed(&store)
+        );
+        assert_eq!(
+            store.outbox_range(0, commits, 1000).unwrap().len(),
+            commits as usize
+        );
+    }
+
+    #[test]
+    fn after_a_flush_the_next_open_replays_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path(), SyncMode::Always).unwrap();
+            store
+                .commit(vec![
+                    Write::Seen(person("u1"), "e1".into(), Time(7)),
+                    Write::TimerIndex(Time(9), person("u1"), true),
+                ])
+                .unwrap();
+            store.flush().unwrap();
+        }
+        let store = Store::open(dir.path(), SyncMode::Always).unwrap();
+        assert_eq!(
+            unflushed(&store),
+            0,
+            "the journal's items were all in tables"
+        );
+        assert_eq!(store.seen_at(&person("u1"), "e1").unwrap(), Some(Time(7)));
+        assert_eq!(store.timer_count().unwrap(), 1);
     }
 
     #[test]

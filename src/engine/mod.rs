@@ -125,6 +125,9 @@ pub struct Engine {
     store: Arc<Store>,
     /// One identity merge (or erasure) at a time.
     merges: tokio::sync::Mutex<()>,
+    /// The store's count of timer index entries that `nudge_timers_pending` started from
+    /// (the shards add their changes since).
+    stored_timers: Mutex<i64>,
     metrics: Arc<Metrics>,
     /// Holds an erasure between its commit and its outbox scan (a test's gate): tells the
     /// first sender it arrived, then waits for the second.
@@ -148,13 +151,19 @@ impl Engine {
         metrics
             .cache_budget
             .set(i64::try_from(options.cache_bytes).unwrap_or(i64::MAX));
-        // Each shard takes its own people's timers and its own experiment totals.
-        let mut timers: Vec<TimerIndex> = (0..count)
-            .map(|_| TimerIndex::new(metrics.clone()))
-            .collect();
-        for (due, person) in store.timer_index()? {
-            timers[shard_index(&person, count)].insert(due, person);
-        }
+        // Each shard loads its own people's timers from the store as time moves, from its
+        // first tick on (timers.rs); none is read here. The count of pending timers starts
+        // from the store's, a scan of the index's keys.
+        let timers = TimerIndex::for_shards(count, &store, &metrics);
+        let counting = Instant::now();
+        let stored_timers = store.timer_count()? as i64;
+        metrics.timers_pending.add(stored_timers);
+        tracing::info!(
+            timers = stored_timers,
+            elapsed_ms = counting.elapsed().as_millis() as u64,
+            "pending timers counted"
+        );
+        // Each shard takes its own experiment totals.
         let mut outcomes = vec![BTreeMap::new(); count];
         for (rule, variant, shard, totals) in store.outcomes()? {
             if let Some(o) = outcomes.get_mut(usize::from(shard)) {
@@ -196,6 +205,7 @@ impl Engine {
             rules,
             store,
             merges: tokio::sync::Mutex::new(()),
+            stored_timers: Mutex::new(stored_timers),
             metrics,
             #[cfg(test)]
             before_forget: Mutex::new(None),
@@ -289,21 +299,17 @@ impl Engine {
         }
     }
 
-    /// After the store reopened: every shard forgets what it holds in memory and takes
-    /// its timers and experiment totals from the store, which is the truth (a commit that
-    /// failed may still have reached the disk). Waits for room in each queue.
+    /// After the store reopened: every shard forgets what it holds in memory and loads
+    /// its timers again, and takes its experiment totals, from the store, which is the
+    /// truth (a commit that failed may still have reached the disk); the pending count
+    /// starts again from the store's. Waits for room in each queue. Writes are still
+    /// refused, so the store holds still meanwhile.
     pub async fn resync(&self) -> Result<(), EngineError> {
         let store = self.store.clone();
-        let (index, stored) = tokio::task::spawn_blocking(move || {
-            Ok::<_, StoreError>((store.timer_index()?, store.outcomes()?))
-        })
-        .await
-        .map_err(|_| EngineError::ShuttingDown)??;
+        let stored = tokio::task::spawn_blocking(move || store.outcomes())
+            .await
+            .map_err(|_| EngineError::ShuttingDown)??;
         let count = self.shards.len();
-        let mut timers = vec![Vec::new(); count];
-        for (due, person) in index {
-            timers[shard_index(&person, count)].push((due, person));
-        }
         let mut outcomes = vec![BTreeMap::new(); count];
         for (rule, variant, shard, totals) in stored {
             if let Some(o) = outcomes.get_mut(usize::from(shard)) {
@@ -311,14 +317,10 @@ impl Engine {
             }
         }
         let mut answers = Vec::with_capacity(count);
-        for ((shard, timers), outcomes) in self.shards.iter().zip(timers).zip(outcomes) {
+        for (shard, outcomes) in self.shards.iter().zip(outcomes) {
             let (reply, answer) = oneshot::channel();
             shard
-                .send(Command::Resync {
-                    timers,
-                    outcomes,
-                    reply,
-                })
+                .send(Command::Resync { outcomes, reply })
                 .await
                 .map_err(|_| EngineError::ShuttingDown)?;
             answers.push(answer);
@@ -326,6 +328,14 @@ impl Engine {
         for answer in answers {
             answer.await.map_err(|_| EngineError::ShuttingDown)??;
         }
+        // Each shard took its share of the count out as it reset.
+        let store = self.store.clone();
+        let recount = tokio::task::spawn_blocking(move || store.timer_count())
+            .await
+            .map_err(|_| EngineError::ShuttingDown)?? as i64;
+        let mut stored_timers = self.stored_timers.lock().unwrap_or_else(|e| e.into_inner());
+        self.metrics.timers_pending.add(recount - *stored_timers);
+        *stored_timers = recount;
         Ok(())
     }
 
@@ -626,6 +636,7 @@ mod tests {
     use super::*;
     use crate::event::{EventKind, Properties};
     use crate::model::ModelSet;
+    use crate::store::Write;
 
     const T0: Time = Time(1_772_445_600_000);
 
@@ -857,6 +868,32 @@ mod tests {
             )
             .await;
         assert!(matches!(done.unwrap()[0].1, Outcome::Accepted(_)));
+        engine.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_pending_count_starts_from_the_store_at_start_and_again_at_a_resync() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = |n: i64| -> Vec<Write> {
+            (0..n)
+                .map(|i| Write::TimerIndex(T0.plus_ms(i), PersonKey::User(format!("u{i}")), true))
+                .collect()
+        };
+        {
+            let store = Store::open(dir.path(), crate::store::SyncMode::Always).unwrap();
+            store.commit(index(3)).unwrap();
+        }
+        let (engine, store) = start(dir.path(), 2);
+        assert_eq!(
+            engine.metrics.timers_pending.get(),
+            3,
+            "counted, none loaded"
+        );
+        // What a reopened store holds (a commit reported failed may have reached the disk)
+        // is what counts after the resync.
+        store.commit(index(5)).unwrap();
+        engine.resync().await.unwrap();
+        assert_eq!(engine.metrics.timers_pending.get(), 5);
         engine.shutdown().await;
     }
 

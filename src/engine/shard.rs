@@ -94,10 +94,9 @@ pub(super) enum Command {
         person: PersonKey,
         reply: Reply<bool>,
     },
-    /// The store reopened after a fault: forget what memory holds and take the timers
-    /// and experiment totals as the store has them.
+    /// The store reopened after a fault: forget what memory holds, load the timers again
+    /// and take the experiment totals as the store has them.
     Resync {
-        timers: Vec<(Time, PersonKey)>,
         outcomes: BTreeMap<(String, String), OutcomeTotals>,
         reply: Reply<()>,
     },
@@ -435,13 +434,9 @@ impl Shard {
                 reply,
                 value: self.guarded(group, |shard, group| shard.erase(person, group)),
             }),
-            Command::Resync {
-                timers,
-                outcomes,
-                reply,
-            } => {
+            Command::Resync { outcomes, reply } => {
                 self.forget_memory();
-                self.timers.replace(timers);
+                self.timers.reset();
                 self.outcomes = outcomes;
                 Pending::Done(Answer {
                     reply,
@@ -892,6 +887,7 @@ impl Shard {
         self.outbox.complete(reservation);
         match &result {
             Ok(()) => {
+                self.timers.committed();
                 // Everything cached is clean now: the cache goes back under its budget.
                 self.cache.shrink();
                 for (_, received) in &group.delivered {

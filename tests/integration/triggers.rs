@@ -263,6 +263,67 @@ async fn pending_timers_survive_a_restart_and_overdue_ones_fire_once_after_recov
     }
 }
 
+/// An absence two days long: far past the minutes of timers a shard keeps in memory.
+const LONG_WAIT: &str = r#"
+    [[rules]]
+    name = "long_wait"
+    absence = { after = ["add_to_cart"], missing = ["purchase"], within = "2d" }
+    action = { type = "cart_reminder" }
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timers_due_days_ahead_are_counted_after_a_restart_and_fire_at_their_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let mut config = config_with_rules(dir.path(), LONG_WAIT);
+    config.store.dir = data.path().to_owned();
+    let pending = "nudge_timers_pending";
+    let due = |user: &str| -> Vec<String> { vec![format!("timer:{user}-add:0")] };
+    let ids = |got: &[pb::SubscribeTriggersResponse]| -> Vec<String> {
+        got.iter()
+            .map(|m| m.trigger.as_ref().unwrap().cause.clone())
+            .collect()
+    };
+
+    let server = TestServer::start_with(config.clone()).await;
+    let mut client = server.client().await;
+    // One timer set before the first tick, one after it (past what that tick loaded).
+    track(&mut client, vec![add_to_cart("early-add", "early", T0)]).await;
+    server.tick_at(T0).await;
+    let later = T0.plus_ms(MINUTE_MS);
+    server.clock.set(later);
+    track(&mut client, vec![add_to_cart("later-add", "later", later)]).await;
+    assert_eq!(metric_value(&server.metrics().await, pending), Some(2.0));
+    server.stop().await.unwrap();
+
+    // After the restart both are counted before any tick has loaded a timer.
+    let server = TestServer::start_with(config).await;
+    let mut client = server.client().await;
+    assert_eq!(metric_value(&server.metrics().await, pending), Some(2.0));
+    let two_days = 2 * 24 * HOUR_MS;
+    server.tick_at(T0.plus_ms(two_days - 1)).await;
+    assert_newest(&mut client, 0).await;
+    server.tick_at(T0.plus_ms(two_days)).await;
+    let got = exactly(&mut client, 0, 1).await;
+    assert_eq!(ids(&got), due("early"));
+    server.tick_at(later.plus_ms(two_days)).await;
+    let got = exactly(&mut client, got[0].cursor, 1).await;
+    assert_eq!(ids(&got), due("later"));
+    assert_eq!(metric_value(&server.metrics().await, pending), Some(0.0));
+
+    // One set while this server runs, two days past its ticks: it fires at its time too.
+    let now = later.plus_ms(two_days);
+    track(&mut client, vec![add_to_cart("late-add", "late", now)]).await;
+    assert_eq!(metric_value(&server.metrics().await, pending), Some(1.0));
+    server.tick_at(now.plus_ms(two_days - 1)).await;
+    assert_newest(&mut client, got[0].cursor).await;
+    server.tick_at(now.plus_ms(two_days)).await;
+    let got = exactly(&mut client, got[0].cursor, 1).await;
+    assert_eq!(ids(&got), due("late"));
+    assert_eq!(metric_value(&server.metrics().await, pending), Some(0.0));
+    server.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn predicates_fire_once_per_crossing_and_suppressions_are_explained() {
     let dir = tempfile::tempdir().unwrap();
