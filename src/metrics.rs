@@ -122,8 +122,8 @@ impl Metrics {
             ),
             grpc_duration: histogram(
                 "nudge_grpc_request_duration_seconds",
-                "gRPC request latency by RPC.",
-                &["rpc"],
+                "gRPC call duration by RPC and status code, to the status (a stream's last message).",
+                &["rpc", "code"],
             ),
             model_duration: histogram(
                 "nudge_model_score_duration_seconds",

@@ -195,22 +195,10 @@ impl NudgeApi {
     }
 }
 
-/// When the caller stops waiting: now plus the request's `grpc-timeout` (digits and a
-/// unit: H, M, S, m, u or n), if it sent one that parses.
+/// When the caller stops waiting, from the request's `grpc-timeout` (one definition, the
+/// RPC layer's).
 fn deadline(metadata: &tonic::metadata::MetadataMap) -> Option<std::time::Instant> {
-    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
-    let (amount, unit) = value.split_at(value.len().checked_sub(1)?);
-    let amount: u64 = amount.parse().ok()?;
-    let timeout = match unit {
-        "H" => std::time::Duration::from_secs(amount.checked_mul(3600)?),
-        "M" => std::time::Duration::from_secs(amount.checked_mul(60)?),
-        "S" => std::time::Duration::from_secs(amount),
-        "m" => std::time::Duration::from_millis(amount),
-        "u" => std::time::Duration::from_micros(amount),
-        "n" => std::time::Duration::from_nanos(amount),
-        _ => return None,
-    };
-    std::time::Instant::now().checked_add(timeout)
+    layer::deadline(metadata.as_ref())
 }
 
 type TriggerStream =

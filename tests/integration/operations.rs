@@ -38,7 +38,7 @@ async fn metrics_cover_requests_events_models_and_never_a_person() {
             1.0,
         ),
         (
-            "nudge_grpc_request_duration_seconds_count{rpc=\"Track\"}",
+            "nudge_grpc_request_duration_seconds_count{code=\"OK\",rpc=\"Track\"}",
             1.0,
         ),
         (
