@@ -1,9 +1,13 @@
-//! Storage faults under a running server: a full disk (a small tmpfs filled up) and a
-//! filesystem the kernel turns read-only (ext4 on a loop device, errors=remount-ro, with
-//! an error injected through sysfs). Writes are refused with UNAVAILABLE, readiness turns
-//! NOT_SERVING, nothing acknowledged is lost, and — for the full disk — the server
-//! recovers by itself once space returns: SERVING again and every event applied exactly
-//! once.
+//! Storage faults under a running server: a full disk (a small tmpfs filled up), a store
+//! directory turned read-only (`chattr +i` on ext4, which refuses writes to files already
+//! open, root's too, where tmpfs goes on taking them and a read-only remount is refused
+//! while files are open for writing), and a filesystem the kernel turns read-only (ext4
+//! on a loop device, errors=remount-ro, with an error injected through sysfs). Writes are
+//! refused with UNAVAILABLE, readiness turns NOT_SERVING, nothing acknowledged is lost,
+//! and — for the full disk and the read-only directory — the server recovers by itself
+//! once the fault clears: SERVING again and every event applied exactly once. A
+//! filesystem the kernel remounted read-only comes back only through the operator
+//! (unmount, fsck, mount), and then every acknowledged event is there.
 //!
 //! Mounting needs root and a kernel that lets this container mount; where it cannot, the
 //! tests say so on stderr and pass without running (the only skip in the suite).
@@ -281,6 +285,78 @@ async fn a_full_disk_refuses_writes_turns_not_ready_and_recovers_by_itself() {
             .into_inner();
         for r in answer.results {
             // Accepted, or Duplicate when a refused commit reached the disk after all.
+            assert_ne!(r.status, EventStatus::Rejected as i32, "{r:?}");
+        }
+    }
+    assert_eq!(ledger.send(&mut client, round, 20).await, 0);
+    ledger.assert_exactly_once(&mut client).await;
+    server.stop().await.unwrap();
+    drop(mount);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_directory_turned_read_only_refuses_writes_and_recovers_by_itself() {
+    let Some(mount) = mount_or_skip(Mount::ext4(128), "read-only store directory") else {
+        return;
+    };
+    let store_dir = mount.path().join("store");
+    let mut config = test_config();
+    config.store.dir = store_dir.clone();
+    let server = TestServer::start_with(config).await;
+    let mut client = server.client().await;
+    await_readiness(&server, ServingStatus::Serving).await;
+    let mut ledger = Ledger::default();
+    for round in 0..5 {
+        assert_eq!(ledger.send(&mut client, round, 20).await, 0);
+    }
+
+    // Every file and directory of the store immutable: no write, no new file, for root too.
+    let store_arg = store_dir.display().to_string();
+    let chattr = |flag: &str| {
+        let done = Command::new("chattr")
+            .args(["-R", flag, &store_arg])
+            .status()
+            .expect("chattr runs");
+        assert!(done.success(), "chattr -R {flag}: {done}");
+    };
+    chattr("+i");
+    let mut round = 5;
+    while ledger.refused.is_empty() {
+        ledger.send(&mut client, round, 20).await;
+        round += 1;
+        assert!(round < 100, "the read-only directory never refused a write");
+    }
+    await_readiness(&server, ServingStatus::NotServing).await;
+    let metrics = server.metrics().await;
+    assert_eq!(
+        metric_value(&metrics, "nudge_not_ready{reason=\"store\"}"),
+        Some(1.0),
+        "{metrics}"
+    );
+    // While the fault lasts, writes are refused at once, and reopening keeps failing.
+    assert!(ledger.send(&mut client, round, 20).await > 0);
+    round += 1;
+
+    // Writable again: the server recovers by itself.
+    chattr("-i");
+    await_readiness(&server, ServingStatus::Serving).await;
+    let metrics = server.metrics().await;
+    assert_eq!(
+        metric_value(&metrics, "nudge_not_ready{reason=\"store\"}"),
+        Some(0.0)
+    );
+    assert!(metric_value(&metrics, "nudge_store_reopens_total{outcome=\"ok\"}") >= Some(1.0));
+
+    let refused = std::mem::take(&mut ledger.refused);
+    for chunk in refused.chunks(100) {
+        let answer = client
+            .track(pb::TrackRequest {
+                events: chunk.to_vec(),
+            })
+            .await
+            .expect("retries are taken after recovery")
+            .into_inner();
+        for r in answer.results {
             assert_ne!(r.status, EventStatus::Rejected as i32, "{r:?}");
         }
     }
