@@ -72,6 +72,39 @@ fn encode<T: serde::Serialize>(format: u8, value: &T) -> Result<Vec<u8>, StoreEr
     Ok(bytes)
 }
 
+/// A profile or trigger state encoded for the store ahead of its commit: the shard hands
+/// the bytes of what it keeps in its cache to the batch instead of a clone of it.
+#[derive(Debug)]
+pub struct Record<T> {
+    bytes: Vec<u8>,
+    of: std::marker::PhantomData<fn() -> T>,
+}
+
+impl Record<Profile> {
+    pub fn profile(profile: &Profile) -> Result<Record<Profile>, StoreError> {
+        Record::encode(PROFILE_FORMAT, profile)
+    }
+}
+
+impl Record<TriggerState> {
+    /// The record of a person's trigger state; `None` for an empty state, which deletes it.
+    pub fn triggers(state: &TriggerState) -> Result<Option<Record<TriggerState>>, StoreError> {
+        if state.is_empty() {
+            return Ok(None);
+        }
+        Record::encode(TRIGGER_STATE_FORMAT, state).map(Some)
+    }
+}
+
+impl<T: serde::Serialize> Record<T> {
+    fn encode(format: u8, value: &T) -> Result<Record<T>, StoreError> {
+        Ok(Record {
+            bytes: encode(format, value)?,
+            of: std::marker::PhantomData,
+        })
+    }
+}
+
 /// Decodes a record written by [`encode`] with the same format byte.
 fn decode<T: serde::de::DeserializeOwned>(
     what: &str,
@@ -129,7 +162,7 @@ pub enum StoreError {
 /// A change to commit, one of several in a batch.
 #[derive(Debug)]
 pub enum Write {
-    Profile(PersonKey, Box<Profile>),
+    Profile(PersonKey, Record<Profile>),
     DeleteProfile(PersonKey),
     /// An event id seen for a person, at `now`.
     Seen(PersonKey, String, Time),
@@ -146,8 +179,8 @@ pub enum Write {
     /// Removes a person's idempotency records, audit record and every alias that points
     /// at them.
     Forget(PersonKey),
-    /// A person's trigger state; an empty state deletes the record.
-    Triggers(PersonKey, Box<TriggerState>),
+    /// A person's trigger state; `None` (an empty state) deletes the record.
+    Triggers(PersonKey, Option<Record<TriggerState>>),
     /// A person has (`true`) or no longer has a timer due at a time.
     TimerIndex(Time, PersonKey, bool),
     /// A delivered trigger at its outbox sequence number (JSON).
@@ -1075,11 +1108,7 @@ impl Tables {
         for write in writes {
             match write {
                 Write::Profile(person, profile) => {
-                    batch.insert(
-                        &self.profiles,
-                        key(&person),
-                        encode(PROFILE_FORMAT, &profile)?,
-                    );
+                    batch.insert(&self.profiles, key(&person), profile.bytes);
                 }
                 Write::DeleteProfile(person) => batch.remove(&self.profiles, key(&person)),
                 Write::Seen(person, event_id, at) => {
@@ -1119,16 +1148,9 @@ impl Tables {
                     // The person may itself be an alias of someone.
                     batch.remove(&self.aliases, key(&person));
                 }
-                Write::Triggers(person, state) => {
-                    if state.is_empty() {
-                        batch.remove(&self.triggers, key(&person));
-                    } else {
-                        batch.insert(
-                            &self.triggers,
-                            key(&person),
-                            encode(TRIGGER_STATE_FORMAT, &state)?,
-                        );
-                    }
+                Write::Triggers(person, None) => batch.remove(&self.triggers, key(&person)),
+                Write::Triggers(person, Some(state)) => {
+                    batch.insert(&self.triggers, key(&person), state.bytes);
                 }
                 Write::TimerIndex(due, person, present) => {
                     let k = timer_key(due, &person);
@@ -1286,7 +1308,7 @@ mod tests {
             let store = Store::open(dir.path(), SyncMode::Always).unwrap();
             store
                 .commit(vec![
-                    Write::Profile(person("u1"), Box::new(profile.clone())),
+                    Write::Profile(person("u1"), Record::profile(&profile).unwrap()),
                     Write::Seen(person("u1"), "e1".into(), Time(7)),
                     Write::Alias {
                         anonymous: PersonKey::Anonymous("a1".into()),
@@ -1574,8 +1596,8 @@ mod tests {
             });
             store
                 .commit(vec![
-                    Write::Profile(person("u1"), Box::new(profile.clone())),
-                    Write::Profile(person("u2"), Box::new(profile)),
+                    Write::Profile(person("u1"), Record::profile(&profile).unwrap()),
+                    Write::Profile(person("u2"), Record::profile(&profile).unwrap()),
                 ])
                 .unwrap();
             if round % 10 == 0 {

@@ -153,9 +153,7 @@ impl Shard {
             group.dirty_states.insert(into.clone());
         }
         group.dirty_states.remove(from);
-        group
-            .writes
-            .push(Write::Triggers(from.clone(), Box::default()));
+        group.writes.push(Write::Triggers(from.clone(), None));
         group.writes.push(Write::DeleteProfile(from.clone()));
         // Also moves what this group wrote for the visitor before (idempotency records,
         // audit entries): the store applies a batch in order.

@@ -36,7 +36,7 @@ use crate::model::{score_each, score_row, Model, ModelRegistry, Scores};
 use crate::profile::Profile;
 use crate::readiness::{Readiness, Reason};
 use crate::segments;
-use crate::store::{Store, Write};
+use crate::store::{Record, Store, StoreError, Write};
 use crate::time::Time;
 use crate::trigger::rules::RuleSet;
 use crate::trigger::{
@@ -726,9 +726,7 @@ impl Shard {
             &mut group.unindexed,
         );
         group.dirty_states.remove(&person);
-        group
-            .writes
-            .push(Write::Triggers(person.clone(), Box::default()));
+        group.writes.push(Write::Triggers(person.clone(), None));
         // Also covers what this group wrote for the person before (idempotency records,
         // audit entries): the store applies a batch in order.
         group.writes.push(Write::Forget(person));
@@ -831,6 +829,37 @@ impl Shard {
     /// and every answer is the error. A group in which a command panicked is not written:
     /// memory is forgotten whole, and every answer but the panicked one's is
     /// `GroupFailed`.
+    /// The group's writes of changed profiles, trigger states and experiment totals,
+    /// encoded straight from the cache (no clone of what it keeps).
+    fn encode_changes(&mut self, group: &mut Group) -> Result<(), StoreError> {
+        for person in &group.dirty {
+            let (profile, state) = self.cache.changed(person);
+            if let Some(profile) = profile {
+                let record = Record::profile(profile)?;
+                group.writes.push(Write::Profile(person.clone(), record));
+            }
+            if let Some(state) = state.filter(|_| group.dirty_states.contains(person)) {
+                let record = Record::triggers(state)?;
+                group.writes.push(Write::Triggers(person.clone(), record));
+            }
+        }
+        for person in group.dirty_states.difference(&group.dirty) {
+            if let (_, Some(state)) = self.cache.changed(person) {
+                let record = Record::triggers(state)?;
+                group.writes.push(Write::Triggers(person.clone(), record));
+            }
+        }
+        for key in &group.dirty_outcomes {
+            group.writes.push(Write::Outcome {
+                rule: key.0.clone(),
+                variant: key.1.clone(),
+                shard: self.index,
+                totals: self.outcomes.get(key).copied().unwrap_or_default(),
+            });
+        }
+        Ok(())
+    }
+
     fn commit(&mut self, mut group: Group) {
         if group.panicked {
             self.forget_memory();
@@ -842,36 +871,9 @@ impl Shard {
             }
             return;
         }
-        // One look at each changed person: their writes, and their weight counted again
-        // (if the commit fails they are evicted, weight and all).
-        for person in &group.dirty {
-            let (profile, state) = self.cache.changed(person);
-            if let Some(profile) = profile {
-                group
-                    .writes
-                    .push(Write::Profile(person.clone(), Box::new(profile.clone())));
-            }
-            if let Some(state) = state.filter(|_| group.dirty_states.contains(person)) {
-                group
-                    .writes
-                    .push(Write::Triggers(person.clone(), Box::new(state.clone())));
-            }
-        }
-        for person in group.dirty_states.difference(&group.dirty) {
-            if let (_, Some(state)) = self.cache.changed(person) {
-                group
-                    .writes
-                    .push(Write::Triggers(person.clone(), Box::new(state.clone())));
-            }
-        }
-        for key in &group.dirty_outcomes {
-            group.writes.push(Write::Outcome {
-                rule: key.0.clone(),
-                variant: key.1.clone(),
-                shard: self.index,
-                totals: self.outcomes.get(key).copied().unwrap_or_default(),
-            });
-        }
+        // One look at each changed person: their writes, encoded from the cache, and their
+        // weight counted again (if the commit fails they are evicted, weight and all).
+        let encoded = self.encode_changes(&mut group);
         let reservation = self.outbox.reserve(group.delivered.len());
         for (seq, (trigger, _)) in reservation.numbers().zip(&group.delivered) {
             match serde_json::to_vec(trigger) {
@@ -880,7 +882,9 @@ impl Shard {
             }
         }
         let started = Instant::now();
-        let result = self.store.commit(group.writes).map_err(EngineError::from);
+        let result = encoded
+            .and_then(|()| self.store.commit(group.writes))
+            .map_err(EngineError::from);
         self.metrics
             .store_commit_duration
             .observe(started.elapsed().as_secs_f64());
