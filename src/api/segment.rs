@@ -245,14 +245,22 @@ fn event_type(name: &str) -> Option<pb::EventType> {
         .map(|&(_, t)| t)
 }
 
+/// Track's field names (as a refusal names them) and the Segment fields each was read
+/// from.
+type Renames = Vec<(&'static str, &'static str)>;
+
+/// An event waiting to be tracked with the others of its run: where it is in the request
+/// ("batch[3]"), the event, its renames.
+type Pending = (String, pb::Event, Renames);
+
 /// What one Segment message asks of Nudge.
 #[derive(Debug, PartialEq)]
 enum Action {
     /// An event to track; `renames` turn the Track field names its refusal would name into
     /// the Segment fields they were read from.
     Track {
-        event: pb::Event,
-        renames: Vec<(&'static str, &'static str)>,
+        event: Box<pb::Event>,
+        renames: Renames,
     },
     /// Merge the visitor into the user (identify with both ids, alias).
     Merge {
@@ -387,7 +395,7 @@ fn message(
         _ => derived_id(raw),
     };
     Ok(Action::Track {
-        event: pb::Event {
+        event: Box::new(pb::Event {
             event_id,
             user_id: user_id.unwrap_or_default(),
             anonymous_id: anonymous_id.unwrap_or_default(),
@@ -395,7 +403,7 @@ fn message(
             event_time: Some(convert::timestamp(time)),
             properties: Some(props),
             attributes: Default::default(),
-        },
+        }),
         renames,
     })
 }
@@ -404,7 +412,7 @@ fn message(
 fn track_properties(
     r#type: pb::EventType,
     properties: Option<&Map<String, Value>>,
-) -> Result<(pb::EventProperties, Vec<(&'static str, &'static str)>), FieldError> {
+) -> Result<(pb::EventProperties, Renames), FieldError> {
     let mut props = pb::EventProperties::default();
     let mut renames = Vec::new();
     let Some(p) = properties else {
@@ -949,10 +957,10 @@ impl Segment {
             success: true,
             ..Summary::default()
         };
-        let mut pending: Vec<(String, pb::Event, Vec<(&'static str, &'static str)>)> = Vec::new();
+        let mut pending: Vec<Pending> = Vec::new();
         for (prefix, action) in actions {
             match action {
-                Ok(Action::Track { event, renames }) => pending.push((prefix, event, renames)),
+                Ok(Action::Track { event, renames }) => pending.push((prefix, *event, renames)),
                 Ok(Action::Merge {
                     anonymous_id,
                     user_id,
@@ -994,7 +1002,7 @@ impl Segment {
     async fn track(
         &self,
         rpc: &'static str,
-        pending: Vec<(String, pb::Event, Vec<(&'static str, &'static str)>)>,
+        pending: Vec<Pending>,
         summary: &mut Summary,
     ) -> Result<(), ApiError> {
         if pending.is_empty() {
@@ -1222,7 +1230,7 @@ mod tests {
 
     fn event(json: &str) -> pb::Event {
         match read(json, None) {
-            Ok(Action::Track { event, .. }) => event,
+            Ok(Action::Track { event, .. }) => *event,
             other => panic!("{json}: {other:?}"),
         }
     }
