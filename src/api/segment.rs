@@ -1470,6 +1470,26 @@ mod tests {
     }
 
     #[test]
+    fn overload_and_outages_say_when_to_retry() {
+        let overloaded = api_error(ApiError::Engine(EngineError::Overloaded {
+            retry_after: std::time::Duration::from_millis(1500),
+        }));
+        assert_eq!(overloaded.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(overloaded.headers()[header::RETRY_AFTER], "2");
+        // Whole seconds, at least one: "0" would tell an SDK to retry at once.
+        let soon = api_error(ApiError::Engine(EngineError::Overloaded {
+            retry_after: std::time::Duration::ZERO,
+        }));
+        assert_eq!(soon.headers()[header::RETRY_AFTER], "1");
+        let stopping = api_error(ApiError::Engine(EngineError::ShuttingDown));
+        assert_eq!(stopping.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(stopping.headers()[header::RETRY_AFTER], "1");
+        let defect = api_error(ApiError::Engine(EngineError::Panicked));
+        assert_eq!(defect.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(defect.headers().get(header::RETRY_AFTER).is_none());
+    }
+
+    #[test]
     fn basic_auth_gives_the_user_name() {
         let mut headers = HeaderMap::new();
         assert_eq!(basic_user(&headers), None);
