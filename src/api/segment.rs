@@ -74,6 +74,13 @@ pub const MAX_IGNORED_NAMES: usize = 100;
 const MAX_IGNORED_NAME_BYTES: usize = 64;
 /// What `nudge_events_total{source}` says for events that came this way.
 const SOURCE: &str = "http";
+/// Request bodies being read or held at once, across connections: with each at most
+/// [`MAX_BATCH_BYTES`], a bound of 32 MB on what callers can make the server buffer. A
+/// request past it waits for a slot with only its headers read.
+const MAX_BODIES: usize = 64;
+/// How long a body may take to arrive: a caller that drips one byte at a time does not
+/// hold a slot for longer (408, which the SDKs retry).
+const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The write keys the API accepts, as SHA-256 digests.
 pub struct WriteKeys {
@@ -383,6 +390,13 @@ fn message(
             (pb::EventType::PageView, props, renames)
         }
     };
+    if user_id.is_none() && anonymous_id.is_none() {
+        return Err(FieldError::new(
+            "userId",
+            Reason::Missing,
+            "one of userId and anonymousId is required",
+        ));
+    }
     let (time, time_field) = event_time(msg, sent_at, received)?;
     renames.push(("event_time", time_field));
     renames.extend([
@@ -660,6 +674,7 @@ struct Segment {
     api: NudgeApi,
     keys: Arc<WriteKeys>,
     ignored: Arc<IgnoredNames>,
+    bodies: Arc<tokio::sync::Semaphore>,
 }
 
 /// Serves the HTTP API on `listener` until `shutdown` resolves; then stops accepting and
@@ -680,6 +695,7 @@ fn router(api: NudgeApi, keys: WriteKeys) -> Router {
         api,
         keys: Arc::new(keys),
         ignored: Arc::default(),
+        bodies: Arc::new(tokio::sync::Semaphore::new(MAX_BODIES)),
     };
     let route = |endpoint: Endpoint| {
         post(
@@ -788,6 +804,8 @@ enum Refusal {
     Unauthorized(&'static str),
     /// 400 naming a field (already counted in `nudge_invalid_input_total`).
     Field(FieldError),
+    /// 408: the body did not arrive within [`BODY_TIMEOUT`].
+    Timeout,
     /// The engine or the store could not take it.
     Api(ApiError),
 }
@@ -813,6 +831,17 @@ impl Segment {
                 &Failure::new("writeKey", "unauthorized", message),
             ),
             Err(Refusal::Field(e)) => reply(StatusCode::BAD_REQUEST, &Failure::field(&e)),
+            Err(Refusal::Timeout) => reply(
+                StatusCode::REQUEST_TIMEOUT,
+                &Failure::new(
+                    "body",
+                    "timeout",
+                    &format!(
+                        "did not arrive within {} s; send it again",
+                        BODY_TIMEOUT.as_secs()
+                    ),
+                ),
+            ),
             Err(Refusal::Api(e)) => api_error(e),
         };
         self.api
@@ -850,7 +879,16 @@ impl Segment {
             Endpoint::Batch => MAX_BATCH_BYTES,
             _ => MAX_MESSAGE_BYTES,
         };
-        let bytes = read_body(headers, body, limit).await.map_err(bad)?;
+        // Held until the answer: the body's bytes live that long.
+        let _slot = self
+            .bodies
+            .acquire()
+            .await
+            .map_err(|_| Refusal::Api(ApiError::Engine(EngineError::ShuttingDown)))?;
+        let bytes = tokio::time::timeout(BODY_TIMEOUT, read_body(headers, body, limit))
+            .await
+            .map_err(|_| Refusal::Timeout)?
+            .map_err(bad)?;
         let received = self.api.clock.now();
 
         // The messages, as raw JSON each, and what the request says around them.
@@ -1415,6 +1453,7 @@ mod tests {
                 "userId",
                 Reason::Undecodable,
             ),
+            (r#"{"type":"page","userId":""}"#, "userId", Reason::Missing),
             (
                 r#"{"type":"page","userId":"u","properties":[]}"#,
                 "properties",
