@@ -493,6 +493,26 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(err.problems.len(), 3, "{err}");
+        let keys = Config::load(
+            None,
+            env(&[
+                ("NUDGE__SERVER__HTTP_ADDR", "127.0.0.1:9464"),
+                ("NUDGE__SERVER__METRICS_ADDR", "127.0.0.1:9464"),
+                ("NUDGE__SERVER__HTTP_WRITE_KEYS_FILE", "/nonexistent/keys"),
+            ]),
+        )
+        .unwrap_err();
+        assert_eq!(keys.problems.len(), 2, "{keys}");
+        assert!(
+            keys.to_string()
+                .contains("server.http_addr and server.metrics_addr"),
+            "{keys}"
+        );
+        assert!(
+            keys.to_string()
+                .contains("server.http_write_keys_file /nonexistent/keys"),
+            "{keys}"
+        );
         let unknown = Config::load(None, env(&[("NUDGE__SERVER__GRPC_PORT", "1")])).unwrap_err();
         assert!(unknown.to_string().contains("grpc_port"), "{unknown}");
     }

@@ -12,7 +12,8 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use nudge::pb;
 
 use crate::support::{
-    assert_feature, features, metric_value, person, repo_path, test_config, TestServer, T0,
+    assert_feature, features, metric_value, person, repo_path, spawn_nudge, test_config,
+    TestServer, T0,
 };
 
 const KEY: &str = "wk_test_7f3a";
@@ -594,4 +595,67 @@ async fn the_segment_and_rudderstack_python_sdks_deliver() {
     );
     assert!(batches.is_some_and(|n| n >= 2.0), "{batches:?}");
     server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_binary_serves_the_http_api_when_given_write_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("write-keys");
+    std::fs::write(&keys, format!("sha256:{}\n", sha256_hex(KEY))).unwrap();
+    let nudge = spawn_nudge(
+        &dir.path().join("data"),
+        &[(
+            "NUDGE__SERVER__HTTP_WRITE_KEYS_FILE",
+            keys.display().to_string(),
+        )],
+    )
+    .await;
+    // The "serving" line names the address --http-addr 127.0.0.1:0 bound.
+    let http_addr = nudge
+        .log()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|l| l["fields"]["message"] == "serving")
+        .and_then(|l| l["fields"]["http_addr"].as_str().map(str::to_owned))
+        .expect("the serving line names the HTTP address");
+    let now = jiff::Timestamp::now();
+    let response = reqwest::Client::new()
+        .post(format!("http://{http_addr}/v1/track"))
+        .basic_auth(KEY, Some(""))
+        .body(
+            json!({"userId": "bin-user", "messageId": "b-1", "event": "Products Searched",
+                   "properties": {"query": "socks"}, "timestamp": now.to_string()})
+            .to_string(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        response.status().as_u16(),
+        200,
+        "{}",
+        response.text().await.unwrap()
+    );
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", nudge.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = pb::nudge_service_client::NudgeServiceClient::new(channel);
+    assert_feature(
+        &features(&mut client, "bin-user").await,
+        "searches_30d",
+        1.0,
+    );
+    // The key is in no log line, nor its digest.
+    let log = nudge.log();
+    assert!(
+        !log.contains(KEY) && !log.contains(&sha256_hex(KEY)),
+        "{log}"
+    );
+}
+
+fn sha256_hex(text: &str) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(text.as_bytes()))
 }

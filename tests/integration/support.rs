@@ -249,6 +249,9 @@ pub async fn spawn_nudge(data: &std::path::Path, env: &[(&str, String)]) -> Nudg
             "127.0.0.1:0",
             "--metrics-addr",
             "127.0.0.1:0",
+            // Bound only when the test gives the HTTP API write keys.
+            "--http-addr",
+            "127.0.0.1:0",
         ])
         .current_dir(repo_path(""))
         .env("NUDGE__STORE__DIR", data)
