@@ -659,3 +659,50 @@ fn sha256_hex(text: &str) -> String {
     use sha2::Digest as _;
     hex::encode(sha2::Sha256::digest(text.as_bytes()))
 }
+
+#[tokio::test]
+async fn every_endpoint_answers_and_pseudonyms_hold_across_identify() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("write-keys");
+    std::fs::write(&keys, format!("{KEY}\n")).unwrap();
+    let secret = dir.path().join("identity-key");
+    std::fs::write(&secret, "a pseudonymization key of 32 bytes").unwrap();
+    let mut config = test_config();
+    config.server.http_write_keys_file = Some(keys);
+    config.identity.pseudonymize_key_file = Some(secret);
+    let server = TestServer::start_with(config).await;
+    let at = iso(T0.plus_ms(-60_000));
+    for (path, body) in [
+        (
+            "/v1/screen",
+            json!({"anonymousId": "p-anon", "name": "Cart", "messageId": "p-1", "timestamp": at}),
+        ),
+        (
+            "/v1/page",
+            json!({"anonymousId": "p-anon", "name": "Home", "messageId": "p-2", "timestamp": at}),
+        ),
+        (
+            "/v1/b",
+            json!({"batch": [track("p-3", "p-user", "Products Searched", 1, json!({"query": "hats"}))]}),
+        ),
+        (
+            "/v1/identify",
+            json!({"anonymousId": "p-anon", "userId": "p-user"}),
+        ),
+    ] {
+        let (status, json) = post(&server, path, &body).await;
+        assert_eq!(status, 200, "{path}: {json}");
+    }
+    // Raw ids in, raw ids to read: the HTTP calls, the merge included, and GetProfile turn
+    // them into the same pseudonyms.
+    let f = features(&mut server.client().await, "p-user").await;
+    assert_feature(&f, "page_views_30d", 2.0);
+    assert_feature(&f, "searches_30d", 1.0);
+    let (status, json) = post(&server, "/v1/nothing", &json!({})).await;
+    assert_eq!(
+        (status, json["code"].as_str()),
+        (404, Some("not_found")),
+        "{json}"
+    );
+    server.stop().await.unwrap();
+}
