@@ -722,6 +722,12 @@ fn router(api: NudgeApi, keys: WriteKeys) -> Router {
                 ),
             )
         })
+        .method_not_allowed_fallback(|| async {
+            reply(
+                StatusCode::METHOD_NOT_ALLOWED,
+                &Failure::new("method", "method_not_allowed", "the tracking endpoints take POST"),
+            )
+        })
         .with_state(state)
 }
 

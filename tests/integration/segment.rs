@@ -704,5 +704,9 @@ async fn every_endpoint_answers_and_pseudonyms_hold_across_identify() {
         (404, Some("not_found")),
         "{json}"
     );
+    let get = reqwest::get(url(&server, "/v1/track")).await.unwrap();
+    assert_eq!(get.status().as_u16(), 405);
+    let json: Value = serde_json::from_str(&get.text().await.unwrap()).unwrap();
+    assert_eq!(json["code"], "method_not_allowed", "{json}");
     server.stop().await.unwrap();
 }
