@@ -11,6 +11,7 @@ use tokio::sync::{mpsc, oneshot};
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
+use crate::api::segment::WriteKeys;
 use crate::api::{self, layer::MetricsLayer, Limits, NudgeApi};
 use crate::config::Config;
 use crate::delivery::outbox::Outbox;
@@ -40,6 +41,8 @@ pub struct Server {
     outbox: Arc<Outbox>,
     grpc: TcpListener,
     metrics_listener: TcpListener,
+    /// The HTTP API's listener and write keys, when `server.http_write_keys_file` is set.
+    http: Option<(TcpListener, WriteKeys)>,
     /// Tick requests from a [`Ticker`], when time is driven from outside.
     manual_ticks: Option<mpsc::Receiver<TickRequest>>,
 }
@@ -145,6 +148,21 @@ impl Server {
         let metrics_listener = TcpListener::bind(config.server.metrics_addr)
             .await
             .with_context(|| format!("binding metrics to {}", config.server.metrics_addr))?;
+        let http = match &config.server.http_write_keys_file {
+            Some(path) => {
+                let keys = WriteKeys::load(path).map_err(|problem| {
+                    anyhow::anyhow!("server.http_write_keys_file {}: {problem}", path.display())
+                })?;
+                let listener = TcpListener::bind(config.server.http_addr)
+                    .await
+                    .with_context(|| format!("binding HTTP to {}", config.server.http_addr))?;
+                Some((listener, keys))
+            }
+            None => {
+                tracing::info!("the HTTP API is off: server.http_write_keys_file is not set");
+                None
+            }
+        };
         Ok(Server {
             config,
             clock,
@@ -157,6 +175,7 @@ impl Server {
             outbox,
             grpc,
             metrics_listener,
+            http,
             manual_ticks: None,
         })
     }
@@ -182,6 +201,15 @@ impl Server {
             .expect("a bound listener has an address")
     }
 
+    /// The HTTP API's address, when it is on.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().map(|(listener, _)| {
+            listener
+                .local_addr()
+                .expect("a bound listener has an address")
+        })
+    }
+
     /// Serves until `shutdown` resolves, then reports NOT_SERVING, stops accepting, lets
     /// in-flight calls finish within the grace period, and stops the engine.
     pub async fn run(
@@ -200,6 +228,7 @@ impl Server {
             outbox,
             grpc,
             metrics_listener,
+            http,
             manual_ticks,
         } = self;
         let dedup_horizon_ms = config.store.dedup_horizon_hours as i64 * HOUR_MS;
@@ -277,7 +306,7 @@ impl Server {
             .build_v1alpha()
             .context("building the reflection service")?;
         let max = config.server.max_message_bytes;
-        let nudge = NudgeServiceServer::new(api)
+        let nudge = NudgeServiceServer::new(api.clone())
             .max_decoding_message_size(max)
             .max_encoding_message_size(usize::MAX);
         health.set_service_status("", ServingStatus::Serving).await;
@@ -286,7 +315,11 @@ impl Server {
         let grace = Duration::from_secs(config.server.shutdown_grace_seconds);
         let grpc_addr = grpc.local_addr()?;
         let metrics_addr = metrics_listener.local_addr()?;
-        tracing::info!(%grpc_addr, %metrics_addr, "serving");
+        let http_addr = match &http {
+            Some((listener, _)) => listener.local_addr()?.to_string(),
+            None => "off".to_owned(),
+        };
+        tracing::info!(%grpc_addr, %metrics_addr, %http_addr, "serving");
         // Counting people is a scan of every profile: off the path to SERVING.
         {
             let store = store.clone();
@@ -391,6 +424,14 @@ impl Server {
             metrics.clone(),
             wait_for_stop(stop_rx.clone()),
         ));
+        let http_task = http.map(|(listener, keys)| {
+            tokio::spawn(api::segment::serve(
+                listener,
+                api.clone(),
+                keys,
+                wait_for_stop(stop_rx.clone()),
+            ))
+        });
         let grpc_stop = wait_for_stop(stop_rx.clone());
         let grpc_task = tokio::spawn(
             tonic::transport::Server::builder()
@@ -423,6 +464,19 @@ impl Server {
                     "in-flight calls did not finish within the grace period; cancelling them"
                 );
                 grpc_task.abort();
+            }
+        }
+        // HTTP requests in flight finish before the engine stops: their 200 means durable.
+        if let Some(mut http_task) = http_task {
+            match tokio::time::timeout(grace, &mut http_task).await {
+                Ok(joined) => joined.context("HTTP server task")?.context("HTTP server")?,
+                Err(_) => {
+                    tracing::warn!(
+                        ?grace,
+                        "HTTP requests did not finish within the grace period; cancelling them"
+                    );
+                    http_task.abort();
+                }
             }
         }
         if let Ok(joined) = tokio::time::timeout(grace, metrics_task).await {

@@ -30,6 +30,12 @@ pub struct ServerConfig {
     pub grpc_addr: SocketAddr,
     /// Where `/metrics` listens.
     pub metrics_addr: SocketAddr,
+    /// Where the Segment-compatible HTTP Tracking API listens, when
+    /// `http_write_keys_file` is set (without write keys it is off).
+    pub http_addr: SocketAddr,
+    /// The write keys the HTTP API accepts, one a line (`sha256:<hex>` for a key given by
+    /// its hash); read at start. Unset: the HTTP API is off.
+    pub http_write_keys_file: Option<PathBuf>,
     /// The largest request message accepted, in bytes; larger ones get RESOURCE_EXHAUSTED.
     pub max_message_bytes: usize,
     /// The most events in one Track request.
@@ -147,6 +153,8 @@ impl Default for ServerConfig {
         ServerConfig {
             grpc_addr: "0.0.0.0:50051".parse().expect("valid address"),
             metrics_addr: "0.0.0.0:9464".parse().expect("valid address"),
+            http_addr: "0.0.0.0:8088".parse().expect("valid address"),
+            http_write_keys_file: None,
             max_message_bytes: 4 * 1024 * 1024,
             max_batch_events: 1000,
             max_score_rows: 1000,
@@ -266,6 +274,21 @@ impl Config {
                 "server.grpc_addr and server.metrics_addr are both {}",
                 s.grpc_addr
             ));
+        }
+        for (name, addr) in [("grpc_addr", s.grpc_addr), ("metrics_addr", s.metrics_addr)] {
+            if s.http_write_keys_file.is_some() && s.http_addr == addr && addr.port() != 0 {
+                problems.push(format!(
+                    "server.http_addr and server.{name} are both {addr}"
+                ));
+            }
+        }
+        if let Some(path) = &s.http_write_keys_file {
+            if let Err(problem) = crate::api::segment::WriteKeys::load(path) {
+                problems.push(format!(
+                    "server.http_write_keys_file {}: {problem}",
+                    path.display()
+                ));
+            }
         }
         if s.max_message_bytes < 1024 {
             problems.push("server.max_message_bytes must be at least 1024".to_owned());
@@ -470,6 +493,26 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(err.problems.len(), 3, "{err}");
+        let keys = Config::load(
+            None,
+            env(&[
+                ("NUDGE__SERVER__HTTP_ADDR", "127.0.0.1:9464"),
+                ("NUDGE__SERVER__METRICS_ADDR", "127.0.0.1:9464"),
+                ("NUDGE__SERVER__HTTP_WRITE_KEYS_FILE", "/nonexistent/keys"),
+            ]),
+        )
+        .unwrap_err();
+        assert_eq!(keys.problems.len(), 2, "{keys}");
+        assert!(
+            keys.to_string()
+                .contains("server.http_addr and server.metrics_addr"),
+            "{keys}"
+        );
+        assert!(
+            keys.to_string()
+                .contains("server.http_write_keys_file /nonexistent/keys"),
+            "{keys}"
+        );
         let unknown = Config::load(None, env(&[("NUDGE__SERVER__GRPC_PORT", "1")])).unwrap_err();
         assert!(unknown.to_string().contains("grpc_port"), "{unknown}");
     }

@@ -35,6 +35,10 @@ enum Command {
         /// Overrides server.metrics_addr.
         #[arg(long)]
         metrics_addr: Option<std::net::SocketAddr>,
+        /// Overrides server.http_addr (the Segment-compatible HTTP API, on when
+        /// server.http_write_keys_file is set).
+        #[arg(long)]
+        http_addr: Option<std::net::SocketAddr>,
     },
     /// Validate a config file (and NUDGE__ overrides) and print the result.
     CheckConfig {
@@ -116,6 +120,7 @@ fn main() -> anyhow::Result<()> {
             config,
             grpc_addr,
             metrics_addr,
+            http_addr,
         } => {
             let mut config = load_config(&config)?;
             if let Some(addr) = grpc_addr {
@@ -123,6 +128,9 @@ fn main() -> anyhow::Result<()> {
             }
             if let Some(addr) = metrics_addr {
                 config.server.metrics_addr = addr;
+            }
+            if let Some(addr) = http_addr {
+                config.server.http_addr = addr;
             }
             config.validate()?;
             init_tracing(&config);

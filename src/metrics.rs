@@ -31,8 +31,14 @@ pub struct Metrics {
     pub model_duration: HistogramVec,
     /// Model scoring calls that failed, by model.
     pub model_errors: IntCounterVec,
-    /// Tracked events by type and outcome (accepted, rejected).
+    /// Tracked events by source (grpc, http), type and outcome (accepted, duplicate,
+    /// rejected).
     pub events: IntCounterVec,
+    /// Calls accepted through the HTTP API that Nudge does not model, by source, call
+    /// (track, identify, group) and event name (a bounded set: see `api::segment`).
+    pub ignored: IntCounterVec,
+    /// Requests to the Segment-compatible HTTP API by endpoint and status code.
+    pub http_requests: IntCounterVec,
     /// Refused input by RPC and reason.
     pub invalid_input: IntCounterVec,
     /// 1 for each served model, labelled with its name, version and format.
@@ -137,8 +143,18 @@ impl Metrics {
             ),
             events: counter(
                 "nudge_events_total",
-                "Tracked events by type and outcome.",
-                &["type", "outcome"],
+                "Tracked events by source, type and outcome.",
+                &["source", "type", "outcome"],
+            ),
+            ignored: counter(
+                "nudge_ignored_total",
+                "Calls accepted that Nudge does not model, by source, call and event name (the first 100 names; later ones \"other\").",
+                &["source", "call", "name"],
+            ),
+            http_requests: counter(
+                "nudge_http_requests_total",
+                "Requests to the Segment-compatible HTTP API by endpoint and status code.",
+                &["endpoint", "code"],
             ),
             invalid_input: counter(
                 "nudge_invalid_input_total",

@@ -7,6 +7,7 @@
 pub mod convert;
 pub mod error;
 pub mod layer;
+pub mod segment;
 mod track;
 
 use std::pin::Pin;
@@ -213,7 +214,7 @@ impl pb::nudge_service_server::NudgeService for NudgeApi {
         let deadline = deadline(request.metadata());
         let pb::TrackRequest { events } = request.into_inner();
         let results = self
-            .track_batch("Track", events, Admit::Shed { deadline })
+            .track_batch("Track", "grpc", events, Admit::Shed { deadline })
             .await?;
         Ok(Response::new(pb::TrackResponse { results }))
     }

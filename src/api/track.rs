@@ -19,10 +19,12 @@ pub type AckStream =
     Pin<Box<dyn Stream<Item = Result<pb::TrackStreamResponse, Status>> + Send + 'static>>;
 
 impl NudgeApi {
-    /// Validates, applies and answers a batch of events (Track and TrackStream).
+    /// Validates, applies and answers a batch of events (Track, TrackStream, and the HTTP
+    /// API's calls once translated). `rpc` labels refusals, `source` the events metric.
     pub(super) async fn track_batch(
         &self,
         rpc: &'static str,
+        source: &'static str,
         events: Vec<pb::Event>,
         admit: Admit,
     ) -> Result<Vec<pb::EventResult>, ApiError> {
@@ -51,7 +53,7 @@ impl NudgeApi {
                     let e = e.under(&format!("events[{i}]"));
                     self.metrics
                         .events
-                        .with_label_values(&[type_label, "rejected"])
+                        .with_label_values(&[source, type_label, "rejected"])
                         .inc();
                     self.count_refusal(rpc, &e);
                     result.status = pb::EventStatus::Rejected.into();
@@ -70,7 +72,7 @@ impl NudgeApi {
             };
             self.metrics
                 .events
-                .with_label_values(&[kind, outcome_label])
+                .with_label_values(&[source, kind, outcome_label])
                 .inc();
             results[i].status = status.into();
             // The event is applied; a model that failed is logged and counted, and the
@@ -102,7 +104,9 @@ impl NudgeApi {
                         message.map_err(|status| api.undecodable(status))?;
                     // The stream's window bounds its batches; its deadline is the whole
                     // stream's, not theirs.
-                    let results = api.track_batch("TrackStream", events, Admit::Flow).await?;
+                    let results = api
+                        .track_batch("TrackStream", "grpc", events, Admit::Flow)
+                        .await?;
                     Ok(pb::TrackStreamResponse { sequence, results })
                 }
             })

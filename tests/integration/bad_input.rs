@@ -113,11 +113,11 @@ async fn each_bad_event_is_reported_on_its_own_and_the_good_ones_apply() {
             1.0,
         ),
         (
-            "nudge_events_total{outcome=\"rejected\",type=\"unknown\"}",
+            "nudge_events_total{outcome=\"rejected\",source=\"grpc\",type=\"unknown\"}",
             2.0,
         ),
         (
-            "nudge_events_total{outcome=\"accepted\",type=\"product_view\"}",
+            "nudge_events_total{outcome=\"accepted\",source=\"grpc\",type=\"product_view\"}",
             1.0,
         ),
     ] {

@@ -147,7 +147,7 @@ async fn a_retried_event_changes_nothing_within_the_horizon() {
     assert_eq!(
         metric_value(
             &metrics,
-            "nudge_events_total{outcome=\"duplicate\",type=\"purchase\"}"
+            "nudge_events_total{outcome=\"duplicate\",source=\"grpc\",type=\"purchase\"}"
         ),
         Some(2.0)
     );

@@ -16,5 +16,6 @@ mod operations;
 mod parity;
 mod regressions;
 mod scoring;
+mod segment;
 mod support;
 mod triggers;

@@ -42,11 +42,11 @@ async fn metrics_cover_requests_events_models_and_never_a_person() {
             1.0,
         ),
         (
-            "nudge_events_total{outcome=\"accepted\",type=\"page_view\"}",
+            "nudge_events_total{outcome=\"accepted\",source=\"grpc\",type=\"page_view\"}",
             1.0,
         ),
         (
-            "nudge_events_total{outcome=\"accepted\",type=\"product_view\"}",
+            "nudge_events_total{outcome=\"accepted\",source=\"grpc\",type=\"product_view\"}",
             1.0,
         ),
         (

@@ -30,6 +30,8 @@ pub fn test_config() -> Config {
     let mut config = Config::default();
     config.server.grpc_addr = "127.0.0.1:0".parse().unwrap();
     config.server.metrics_addr = "127.0.0.1:0".parse().unwrap();
+    // Bound only when a test gives it write keys (`http_write_keys_file`).
+    config.server.http_addr = "127.0.0.1:0".parse().unwrap();
     config.server.shutdown_grace_seconds = 5;
     config.models.dir = repo_path("models");
     config.engine.shards = 2;
@@ -42,6 +44,8 @@ pub struct TestServer {
     _data: Option<tempfile::TempDir>,
     pub grpc_addr: std::net::SocketAddr,
     pub metrics_addr: std::net::SocketAddr,
+    /// The Segment-compatible HTTP API, when the config gives it write keys.
+    pub http_addr: Option<std::net::SocketAddr>,
     pub clock: Arc<ManualClock>,
     /// Timers fire only when the test ticks: "nothing fired" is then a statement about a
     /// tick that happened, not about how long a test waited.
@@ -70,6 +74,7 @@ impl TestServer {
         let ticker = server.manual_ticks();
         let grpc_addr = server.grpc_addr();
         let metrics_addr = server.metrics_addr();
+        let http_addr = server.http_addr();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server.run(async {
             let _ = stopped.await;
@@ -78,6 +83,7 @@ impl TestServer {
             _data: data,
             grpc_addr,
             metrics_addr,
+            http_addr,
             clock,
             ticker,
             stop: Some(stop),
@@ -242,6 +248,9 @@ pub async fn spawn_nudge(data: &std::path::Path, env: &[(&str, String)]) -> Nudg
             "--grpc-addr",
             "127.0.0.1:0",
             "--metrics-addr",
+            "127.0.0.1:0",
+            // Bound only when the test gives the HTTP API write keys.
+            "--http-addr",
             "127.0.0.1:0",
         ])
         .current_dir(repo_path(""))
