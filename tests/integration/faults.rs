@@ -26,6 +26,8 @@ use tonic_health::pb::HealthCheckRequest;
 
 use crate::support::*;
 
+type Client = pb::nudge_service_client::NudgeServiceClient<tonic::transport::Channel>;
+
 /// A filesystem mounted for one test, unmounted when dropped.
 struct Mount {
     dir: tempfile::TempDir,
@@ -162,12 +164,7 @@ struct Ledger {
 impl Ledger {
     /// Sends one event per user; records what was acknowledged. Answers how many were
     /// refused with UNAVAILABLE (the whole batch is, when the store fails).
-    async fn send(
-        &mut self,
-        client: &mut pb::nudge_service_client::NudgeServiceClient<tonic::transport::Channel>,
-        round: usize,
-        users: usize,
-    ) -> usize {
+    async fn send(&mut self, client: &mut Client, round: usize, users: usize) -> usize {
         let events: Vec<pb::Event> = (0..users)
             .map(|u| {
                 event(
@@ -208,15 +205,66 @@ impl Ledger {
 
     /// Every event sent was applied exactly once: each user's page views are the
     /// number of distinct events sent for them.
-    async fn assert_exactly_once(
-        &self,
-        client: &mut pb::nudge_service_client::NudgeServiceClient<tonic::transport::Channel>,
-    ) {
+    async fn assert_exactly_once(&self, client: &mut Client) {
         for (user, events) in &self.sent {
             let f = features(client, user).await;
             assert_feature(&f, "page_views_30d", events.len() as f64);
         }
     }
+}
+
+/// After a store fault has refused a write: readiness turns NOT_SERVING for the store, and
+/// while the fault lasts writes are refused at once. The next round.
+async fn not_ready_while_the_fault_lasts(
+    server: &TestServer,
+    client: &mut Client,
+    ledger: &mut Ledger,
+    round: usize,
+) -> usize {
+    await_readiness(server, ServingStatus::NotServing).await;
+    let metrics = server.metrics().await;
+    assert_eq!(
+        metric_value(&metrics, "nudge_not_ready{reason=\"store\"}"),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert!(ledger.send(client, round, 20).await > 0);
+    round + 1
+}
+
+/// Once the fault has cleared: the server is SERVING again by itself after a reopen; the
+/// caller retries what was refused, as a caller must; then everything sent was applied
+/// exactly once, and new events are taken.
+async fn recovered_with_every_event_once(
+    server: TestServer,
+    mut client: Client,
+    mut ledger: Ledger,
+    round: usize,
+) {
+    await_readiness(&server, ServingStatus::Serving).await;
+    let metrics = server.metrics().await;
+    assert_eq!(
+        metric_value(&metrics, "nudge_not_ready{reason=\"store\"}"),
+        Some(0.0)
+    );
+    assert!(metric_value(&metrics, "nudge_store_reopens_total{outcome=\"ok\"}") >= Some(1.0));
+    let refused = std::mem::take(&mut ledger.refused);
+    for chunk in refused.chunks(100) {
+        let answer = client
+            .track(pb::TrackRequest {
+                events: chunk.to_vec(),
+            })
+            .await
+            .expect("retries are taken after recovery")
+            .into_inner();
+        for r in answer.results {
+            // Accepted, or Duplicate when a refused commit reached the disk after all.
+            assert_ne!(r.status, EventStatus::Rejected as i32, "{r:?}");
+        }
+    }
+    assert_eq!(ledger.send(&mut client, round, 20).await, 0);
+    ledger.assert_exactly_once(&mut client).await;
+    server.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -251,46 +299,11 @@ async fn a_full_disk_refuses_writes_turns_not_ready_and_recovers_by_itself() {
         round += 1;
         assert!(round < 5_000, "the full disk never refused a write");
     }
-    await_readiness(&server, ServingStatus::NotServing).await;
-    let metrics = server.metrics().await;
-    assert_eq!(
-        metric_value(&metrics, "nudge_not_ready{reason=\"store\"}"),
-        Some(1.0),
-        "{metrics}"
-    );
-    // While the fault lasts, writes are refused at once.
-    assert!(ledger.send(&mut client, round, 20).await > 0);
-    round += 1;
+    round = not_ready_while_the_fault_lasts(&server, &mut client, &mut ledger, round).await;
 
     // Space returns: the server recovers by itself.
     std::fs::remove_file(&filler).unwrap();
-    await_readiness(&server, ServingStatus::Serving).await;
-    let metrics = server.metrics().await;
-    assert_eq!(
-        metric_value(&metrics, "nudge_not_ready{reason=\"store\"}"),
-        Some(0.0)
-    );
-    assert!(metric_value(&metrics, "nudge_store_reopens_total{outcome=\"ok\"}") >= Some(1.0));
-
-    // The caller retries what was refused, as a caller must; then everything sent was
-    // applied exactly once, and new events are taken.
-    let refused = std::mem::take(&mut ledger.refused);
-    for chunk in refused.chunks(100) {
-        let answer = client
-            .track(pb::TrackRequest {
-                events: chunk.to_vec(),
-            })
-            .await
-            .expect("retries are taken after recovery")
-            .into_inner();
-        for r in answer.results {
-            // Accepted, or Duplicate when a refused commit reached the disk after all.
-            assert_ne!(r.status, EventStatus::Rejected as i32, "{r:?}");
-        }
-    }
-    assert_eq!(ledger.send(&mut client, round, 20).await, 0);
-    ledger.assert_exactly_once(&mut client).await;
-    server.stop().await.unwrap();
+    recovered_with_every_event_once(server, client, ledger, round).await;
     drop(mount);
 }
 
@@ -326,43 +339,11 @@ async fn a_store_directory_turned_read_only_refuses_writes_and_recovers_by_itsel
         round += 1;
         assert!(round < 100, "the read-only directory never refused a write");
     }
-    await_readiness(&server, ServingStatus::NotServing).await;
-    let metrics = server.metrics().await;
-    assert_eq!(
-        metric_value(&metrics, "nudge_not_ready{reason=\"store\"}"),
-        Some(1.0),
-        "{metrics}"
-    );
-    // While the fault lasts, writes are refused at once, and reopening keeps failing.
-    assert!(ledger.send(&mut client, round, 20).await > 0);
-    round += 1;
+    round = not_ready_while_the_fault_lasts(&server, &mut client, &mut ledger, round).await;
 
     // Writable again: the server recovers by itself.
     chattr("-i");
-    await_readiness(&server, ServingStatus::Serving).await;
-    let metrics = server.metrics().await;
-    assert_eq!(
-        metric_value(&metrics, "nudge_not_ready{reason=\"store\"}"),
-        Some(0.0)
-    );
-    assert!(metric_value(&metrics, "nudge_store_reopens_total{outcome=\"ok\"}") >= Some(1.0));
-
-    let refused = std::mem::take(&mut ledger.refused);
-    for chunk in refused.chunks(100) {
-        let answer = client
-            .track(pb::TrackRequest {
-                events: chunk.to_vec(),
-            })
-            .await
-            .expect("retries are taken after recovery")
-            .into_inner();
-        for r in answer.results {
-            assert_ne!(r.status, EventStatus::Rejected as i32, "{r:?}");
-        }
-    }
-    assert_eq!(ledger.send(&mut client, round, 20).await, 0);
-    ledger.assert_exactly_once(&mut client).await;
-    server.stop().await.unwrap();
+    recovered_with_every_event_once(server, client, ledger, round).await;
     drop(mount);
 }
 
