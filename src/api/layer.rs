@@ -248,10 +248,18 @@ fn trailers_only<B: Body + Default + Unpin>(
 ) -> http::Response<Observed<B>> {
     let mut response = http::Response::new(Observed::new(B::default(), tally));
     let headers = response.headers_mut();
+    *headers = status(code, message);
     headers.insert("content-type", HeaderValue::from_static("application/grpc"));
-    headers.insert("grpc-status", HeaderValue::from(code as i32));
-    headers.insert("grpc-message", message_header(message));
     response
+}
+
+/// A status as gRPC sends it: `grpc-status` and `grpc-message`, in the headers of a
+/// trailers-only answer or in a stream's trailers.
+fn status(code: Code, message: &str) -> http::HeaderMap {
+    let mut map = http::HeaderMap::new();
+    map.insert("grpc-status", HeaderValue::from(code as i32));
+    map.insert("grpc-message", message_header(message));
+    map
 }
 
 /// One call's count and duration, recorded once: when its status is known, or, for a call
@@ -347,10 +355,7 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Observed<B> {
                 this.tally.metrics.panics.with_label_values(&["rpc"]).inc();
                 this.tally.record(Code::Internal);
                 this.inner = None;
-                let mut trailers = http::HeaderMap::new();
-                trailers.insert("grpc-status", HeaderValue::from(Code::Internal as i32));
-                trailers.insert("grpc-message", message_header(PANICKED));
-                Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+                Poll::Ready(Some(Ok(Frame::trailers(status(Code::Internal, PANICKED)))))
             }
         }
     }
