@@ -8,9 +8,9 @@ use std::time::Duration;
 use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
-use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
+use crate::api::auth::{Auth, AuthLayer};
 use crate::api::segment::WriteKeys;
 use crate::api::{self, layer::MetricsLayer, Limits, NudgeApi};
 use crate::config::Config;
@@ -24,6 +24,8 @@ use crate::model::{LoadOptions, ModelRegistry};
 use crate::pb;
 use crate::pb::nudge_service_server::NudgeServiceServer;
 use crate::readiness::{Readiness, Reason as ReadinessReason};
+use crate::security::keys::{Keys, Scope};
+use crate::security::tls::{self, Incoming, Tls};
 use crate::store::{Store, SyncMode};
 use crate::time::{Clock, DAY_MS, HOUR_MS};
 use crate::trigger::Live;
@@ -43,6 +45,10 @@ pub struct Server {
     metrics_listener: TcpListener,
     /// The HTTP API's listener and write keys, when `server.http_write_keys_file` is set.
     http: Option<(TcpListener, WriteKeys)>,
+    /// TLS for the gRPC listener and for the HTTP/1.1 ones, when `server.tls` is set.
+    tls: Option<(Arc<Tls>, Arc<Tls>)>,
+    /// The API keys, when `auth.keys_file` is set.
+    keys: Option<Arc<Keys>>,
     /// Tick requests from a [`Ticker`], when time is driven from outside.
     manual_ticks: Option<mpsc::Receiver<TickRequest>>,
 }
@@ -163,8 +169,28 @@ impl Server {
                 None
             }
         };
+        let tls = match config.server.tls.enabled() {
+            true => {
+                let grpc = Tls::new(&config.server.tls, tls::ALPN_GRPC)
+                    .map_err(|e| anyhow::anyhow!("server.tls: {e}"))?;
+                let http = Tls::new(&config.server.tls, tls::ALPN_HTTP1)
+                    .map_err(|e| anyhow::anyhow!("server.tls: {e}"))?;
+                Some((Arc::new(grpc), Arc::new(http)))
+            }
+            false => None,
+        };
+        let keys = match &config.auth.keys_file {
+            Some(path) => {
+                let keys = Keys::load(path).map_err(|e| anyhow::anyhow!("auth.keys_file: {e}"))?;
+                tracing::info!(keys = keys.current().len(), file = %path.display(), "API keys loaded");
+                Some(Arc::new(keys))
+            }
+            None => None,
+        };
         Ok(Server {
             config,
+            tls,
+            keys,
             clock,
             metrics,
             models: Arc::new(models),
@@ -229,6 +255,8 @@ impl Server {
             grpc,
             metrics_listener,
             http,
+            tls,
+            keys,
             manual_ticks,
         } = self;
         let dedup_horizon_ms = config.store.dedup_horizon_hours as i64 * HOUR_MS;
@@ -363,8 +391,23 @@ impl Server {
             }
         });
         let rules_reloads = tokio::spawn(reload_rules(engine.clone(), rules_rx));
+        // Credentials (the keys file, TLS certificates) reload through their directories
+        // too, so an atomic rename by a secrets agent counts.
+        let (credentials_tx, credentials_rx) = tokio::sync::mpsc::channel(1);
+        let mut credential_files: Vec<std::path::PathBuf> = Vec::new();
+        if let Some((grpc_tls, _)) = &tls {
+            credential_files.extend(grpc_tls.files().map(|p| p.to_path_buf()));
+        }
+        credential_files.extend(config.auth.keys_file.clone());
+        let credential_watchers = watch_parents(&credential_files, &credentials_tx);
+        let credential_reloads = tokio::spawn(reload_credentials(
+            credentials_rx,
+            tls.clone(),
+            keys.clone().zip(config.auth.keys_file.clone()),
+            metrics.clone(),
+        ));
         let hangups = tokio::spawn(reload_on_hangup(
-            vec![reload_tx, rules_tx],
+            vec![reload_tx, rules_tx, credentials_tx],
             wait_for_stop(stop_rx.clone()),
         ));
         let maintenance = tokio::spawn(maintain(
@@ -419,34 +462,64 @@ impl Server {
                 wait_for_stop(stop_rx.clone()),
             )));
         }
+        let handshake_failures = |listener: &'static str| -> tls::OnHandshakeFailure {
+            let metrics = metrics.clone();
+            Arc::new(move |reason: &str| {
+                metrics
+                    .tls_handshake_failures
+                    .with_label_values(&[listener, reason])
+                    .inc();
+            })
+        };
+        let http_tls = tls.as_ref().map(|(_, http)| http.clone());
+        let metrics_gate = match (&keys, config.auth.metrics_require_key) {
+            (Some(keys), true) => Some(metrics_gate(keys.clone(), metrics.clone())),
+            _ => None,
+        };
         let metrics_task = tokio::spawn(crate::metrics::serve(
-            metrics_listener,
+            Incoming::new(
+                metrics_listener,
+                http_tls.clone(),
+                None,
+                handshake_failures("metrics"),
+            )?,
             metrics.clone(),
+            metrics_gate,
             wait_for_stop(stop_rx.clone()),
         ));
-        let http_task = http.map(|(listener, keys)| {
-            tokio::spawn(api::segment::serve(
-                listener,
+        let http_task = match http {
+            Some((listener, write_keys)) => Some(tokio::spawn(api::segment::serve(
+                Incoming::new(listener, http_tls, None, handshake_failures("http"))?,
                 api.clone(),
-                keys,
+                write_keys,
                 wait_for_stop(stop_rx.clone()),
+            ))),
+            None => None,
+        };
+        let auth = keys.clone().map(|keys| {
+            Arc::new(Auth::new(
+                keys,
+                config.auth.open_health,
+                config.auth.open_reflection,
+                metrics.clone(),
             ))
         });
+        let grpc_incoming = Incoming::new(
+            grpc,
+            tls.as_ref().map(|(grpc, _)| grpc.clone()),
+            Some(Duration::from_secs(60)),
+            handshake_failures("grpc"),
+        )?;
         let grpc_stop = wait_for_stop(stop_rx.clone());
         let grpc_task = tokio::spawn(
             tonic::transport::Server::builder()
                 .layer(MetricsLayer::new(metrics.clone(), max))
+                .layer(AuthLayer::new(auth))
                 .add_service(health_service)
                 .add_service(reflection)
                 .add_service(reflection_alpha)
                 .add_service(nudge)
-                .serve_with_incoming_shutdown(
-                    // Small HTTP/2 frames (acknowledgements) must not wait for Nagle.
-                    TcpIncoming::from(grpc)
-                        .with_nodelay(Some(true))
-                        .with_keepalive(Some(Duration::from_secs(60))),
-                    grpc_stop,
-                ),
+                .serve_with_incoming_shutdown(grpc_incoming.into_stream(), grpc_stop),
         );
 
         shutdown.await;
@@ -490,6 +563,8 @@ impl Server {
         let _ = ticker.await;
         drop(rules_watcher);
         let _ = rules_reloads.await;
+        drop(credential_watchers);
+        let _ = credential_reloads.await;
         engine.shutdown().await;
         let _ = maintenance.await;
         let _ = recovery.await;
@@ -723,6 +798,91 @@ async fn reload_rules(engine: Arc<Engine>, mut changes: mpsc::Receiver<&'static 
         // Errors are logged and counted inside.
         let _ = tokio::task::spawn_blocking(move || engine.reload_rules(cause)).await;
     }
+}
+
+/// Watches the directories of `files` (each once), sending on `changes` when anything in
+/// them changes.
+fn watch_parents(
+    files: &[std::path::PathBuf],
+    changes: &mpsc::Sender<&'static str>,
+) -> Vec<notify::RecommendedWatcher> {
+    let mut dirs: Vec<std::path::PathBuf> = files
+        .iter()
+        .map(|f| match f.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => std::path::PathBuf::from("."),
+        })
+        .collect();
+    dirs.sort();
+    dirs.dedup();
+    dirs.into_iter()
+        .filter_map(|dir| match reload::watch(&dir, changes.clone()) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot watch credential files; reload them with SIGHUP");
+                None
+            }
+        })
+        .collect()
+}
+
+/// Reloads the TLS files and the keys file on each change until `changes` closes. A file
+/// with a problem is refused (logged and counted); what was in force stays.
+async fn reload_credentials(
+    mut changes: mpsc::Receiver<&'static str>,
+    tls: Option<(Arc<Tls>, Arc<Tls>)>,
+    keys: Option<(Arc<Keys>, std::path::PathBuf)>,
+    metrics: Arc<Metrics>,
+) {
+    while let Some(cause) = changes.recv().await {
+        reload::settle(&mut changes).await;
+        let count = |file: &str, outcome: &str| {
+            metrics
+                .credential_reloads
+                .with_label_values(&[file, outcome])
+                .inc();
+        };
+        if let Some((grpc, http)) = &tls {
+            match grpc.reload().and_then(|()| http.reload()) {
+                Ok(()) => {
+                    tracing::info!(cause, "TLS certificates reloaded");
+                    count("tls", "ok");
+                }
+                Err(e) => {
+                    tracing::warn!(cause, error = %e, "TLS files refused; the certificates in force stay");
+                    count("tls", "refused");
+                }
+            }
+        }
+        if let Some((keys, path)) = &keys {
+            match keys.reload(path) {
+                Ok(n) => {
+                    tracing::info!(cause, keys = n, "API keys reloaded");
+                    count("keys", "ok");
+                }
+                Err(e) => {
+                    tracing::warn!(cause, error = %e, "keys file refused; the keys in force stay");
+                    count("keys", "refused");
+                }
+            }
+        }
+    }
+}
+
+/// The metrics endpoint's check: a known key with the `metrics` scope.
+fn metrics_gate(keys: Arc<Keys>, metrics: Arc<Metrics>) -> crate::metrics::Gate {
+    Arc::new(move |authorization: Option<&[u8]>| {
+        let (key, reason) = match keys.current().check(authorization) {
+            Ok(caller) if caller.may(Scope::Metrics) => return true,
+            Ok(caller) => (caller.name.clone(), "scope"),
+            Err(refusal) => (String::new(), refusal.as_str()),
+        };
+        metrics
+            .auth_refused
+            .with_label_values(&[key.as_str(), reason])
+            .inc();
+        false
+    })
 }
 
 /// Sends a reload trigger to each of `targets` on every SIGHUP until `stop`.

@@ -20,6 +20,7 @@ pub struct Config {
     pub identity: IdentityConfig,
     pub models: ModelsConfig,
     pub triggers: TriggersConfig,
+    pub auth: AuthConfig,
     pub log: LogConfig,
 }
 
@@ -44,6 +45,100 @@ pub struct ServerConfig {
     pub max_score_rows: usize,
     /// How long shutdown waits for in-flight requests, in seconds.
     pub shutdown_grace_seconds: u64,
+    /// TLS for every listener (gRPC, metrics, HTTP); off when no certificate is given.
+    pub tls: TlsConfig,
+    /// Where a listener may serve without TLS: `loopback` (only on 127.0.0.0/8 and ::1),
+    /// `never`, or `anywhere` (behind a proxy or mesh that encrypts, on purpose).
+    pub plaintext: Exposure,
+}
+
+#[derive(Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// The server's certificate chain, PEM. With `key_file`, TLS is on; both files are
+    /// reloaded when they change (and on SIGHUP), so certificates rotate without a restart.
+    pub cert_file: Option<PathBuf>,
+    /// The certificate's private key, PEM (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: Option<PathBuf>,
+    /// CA certificates, PEM: when set, every client must present a certificate they signed
+    /// (mutual TLS). Reloaded like the others.
+    pub client_ca_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for TlsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsConfig")
+            .field("cert_file", &self.cert_file)
+            .field("key_file", &self.key_file)
+            .field("client_ca_file", &self.client_ca_file)
+            .finish()
+    }
+}
+
+impl TlsConfig {
+    pub fn enabled(&self) -> bool {
+        self.cert_file.is_some() || self.key_file.is_some()
+    }
+}
+
+/// Where something unprotected (plaintext, calls without a key) is allowed.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Exposure {
+    Never,
+    Loopback,
+    Anywhere,
+}
+
+impl std::fmt::Display for Exposure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Exposure::Never => "\"never\"",
+            Exposure::Loopback => "\"loopback\"",
+            Exposure::Anywhere => "\"anywhere\"",
+        })
+    }
+}
+
+impl Exposure {
+    pub fn allows(self, addr: SocketAddr) -> bool {
+        match self {
+            Exposure::Never => false,
+            Exposure::Loopback => addr.ip().is_loopback(),
+            Exposure::Anywhere => true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// The API keys file (names, scopes, rate limits and each key's SHA-256; made by
+    /// `nudge keys add`). Reloaded when it changes and on SIGHUP. Unset: calls need no key,
+    /// which `anonymous` must allow for the gRPC address.
+    pub keys_file: Option<PathBuf>,
+    /// Where the gRPC API may serve calls without a key when `keys_file` is unset:
+    /// `loopback`, `never` or `anywhere`.
+    pub anonymous: Exposure,
+    /// Health checks need no key (load balancers and orchestrators call them).
+    pub open_health: bool,
+    /// Server reflection (grpcurl, Postman) needs no key.
+    pub open_reflection: bool,
+    /// `GET /metrics` needs a key with the `metrics` scope (Prometheus sends it with
+    /// `authorization: credentials_file`).
+    pub metrics_require_key: bool,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            keys_file: None,
+            anonymous: Exposure::Loopback,
+            open_health: true,
+            open_reflection: true,
+            metrics_require_key: false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -151,14 +246,16 @@ pub enum LogFormat {
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
-            grpc_addr: "0.0.0.0:50051".parse().expect("valid address"),
-            metrics_addr: "0.0.0.0:9464".parse().expect("valid address"),
-            http_addr: "0.0.0.0:8088".parse().expect("valid address"),
+            grpc_addr: "127.0.0.1:50051".parse().expect("valid address"),
+            metrics_addr: "127.0.0.1:9464".parse().expect("valid address"),
+            http_addr: "127.0.0.1:8088".parse().expect("valid address"),
             http_write_keys_file: None,
             max_message_bytes: 4 * 1024 * 1024,
             max_batch_events: 1000,
             max_score_rows: 1000,
             shutdown_grace_seconds: 20,
+            tls: TlsConfig::default(),
+            plaintext: Exposure::Loopback,
         }
     }
 }
@@ -290,6 +387,7 @@ impl Config {
                 ));
             }
         }
+        problems.extend(self.security_problems());
         if s.max_message_bytes < 1024 {
             problems.push("server.max_message_bytes must be at least 1024".to_owned());
         }
@@ -365,6 +463,68 @@ impl Config {
         } else {
             Err(ConfigError { problems })
         }
+    }
+
+    /// What TLS and credentials settings leave open, or cannot read.
+    fn security_problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        let s = &self.server;
+        let tls = &s.tls;
+        match (&tls.cert_file, &tls.key_file) {
+            (Some(_), None) => {
+                problems.push("server.tls.cert_file needs server.tls.key_file".into())
+            }
+            (None, Some(_)) => {
+                problems.push("server.tls.key_file needs server.tls.cert_file".into())
+            }
+            _ => {}
+        }
+        if tls.client_ca_file.is_some() && !tls.enabled() {
+            problems
+                .push("server.tls.client_ca_file needs server.tls.cert_file and key_file".into());
+        }
+        if tls.enabled() {
+            if let Err(e) = crate::security::tls::server_config(tls, &[]) {
+                problems.push(format!("server.tls: {e}"));
+            }
+        } else {
+            let mut listeners = vec![("grpc_addr", s.grpc_addr), ("metrics_addr", s.metrics_addr)];
+            if s.http_write_keys_file.is_some() {
+                listeners.push(("http_addr", s.http_addr));
+            }
+            for (name, addr) in listeners {
+                if !s.plaintext.allows(addr) {
+                    problems.push(format!(
+                        "server.{name} {addr} would serve plaintext, which server.plaintext = {} \
+                         does not allow: give server.tls.cert_file and server.tls.key_file, bind a \
+                         loopback address, or set server.plaintext = \"anywhere\" on purpose",
+                        s.plaintext
+                    ));
+                }
+            }
+        }
+        let auth = &self.auth;
+        match &auth.keys_file {
+            Some(path) => {
+                if let Err(e) = crate::security::keys::Keys::load(path) {
+                    problems.push(format!("auth.keys_file: {e}"));
+                }
+            }
+            None => {
+                if !auth.anonymous.allows(s.grpc_addr) {
+                    problems.push(format!(
+                        "server.grpc_addr {} would take calls without an API key, which \
+                         auth.anonymous = {} does not allow: give auth.keys_file (see `nudge keys \
+                         add`), bind a loopback address, or set auth.anonymous = \"anywhere\" on purpose",
+                        s.grpc_addr, auth.anonymous
+                    ));
+                }
+                if auth.metrics_require_key {
+                    problems.push("auth.metrics_require_key needs auth.keys_file".into());
+                }
+            }
+        }
+        problems
     }
 
     /// The shard count to run with.
@@ -515,5 +675,79 @@ mod tests {
         );
         let unknown = Config::load(None, env(&[("NUDGE__SERVER__GRPC_PORT", "1")])).unwrap_err();
         assert!(unknown.to_string().contains("grpc_port"), "{unknown}");
+    }
+
+    #[test]
+    fn the_network_gets_plaintext_and_keyless_calls_only_when_the_config_says_so() {
+        let open = |pairs: &[(&str, &str)]| Config::load(None, env(pairs));
+        let err = open(&[("NUDGE__SERVER__GRPC_ADDR", "0.0.0.0:50051")]).unwrap_err();
+        let text = err.to_string();
+        assert_eq!(err.problems.len(), 2, "{text}");
+        assert!(
+            text.contains("server.grpc_addr 0.0.0.0:50051 would serve plaintext"),
+            "{text}"
+        );
+        assert!(
+            text.contains("would take calls without an API key"),
+            "{text}"
+        );
+        let ipv6 = open(&[("NUDGE__SERVER__METRICS_ADDR", "[::]:9464")]).unwrap_err();
+        assert!(
+            ipv6.to_string().contains("server.metrics_addr [::]:9464"),
+            "{ipv6}"
+        );
+        // Said on purpose, both are allowed.
+        open(&[
+            ("NUDGE__SERVER__GRPC_ADDR", "0.0.0.0:50051"),
+            ("NUDGE__SERVER__PLAINTEXT", "anywhere"),
+            ("NUDGE__AUTH__ANONYMOUS", "anywhere"),
+        ])
+        .unwrap();
+        // "never" refuses plaintext even on loopback.
+        let never = open(&[("NUDGE__SERVER__PLAINTEXT", "never")]).unwrap_err();
+        assert_eq!(never.problems.len(), 2, "{never}");
+    }
+
+    #[test]
+    fn tls_and_keys_settings_are_checked_when_the_config_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("absent.pem");
+        let missing = missing.to_str().unwrap();
+        let err = Config::load(
+            None,
+            env(&[
+                ("NUDGE__SERVER__TLS__CERT_FILE", missing),
+                ("NUDGE__AUTH__KEYS_FILE", missing),
+            ]),
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("server.tls.cert_file needs server.tls.key_file"),
+            "{text}"
+        );
+        assert!(
+            text.contains("auth.keys_file: reading the keys file"),
+            "{text}"
+        );
+        let err = Config::load(
+            None,
+            env(&[
+                ("NUDGE__SERVER__TLS__CERT_FILE", missing),
+                ("NUDGE__SERVER__TLS__KEY_FILE", missing),
+            ]),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("server.tls: ") && err.to_string().contains("absent.pem"),
+            "{err}"
+        );
+        let err =
+            Config::load(None, env(&[("NUDGE__AUTH__METRICS_REQUIRE_KEY", "true")])).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("auth.metrics_require_key needs auth.keys_file"),
+            "{err}"
+        );
     }
 }

@@ -20,6 +20,8 @@
 //!   webhooks.
 //! - [`store`]: everything durable, in one fjall database.
 //! - [`readiness`]: whether the server can do its work now, and why not.
+//! - [`security`]: TLS for the listeners, API keys with scopes and rate limits, and the
+//!   addresses webhooks may reach.
 //! - [`metrics`]: the Prometheus registry and the `/metrics` endpoint (no domain types).
 //! - [`config`]: the TOML config with `NUDGE__` overrides; each section's part builds
 //!   itself from it.
@@ -40,6 +42,7 @@ pub mod metrics;
 pub mod model;
 pub mod profile;
 pub mod readiness;
+pub mod security;
 pub mod segments;
 pub mod store;
 pub mod time;

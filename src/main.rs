@@ -99,10 +99,43 @@ enum Command {
         #[arg(default_value = "config/rules.toml")]
         file: PathBuf,
     },
+    /// Manage API keys (the `auth.keys_file`).
+    Keys {
+        #[command(subcommand)]
+        action: KeysAction,
+    },
     /// Print the FeatureSpec: names, or names with definitions as Markdown or JSON.
     Features {
         #[arg(long, value_enum, default_value = "names")]
         format: FeaturesFormat,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysAction {
+    /// Make a new key: prints it once (store it in the caller's secrets) and appends its
+    /// SHA-256, name and scopes to FILE (made, mode 0600, when missing). A running server
+    /// picks it up. Revoke a key by deleting its entry.
+    Add {
+        /// The key's name, as metrics and logs show it.
+        name: String,
+        /// What the key may do, comma-separated: track, score, read, admin, metrics.
+        #[arg(long, value_delimiter = ',', required = true)]
+        scopes: Vec<String>,
+        /// The keys file.
+        #[arg(long)]
+        file: PathBuf,
+        /// Requests a second the key may make (0: no limit).
+        #[arg(long, default_value_t = 0.0)]
+        requests_per_second: f64,
+        /// Requests that may come at once above the rate (0: one second's worth).
+        #[arg(long, default_value_t = 0)]
+        burst: u32,
+    },
+    /// Check a keys file and list its keys' names.
+    List {
+        #[arg(long)]
+        file: PathBuf,
     },
 }
 
@@ -111,6 +144,40 @@ enum FeaturesFormat {
     Names,
     Markdown,
     Json,
+}
+
+fn keys(action: KeysAction) -> anyhow::Result<()> {
+    use nudge::security::keys::{self, Keys, Scope};
+    match action {
+        KeysAction::Add {
+            name,
+            scopes,
+            file,
+            requests_per_second,
+            burst,
+        } => {
+            let scopes = scopes
+                .iter()
+                .map(|s| Scope::parse(s.trim()))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| anyhow::anyhow!("--scopes: {e}"))?;
+            let key = keys::add(&file, &name, &scopes, requests_per_second, burst)
+                .map_err(|e| anyhow::anyhow!(e))?;
+            eprintln!(
+                "added key {name:?} to {}; it is shown once, here:",
+                file.display()
+            );
+            println!("{key}");
+            Ok(())
+        }
+        KeysAction::List { file } => {
+            let keys = Keys::load(&file).map_err(|e| anyhow::anyhow!(e))?;
+            for name in keys.current().names() {
+                println!("{name}");
+            }
+            Ok(())
+        }
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -158,6 +225,7 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Keys { action } => keys(action),
         Command::CheckConfig { config } => {
             let config = load_config(&config)?;
             println!("{config:#?}");

@@ -100,6 +100,17 @@ pub struct Metrics {
     pub outbox_depth: IntGaugeVec,
     /// Subscribers connected to SubscribeTriggers.
     pub subscribers: IntGauge,
+    /// Calls refused for their credentials, by key name ("" when no known key was sent)
+    /// and reason (missing, malformed, unknown, scope, rate_limited).
+    pub auth_refused: IntCounterVec,
+    /// Calls let through, by key name.
+    pub auth_accepted: IntCounterVec,
+    /// Reloads of the keys file and of the TLS files, by file (keys, tls) and outcome (ok,
+    /// refused: the previous ones stay).
+    pub credential_reloads: IntCounterVec,
+    /// TLS handshakes that failed, by listener (grpc, metrics, http) and reason (refused,
+    /// timeout).
+    pub tls_handshake_failures: IntCounterVec,
 }
 
 impl Metrics {
@@ -335,6 +346,26 @@ impl Metrics {
                 "Webhook delivery attempts by endpoint and result (delivered, retried, dead_letter).",
                 &["endpoint", "result"],
             ),
+            auth_refused: counter(
+                "nudge_auth_refused_total",
+                "Calls refused for their credentials, by key name (empty when no known key was sent) and reason (missing, malformed, unknown, scope, rate_limited).",
+                &["key", "reason"],
+            ),
+            auth_accepted: counter(
+                "nudge_auth_accepted_total",
+                "Calls let through by the credentials check, by key name.",
+                &["key"],
+            ),
+            credential_reloads: counter(
+                "nudge_credential_reloads_total",
+                "Reloads of the keys file and the TLS files, by file (keys, tls) and outcome (ok, refused).",
+                &["file", "outcome"],
+            ),
+            tls_handshake_failures: counter(
+                "nudge_tls_handshake_failures_total",
+                "TLS handshakes that failed, by listener (grpc, metrics, http) and reason (refused, timeout).",
+                &["listener", "reason"],
+            ),
             outbox_depth: {
                 let g = IntGaugeVec::new(
                     Opts::new(
@@ -392,22 +423,44 @@ fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
     g
 }
 
-/// Serves `GET /metrics` on `listener` until `shutdown` resolves.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
+/// Decides whether a scrape's `authorization` header value may read the metrics.
+pub type Gate = std::sync::Arc<dyn Fn(Option<&[u8]>) -> bool + Send + Sync>;
+
+/// Serves `GET /metrics` on `listener` until `shutdown` resolves; with a `gate`, a scrape
+/// it refuses gets 401.
+pub async fn serve<L>(
+    listener: L,
     metrics: std::sync::Arc<Metrics>,
+    gate: Option<Gate>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    use axum::{http::header, routing::get, Router};
-    let app = Router::new().route(
+) -> std::io::Result<()>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
+    use axum::http::{header, HeaderMap, StatusCode};
+    use axum::response::IntoResponse as _;
+    use axum::routing::get;
+    let app = axum::Router::new().route(
         "/metrics",
-        get(move || {
+        get(move |headers: HeaderMap| {
             let metrics = metrics.clone();
+            let gate = gate.clone();
             async move {
+                let authorization = headers.get(header::AUTHORIZATION).map(|v| v.as_bytes());
+                if gate.is_some_and(|allows| !allows(authorization)) {
+                    return (
+                        StatusCode::UNAUTHORIZED,
+                        [(header::WWW_AUTHENTICATE, "Bearer")],
+                        "authorization: this endpoint needs an API key with the metrics scope\n",
+                    )
+                        .into_response();
+                }
                 (
                     [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
                     metrics.render(),
                 )
+                    .into_response()
             }
         }),
     );

@@ -37,6 +37,18 @@ pub enum ApiError {
     StreamEnded(#[from] Ended),
     #[error("a worker task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    /// No API key, or not one the keys file holds (counted in `nudge_auth_refused_total`).
+    #[error("authorization: {0}")]
+    Unauthenticated(String),
+    /// A known key without the scope the call needs (counted likewise).
+    #[error("authorization: {0}")]
+    PermissionDenied(String),
+    /// A known key over its rate limit (counted likewise).
+    #[error("the key {key:?} is over its rate limit; retry in {} ms", retry_after.as_millis().max(1))]
+    RateLimited {
+        key: String,
+        retry_after: std::time::Duration,
+    },
 }
 
 impl From<Subscribe> for ApiError {
@@ -67,17 +79,8 @@ impl From<ApiError> for Status {
         match e {
             ApiError::Invalid(_) => Status::invalid_argument(message),
             ApiError::OutOfRange(_) => Status::out_of_range(message),
-            ApiError::Engine(EngineError::Overloaded { retry_after }) => {
-                let mut status = Status::resource_exhausted(message);
-                // gRPC's server pushback: how long a client's retry policy should wait.
-                let millis = retry_after.as_millis().max(1).to_string();
-                if let Ok(value) = millis.parse() {
-                    status
-                        .metadata_mut()
-                        .insert("grpc-retry-pushback-ms", value);
-                }
-                status
-            }
+            ApiError::Engine(EngineError::Overloaded { retry_after })
+            | ApiError::RateLimited { retry_after, .. } => retry_later(message, retry_after),
             ApiError::Engine(EngineError::DeadlineUnmeetable | EngineError::DeadlineExpired) => {
                 Status::deadline_exceeded(message)
             }
@@ -94,8 +97,28 @@ impl From<ApiError> for Status {
             ApiError::Reload(_) => Status::unavailable(message),
             ApiError::StreamEnded(_) => Status::unavailable(message),
             ApiError::Task(_) => Status::internal(message),
+            ApiError::Unauthenticated(_) => Status::unauthenticated(message),
+            ApiError::PermissionDenied(_) => Status::permission_denied(message),
         }
     }
+}
+
+/// RESOURCE_EXHAUSTED with when to try again, said both ways clients read it: gRPC's
+/// server pushback (`grpc-retry-pushback-ms`, which gRPC retry policies obey) and
+/// `google.rpc.RetryInfo` in the status details (which Google's client libraries read).
+fn retry_later(message: String, after: std::time::Duration) -> Status {
+    use tonic_types::{ErrorDetails, StatusExt as _};
+    let after = after.max(std::time::Duration::from_millis(1));
+    let mut metadata = tonic::metadata::MetadataMap::new();
+    if let Ok(value) = after.as_millis().to_string().parse() {
+        metadata.insert("grpc-retry-pushback-ms", value);
+    }
+    Status::with_error_details_and_metadata(
+        tonic::Code::ResourceExhausted,
+        message,
+        ErrorDetails::with_retry_info(Some(after)),
+        metadata,
+    )
 }
 
 #[cfg(test)]
@@ -111,5 +134,24 @@ mod tests {
         assert!(status.message().ends_with('…'), "{}", status.message());
         let short = Status::from(ApiError::NotFound("person: unknown".into()));
         assert_eq!(short.message(), "person: unknown");
+    }
+
+    #[test]
+    fn a_refusal_to_come_back_later_says_when_both_ways() {
+        use tonic_types::StatusExt as _;
+        let status = Status::from(ApiError::RateLimited {
+            key: "svc".into(),
+            retry_after: std::time::Duration::from_millis(250),
+        });
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        let pushback = status.metadata().get("grpc-retry-pushback-ms").unwrap();
+        assert_eq!(pushback.to_str().unwrap(), "250");
+        let retry = status
+            .get_details_retry_info()
+            .expect("RetryInfo in the details");
+        assert_eq!(
+            retry.retry_delay,
+            Some(std::time::Duration::from_millis(250))
+        );
     }
 }

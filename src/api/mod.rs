@@ -4,6 +4,7 @@
 //! goes through the one table in [`error`]; per-RPC metrics come from one tower layer
 //! ([`layer`]). No protocol type goes past this module.
 
+pub mod auth;
 pub mod convert;
 pub mod error;
 pub mod layer;
@@ -225,7 +226,15 @@ impl pb::nudge_service_server::NudgeService for NudgeApi {
         &self,
         request: Request<Streaming<pb::TrackStreamRequest>>,
     ) -> Result<Response<Self::TrackStreamStream>, Status> {
-        Ok(Response::new(self.track_stream(request.into_inner())))
+        // The first message was charged to the key's rate limit with the call; each later
+        // one is charged as it arrives.
+        let caller = request
+            .extensions()
+            .get::<Arc<crate::security::keys::Caller>>()
+            .cloned();
+        Ok(Response::new(
+            self.track_stream(request.into_inner(), caller),
+        ))
     }
 
     async fn identify(

@@ -679,12 +679,16 @@ struct Segment {
 
 /// Serves the HTTP API on `listener` until `shutdown` resolves; then stops accepting and
 /// lets requests in flight finish.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
+pub async fn serve<L>(
+    listener: L,
     api: NudgeApi,
     keys: WriteKeys,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
+) -> std::io::Result<()>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
     axum::serve(listener, router(api, keys))
         .with_graceful_shutdown(shutdown)
         .await

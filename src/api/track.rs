@@ -3,6 +3,7 @@
 //! answered per event with the person's fresh scores.
 
 use std::pin::Pin;
+use std::sync::Arc;
 
 use futures_util::{Stream, StreamExt};
 use tonic::{Code, Status, Streaming};
@@ -11,6 +12,7 @@ use super::{convert, layer, ApiError, NudgeApi};
 use crate::engine::{Admit, Outcome};
 use crate::event::FieldError;
 use crate::pb;
+use crate::security::keys::Caller;
 
 /// Batches one TrackStream works on at once; more wait in HTTP/2 flow control.
 const STREAM_IN_FLIGHT: usize = 8;
@@ -94,14 +96,23 @@ impl NudgeApi {
     /// Acknowledges each batch of a TrackStream in order, a few in flight at a time. A
     /// failed batch (overload, store failure) ends the stream with its status, and the
     /// caller resends from the first batch it has no acknowledgement for.
-    pub(super) fn track_stream(&self, requests: Streaming<pb::TrackStreamRequest>) -> AckStream {
+    pub(super) fn track_stream(
+        &self,
+        requests: Streaming<pb::TrackStreamRequest>,
+        caller: Option<Arc<Caller>>,
+    ) -> AckStream {
         let api = self.clone();
         let acks = requests
-            .map(move |message| {
+            .enumerate()
+            .map(move |(i, message)| {
                 let api = api.clone();
+                let caller = caller.clone();
                 async move {
                     let pb::TrackStreamRequest { sequence, events } =
                         message.map_err(|status| api.undecodable(status))?;
+                    if let Some(caller) = caller.filter(|_| i > 0) {
+                        super::auth::admit(&api.metrics, &caller)?;
+                    }
                     // The stream's window bounds its batches; its deadline is the whole
                     // stream's, not theirs.
                     let results = api

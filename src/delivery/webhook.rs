@@ -28,6 +28,7 @@ use tokio::time::Instant;
 
 use super::outbox::Outbox;
 use crate::metrics::Metrics;
+use crate::security::address::GuardedResolver;
 use crate::store::{Store, StoreError};
 use crate::trigger::Trigger;
 
@@ -58,6 +59,11 @@ pub struct WebhookConfig {
     pub max_backoff_ms: u64,
     #[serde(default = "defaults::timeout_ms")]
     pub timeout_ms: u64,
+    /// Let this endpoint reach loopback, private, link-local and other internal addresses
+    /// (`security::address`); off, such a URL is refused at load and such a resolved
+    /// address at delivery.
+    #[serde(default)]
+    pub allow_internal_addresses: bool,
 }
 
 mod defaults {
@@ -102,6 +108,7 @@ impl std::fmt::Debug for WebhookConfig {
             .field("initial_backoff_ms", &self.initial_backoff_ms)
             .field("max_backoff_ms", &self.max_backoff_ms)
             .field("timeout_ms", &self.timeout_ms)
+            .field("allow_internal_addresses", &self.allow_internal_addresses)
             .finish()
     }
 }
@@ -112,6 +119,10 @@ impl WebhookConfig {
         let mut problems = Vec::new();
         if !(self.url.starts_with("http://") || self.url.starts_with("https://")) {
             problems.push(format!("{at}: url must start with http:// or https://"));
+        } else if let Err(e) =
+            crate::security::address::check_url(&self.url, self.allow_internal_addresses)
+        {
+            problems.push(format!("{at}: {e}"));
         }
         if !(self.rate_per_second.is_finite() && self.rate_per_second > 0.0) {
             problems.push(format!("{at}: rate_per_second must be positive"));
@@ -157,6 +168,7 @@ impl TryFrom<&WebhookConfig> for Endpoint {
             initial_backoff: Duration::from_millis(c.initial_backoff_ms),
             max_backoff: Duration::from_millis(c.max_backoff_ms),
             timeout: Duration::from_millis(c.timeout_ms),
+            allow_internal_addresses: c.allow_internal_addresses,
         })
     }
 }
@@ -176,6 +188,7 @@ pub struct Endpoint {
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
     pub timeout: Duration,
+    pub allow_internal_addresses: bool,
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -191,6 +204,7 @@ impl std::fmt::Debug for Endpoint {
             .field("initial_backoff", &self.initial_backoff)
             .field("max_backoff", &self.max_backoff)
             .field("timeout", &self.timeout)
+            .field("allow_internal_addresses", &self.allow_internal_addresses)
             .finish()
     }
 }
@@ -305,7 +319,16 @@ pub async fn run(
     stop: impl Future<Output = ()>,
 ) {
     let name = consumer(&endpoint.name);
-    let client = match reqwest::Client::builder().timeout(endpoint.timeout).build() {
+    // Connections go only to addresses the guarded resolver returned, never through a
+    // proxy from the environment, and a redirect is an answer, not an instruction: each
+    // would let a delivery reach an address the check did not see.
+    let client = reqwest::Client::builder()
+        .timeout(endpoint.timeout)
+        .dns_resolver(GuardedResolver::shared(endpoint.allow_internal_addresses))
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .build();
+    let client = match client {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(endpoint = %endpoint.name, error = %e, "cannot build an HTTP client; webhook disabled");
@@ -472,7 +495,7 @@ impl Shared {
             .send()
             .await
             .map_err(|e| Failure {
-                message: format!("request failed: {e}"),
+                message: format!("request failed: {}", chain(&e)),
                 retry_after: None,
             })?;
         let status = response.status();
@@ -496,6 +519,18 @@ impl Shared {
             .with_label_values(&[&self.endpoint.name, result])
             .inc();
     }
+}
+
+/// An error and its causes, joined: reqwest's own message ("error sending request") does
+/// not say why (a refused address, a TLS failure), its sources do.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text += &format!(": {cause}");
+        source = cause.source();
+    }
+    text
 }
 
 /// A `Retry-After` value — seconds, or an HTTP date — as a delay from `now`. A date in

@@ -788,6 +788,8 @@ fn webhook(name: &str, port: u16) -> WebhookConfig {
         initial_backoff_ms: 50,
         max_backoff_ms: 1000,
         timeout_ms: 300,
+        // The test's receiver listens on loopback.
+        allow_internal_addresses: true,
     }
 }
 
