@@ -30,8 +30,14 @@ COPY models /srv/nudge/models
 # tests/integration/image.rs lays this stage out and runs the binary as that user.
 RUN install -d -o 65532 -g 65532 -m 0750 /srv/nudge/data
 VOLUME /srv/nudge/data
+# A container is reached from outside: every listener on all addresses, so the server
+# starts only with TLS and API keys, or with plaintext and keyless calls allowed on purpose
+# (README, Security).
 ENV ORT_DYLIB_PATH=/usr/local/lib/nudge/libonnxruntime.so.1.31.1 \
-    NUDGE__LOG__FORMAT=json
+    NUDGE__LOG__FORMAT=json \
+    NUDGE__SERVER__GRPC_ADDR=0.0.0.0:50051 \
+    NUDGE__SERVER__METRICS_ADDR=0.0.0.0:9464 \
+    NUDGE__SERVER__HTTP_ADDR=0.0.0.0:8088
 WORKDIR /srv/nudge
 EXPOSE 50051 9464
 USER 65532:65532

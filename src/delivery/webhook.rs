@@ -310,6 +310,18 @@ impl Pacer {
     }
 }
 
+/// The HTTP client of one endpoint. Connections go only to addresses the guarded resolver
+/// returned, never through a proxy from the environment, and a redirect is an answer, not
+/// an instruction: each would let a delivery reach an address the check did not see.
+fn client(endpoint: &Endpoint) -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .timeout(endpoint.timeout)
+        .dns_resolver(GuardedResolver::shared(endpoint.allow_internal_addresses))
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .build()
+}
+
 /// Delivers `endpoint`'s triggers until `stop`.
 pub async fn run(
     endpoint: Endpoint,
@@ -319,16 +331,7 @@ pub async fn run(
     stop: impl Future<Output = ()>,
 ) {
     let name = consumer(&endpoint.name);
-    // Connections go only to addresses the guarded resolver returned, never through a
-    // proxy from the environment, and a redirect is an answer, not an instruction: each
-    // would let a delivery reach an address the check did not see.
-    let client = reqwest::Client::builder()
-        .timeout(endpoint.timeout)
-        .dns_resolver(GuardedResolver::shared(endpoint.allow_internal_addresses))
-        .redirect(reqwest::redirect::Policy::none())
-        .no_proxy()
-        .build();
-    let client = match client {
+    let client = match client(&endpoint) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(endpoint = %endpoint.name, error = %e, "cannot build an HTTP client; webhook disabled");
@@ -571,6 +574,84 @@ fn backoff(initial: Duration, max: Duration, attempt: u32, seq: u64) -> Duration
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An endpoint for `url` with the given allow, as the config would make it.
+    fn endpoint(url: &str, allow_internal_addresses: bool) -> Endpoint {
+        Endpoint {
+            name: "crm".into(),
+            url: url.into(),
+            secret: vec![0; MIN_SECRET_BYTES],
+            rules: vec![],
+            concurrency: 1,
+            rate_per_second: 1.0,
+            max_attempts: 1,
+            initial_backoff: Duration::from_millis(1),
+            max_backoff: Duration::from_millis(1),
+            timeout: Duration::from_secs(5),
+            allow_internal_addresses,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_client_reaches_a_name_for_loopback_only_when_allowed_and_follows_no_redirect() {
+        use axum::routing::post;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let app = axum::Router::new()
+            .route(
+                "/hook",
+                post({
+                    let hits = hits.clone();
+                    move || async move {
+                        hits.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        "ok"
+                    }
+                }),
+            )
+            .route(
+                "/moved",
+                post(|| async {
+                    (
+                        axum::http::StatusCode::TEMPORARY_REDIRECT,
+                        [(axum::http::header::LOCATION, "/hook")],
+                    )
+                }),
+            );
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+        let url = format!("http://localhost:{port}/hook");
+        let refused = client(&endpoint(&url, false))
+            .unwrap()
+            .post(&url)
+            .send()
+            .await
+            .unwrap_err();
+        let why = chain(&refused);
+        assert!(
+            why.contains("loopback") && why.contains("allow_internal_addresses"),
+            "{why}"
+        );
+        assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 0);
+
+        let allowed = client(&endpoint(&url, true)).unwrap();
+        assert!(allowed
+            .post(&url)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .is_success());
+        assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1);
+        let moved = format!("http://localhost:{port}/moved");
+        let answer = allowed.post(&moved).send().await.unwrap();
+        assert_eq!(answer.status(), 307, "a redirect is the answer");
+        assert_eq!(
+            hits.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "and not followed"
+        );
+    }
 
     #[test]
     fn signatures_follow_standard_webhooks() {

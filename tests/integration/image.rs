@@ -440,6 +440,25 @@ async fn the_image_layout_serves_as_its_user() {
     );
 }
 
+/// The image listens on every address, so as shipped it refuses to start in plaintext
+/// without keys, saying what to configure; said on purpose, it starts.
+#[tokio::test]
+async fn the_image_refuses_the_network_without_tls_and_keys() {
+    assert_eq!(
+        effective_uid(),
+        0,
+        "run as root (see the_image_layout_serves_as_its_user)"
+    );
+    let dockerfile = std::fs::read_to_string(repo_path("Dockerfile")).unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let image = Image::build(&dockerfile, root.path());
+    let out = image.command(&[]).stdout(Stdio::null()).output().unwrap();
+    assert!(!out.status.success());
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("would serve plaintext"), "{log}");
+    assert!(log.contains("would take calls without an API key"), "{log}");
+}
+
 /// A child process that is killed if the test ends before it exits.
 struct Running(std::process::Child);
 

@@ -16,6 +16,7 @@ mod operations;
 mod parity;
 mod regressions;
 mod scoring;
+mod security;
 mod segment;
 mod support;
 mod triggers;

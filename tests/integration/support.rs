@@ -240,11 +240,20 @@ pub struct Nudge {
 /// for its "serving" log line, which names the addresses it bound. Binding port 0 in the
 /// process that serves leaves no window for another test to take the port.
 pub async fn spawn_nudge(data: &std::path::Path, env: &[(&str, String)]) -> Nudge {
+    spawn_nudge_with(data, &repo_path("config/nudge.toml"), env).await
+}
+
+/// [`spawn_nudge`] with the config file `config`.
+pub async fn spawn_nudge_with(
+    data: &std::path::Path,
+    config: &std::path::Path,
+    env: &[(&str, String)],
+) -> Nudge {
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_nudge"))
         .args([
             "serve",
             "--config",
-            repo_path("config/nudge.toml").to_str().unwrap(),
+            config.to_str().unwrap(),
             "--grpc-addr",
             "127.0.0.1:0",
             "--metrics-addr",
