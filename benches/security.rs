@@ -202,8 +202,8 @@ fn main() {
                 setup.label,
                 rate,
                 100.0 * rate / base,
-                common::percentile(&setup.served, 0.50) * 1e3,
-                common::percentile(&setup.served, 0.99) * 1e3,
+                common::percentile(&setup.served, 0.50),
+                common::percentile(&setup.served, 0.99),
             );
         }
 
@@ -233,10 +233,10 @@ fn main() {
             println!(
                 "{:<18} {:>9.3} {:>9.3} {:>16.3} {:>16.3}",
                 setup.label,
-                common::percentile(&single, 0.50) * 1e3,
-                common::percentile(&single, 0.99) * 1e3,
-                common::percentile(&connects, 0.50) * 1e3,
-                common::percentile(&connects, 0.99) * 1e3,
+                common::percentile(&single, 0.50),
+                common::percentile(&single, 0.99),
+                common::percentile(&connects, 0.50),
+                common::percentile(&connects, 0.99),
             );
         }
     });

@@ -108,6 +108,11 @@ pub struct Metrics {
     /// Reloads of the keys file and of the TLS files, by file (keys, tls) and outcome (ok,
     /// refused: the previous ones stay).
     pub credential_reloads: IntCounterVec,
+    /// The probabilities models gave, by model: the score distribution a dashboard shows
+    /// and a drifting model changes.
+    pub score_probability: HistogramVec,
+    /// How late timers fired: the tick's `now` minus each timer's due time.
+    pub timer_lateness: Histogram,
     /// TLS handshakes that failed, by listener (grpc, metrics, http) and reason (refused,
     /// timeout).
     pub tls_handshake_failures: IntCounterVec,
@@ -131,7 +136,7 @@ impl Metrics {
                 .expect("unique metric");
             h
         };
-        Metrics {
+        let metrics = Metrics {
             grpc_requests: counter(
                 "nudge_grpc_requests_total",
                 "gRPC requests by RPC and status code.",
@@ -277,6 +282,30 @@ impl Metrics {
                 "Requests turned away before any work, by reason (overloaded, deadline, expired, queue_full).",
                 &["reason"],
             ),
+            score_probability: {
+                let opts = HistogramOpts::new(
+                    "nudge_score_probability",
+                    "The probabilities models gave, by model.",
+                )
+                .buckets((1..=20).map(|i| f64::from(i) * 0.05).collect());
+                let h = HistogramVec::new(opts, &["model"]).expect("valid metric");
+                registry
+                    .register(Box::new(h.clone()))
+                    .expect("unique metric");
+                h
+            },
+            timer_lateness: {
+                let opts = HistogramOpts::new(
+                    "nudge_timer_lateness_seconds",
+                    "How late timers fired: the tick's time minus each timer's due time.",
+                )
+                .buckets(vec![0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0]);
+                let h = Histogram::with_opts(opts).expect("valid metric");
+                registry
+                    .register(Box::new(h.clone()))
+                    .expect("unique metric");
+                h
+            },
             queue_wait: {
                 let opts = HistogramOpts::new(
                     "nudge_queue_wait_seconds",
@@ -386,6 +415,34 @@ impl Metrics {
                 "Streams connected to SubscribeTriggers.",
             ),
             registry,
+        };
+        metrics.preset();
+        metrics
+    }
+
+    /// Zero series for the label sets that are only strings at their call sites (the ones
+    /// each help text above lists), so that a counter's first increment is an increase a
+    /// rate or an alert sees, and dashboards show 0 rather than nothing.
+    fn preset(&self) {
+        let sets: [(&IntCounterVec, &[&str]); 5] = [
+            (
+                &self.shed,
+                &["overloaded", "deadline", "expired", "queue_full"],
+            ),
+            (&self.store_reopens, &["ok", "failed"]),
+            (&self.model_reloads, &["ok", "refused", "failed"]),
+            (&self.rules_reloads, &["ok", "refused"]),
+            (&self.panics, &["shard", "rpc"]),
+        ];
+        for (counter, values) in sets {
+            for value in values {
+                counter.with_label_values(&[value]);
+            }
+        }
+        for file in ["keys", "tls"] {
+            for outcome in ["ok", "refused"] {
+                self.credential_reloads.with_label_values(&[file, outcome]);
+            }
         }
     }
 

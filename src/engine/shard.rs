@@ -646,6 +646,11 @@ impl Shard {
                         .exposures
                         .with_label_values(&[&key.0, &key.1])
                         .inc();
+                    // Its zero, so a conversion rate has a denominator's partner from the
+                    // first exposure on.
+                    self.metrics
+                        .conversions
+                        .with_label_values(&[&key.0, &key.1]);
                     self.outcomes.entry(key.clone()).or_default().exposures += 1;
                     group.dirty_outcomes.insert(key);
                 }
@@ -673,6 +678,10 @@ impl Shard {
         let due = self.timers.pop_due(now, MAX_TIMERS_PER_TICK);
         if due.is_empty() {
             return Ok(());
+        }
+        for (at, _) in &due {
+            let late_ms = now.since(*at).max(0);
+            self.metrics.timer_lateness.observe(late_ms as f64 / 1000.0);
         }
         let (models, rules) = self.serving();
         let round = Round {

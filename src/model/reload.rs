@@ -23,6 +23,7 @@ pub fn record_models(metrics: &Metrics, set: &ModelSet, failures: &[LoadFailure]
     metrics.model_info.reset();
     for model in set.iter() {
         let m = &model.manifest;
+        metrics.model_errors.with_label_values(&[m.name.as_str()]);
         metrics
             .model_info
             .with_label_values(&[m.name.as_str(), m.version.as_str(), m.format.as_str()])

@@ -30,6 +30,12 @@ fn timed(
     let started = Instant::now();
     let result = model.score(rows);
     metrics.observe_model(model.name(), started.elapsed(), result.is_ok());
+    if let Ok(probabilities) = &result {
+        let histogram = metrics.score_probability.with_label_values(&[model.name()]);
+        for &p in probabilities {
+            histogram.observe(p);
+        }
+    }
     result
 }
 

@@ -5,6 +5,7 @@ mod bad_input;
 mod cache;
 mod commands;
 mod crash;
+mod dashboard;
 mod durability;
 mod faults;
 mod features;
