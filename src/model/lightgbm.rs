@@ -220,8 +220,8 @@ fn check_complete(text: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Checks every tree's node links and split features before LightGBM reads them, because
-/// LightGBM trusts them: a child that points back up its tree makes its prediction loop
+/// Checks the header's counts and every tree's node links and split features before
+/// LightGBM reads them, because LightGBM trusts them: a child that points back up its tree makes its prediction loop
 /// forever (the fuzz target `lightgbm_load` found one: a `left_child` line with a stray
 /// token, which LightGBM reads as 0, the root), and a child or a feature out of range
 /// makes it read outside its arrays (a segmentation fault). Each tree must be a tree:
@@ -233,15 +233,24 @@ fn check_links(text: &str) -> Result<(), String> {
         // No trees: nothing to walk, and LightGBM refuses the file or loads no tree.
         return Ok(());
     };
-    let max_feature = header
-        .lines()
-        .find_map(|l| l.strip_prefix("max_feature_idx="))
-        .map(|v| {
-            v.trim()
-                .parse::<i64>()
-                .map_err(|_| format!("max_feature_idx={v} is not an integer"))
-        })
-        .transpose()?;
+    // LightGBM reads these into an `int` without a range check, and divides by
+    // num_tree_per_iteration: 18446744073709551616 wraps to 0 and kills the process
+    // (SIGFPE), as the fuzz target `lightgbm_load` found.
+    let count = |name: &str, min: i64| -> Result<Option<i64>, String> {
+        let Some(v) = header.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix('=')) else {
+            return Ok(None);
+        };
+        match v.trim().parse::<i64>() {
+            Ok(n) if (min..=i64::from(i32::MAX)).contains(&n) => Ok(Some(n)),
+            _ => Err(format!(
+                "{name}={v} is not a whole number from {min} to {}",
+                i32::MAX
+            )),
+        }
+    };
+    count("num_class", 1)?;
+    count("num_tree_per_iteration", 1)?;
+    let max_feature = count("max_feature_idx", 0)?;
     let trees = trees.split("\nend of trees").next().unwrap_or(trees);
     for (t, block) in trees.split("\nTree=").enumerate() {
         check_tree_links(block, max_feature).map_err(|e| format!("tree {t}: {e}"))?;
@@ -431,6 +440,29 @@ mod tests {
                 "{message}"
             ),
             other => panic!("{:?}", other.map(|_| ())),
+        }
+    }
+
+    /// A header count LightGBM reads into an `int` without checking: the fuzz target
+    /// `lightgbm_load` found `num_tree_per_iteration=18446744073709551616`, which LightGBM
+    /// wraps to 0 and then divides by (SIGFPE, the process dies). Each such count must be
+    /// a whole number from 1 to 2^31 - 1, or the file is refused naming it.
+    #[test]
+    fn a_model_whose_header_counts_are_out_of_range_is_refused() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+        let text = std::fs::read_to_string(dir.join("purchase-sim-3.txt")).unwrap();
+        for (from, to) in [
+            ("num_tree_per_iteration=1\n", "num_tree_per_iteration=18446744073709551616\n"),
+            ("num_tree_per_iteration=1\n", "num_tree_per_iteration=0\n"),
+            ("num_class=1\n", "num_class=4294967297\n"),
+            ("max_feature_idx=36\n", "max_feature_idx=-1\n"),
+        ] {
+            assert!(text.contains(from), "{from}");
+            let key = to.split('=').next().unwrap();
+            match LightgbmScorer::from_text(&text.replacen(from, to, 1)) {
+                Err(LoadError::Parse(message)) => assert!(message.contains(key), "{to}: {message}"),
+                other => panic!("{to}: {:?}", other.map(|_| ())),
+            }
         }
     }
 
