@@ -679,3 +679,26 @@ fn a_rule_whose_expression_panics_is_false_and_the_other_rules_still_fire() {
     assert_eq!(decisions.firings[0].trigger.journey_stage, "consideration");
     p.state = state;
 }
+
+/// cel-parser 0.7.1 unwraps its integer parse, so an integer literal past i64's range
+/// panics while compiling (found by the fuzz target `rules_mutated`); the compile guard
+/// turns it into a problem of the rules file, which is refused, instead of a panic in
+/// whatever loads it (a reload, `nudge check-rules`).
+#[test]
+fn an_integer_literal_out_of_range_is_a_problem_of_the_file_not_a_panic() {
+    for literal in [
+        "-9223372036854775809",
+        "9223372036854775808",
+        "18446744073709551616u",
+    ] {
+        let text = format!(
+            "[[rules]]\nname = \"r\"\nwhen = \"session_page_views > {literal}\"\naction = {{ type = \"t\" }}\n"
+        );
+        let problems = RuleSet::parse(&text).unwrap_err().problems;
+        assert_eq!(problems.len(), 1, "{literal}: {problems:?}");
+        assert!(
+            problems[0].starts_with("rules[0].when") || problems[0].contains("when"),
+            "{problems:?}"
+        );
+    }
+}

@@ -1317,7 +1317,7 @@ fn load(manifest: &Manifest, bytes: &[u8]) -> Result<(), TestCaseError> {
     if let Ok(model) = Model::load_unwritten(manifest, bytes, &load_options(), NOW) {
         let mut row = FeatureRow::missing();
         row.0[0] = 1.0;
-        let _ = model.score(&[row.clone(), FeatureRow::missing()]);
+        let _ = model.score(&[row, FeatureRow::missing()]);
         let _ = model.contributions(&row, 5);
     }
     Ok(())
