@@ -237,7 +237,10 @@ fn check_links(text: &str) -> Result<(), String> {
     // num_tree_per_iteration: 18446744073709551616 wraps to 0 and kills the process
     // (SIGFPE), as the fuzz target `lightgbm_load` found.
     let count = |name: &str, min: i64| -> Result<Option<i64>, String> {
-        let Some(v) = header.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix('=')) else {
+        let Some(v) = header
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix('='))
+        else {
             return Ok(None);
         };
         match v.trim().parse::<i64>() {
@@ -452,7 +455,10 @@ mod tests {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
         let text = std::fs::read_to_string(dir.join("purchase-sim-3.txt")).unwrap();
         for (from, to) in [
-            ("num_tree_per_iteration=1\n", "num_tree_per_iteration=18446744073709551616\n"),
+            (
+                "num_tree_per_iteration=1\n",
+                "num_tree_per_iteration=18446744073709551616\n",
+            ),
             ("num_tree_per_iteration=1\n", "num_tree_per_iteration=0\n"),
             ("num_class=1\n", "num_class=4294967297\n"),
             ("max_feature_idx=36\n", "max_feature_idx=-1\n"),
