@@ -236,7 +236,7 @@ fn check_links(text: &str) -> Result<(), String> {
     // LightGBM reads these into an `int` without a range check, and divides by
     // num_tree_per_iteration: 18446744073709551616 wraps to 0 and kills the process
     // (SIGFPE), as the fuzz target `lightgbm_load` found.
-    let count = |name: &str, min: i64| -> Result<Option<i64>, String> {
+    let count = |name: &str, min: i64, max: i64| -> Result<Option<i64>, String> {
         let Some(v) = header
             .lines()
             .find_map(|l| l.strip_prefix(name)?.strip_prefix('='))
@@ -244,16 +244,18 @@ fn check_links(text: &str) -> Result<(), String> {
             return Ok(None);
         };
         match v.trim().parse::<i64>() {
-            Ok(n) if (min..=i64::from(i32::MAX)).contains(&n) => Ok(Some(n)),
+            Ok(n) if (min..=max).contains(&n) => Ok(Some(n)),
             _ => Err(format!(
-                "{name}={v} is not a whole number from {min} to {}",
-                i32::MAX
+                "{name}={v} is not a whole number from {min} to {max}"
             )),
         }
     };
-    count("num_class", 1)?;
-    count("num_tree_per_iteration", 1)?;
-    let max_feature = count("max_feature_idx", 0)?;
+    let int = i64::from(i32::MAX);
+    count("num_class", 1, int)?;
+    count("num_tree_per_iteration", 1, int)?;
+    // What the native scorer serves (LightGBM sizes buffers by it too).
+    let widest = super::native::ensemble::MAX_FEATURES as i64 - 1;
+    let max_feature = count("max_feature_idx", 0, widest)?;
     let trees = trees.split("\nend of trees").next().unwrap_or(trees);
     for (t, block) in trees.split("\nTree=").enumerate() {
         check_tree_links(block, max_feature).map_err(|e| format!("tree {t}: {e}"))?;
@@ -449,7 +451,8 @@ mod tests {
     /// A header count LightGBM reads into an `int` without checking: the fuzz target
     /// `lightgbm_load` found `num_tree_per_iteration=18446744073709551616`, which LightGBM
     /// wraps to 0 and then divides by (SIGFPE, the process dies). Each such count must be
-    /// a whole number from 1 to 2^31 - 1, or the file is refused naming it.
+    /// a whole number from 1 to 2^31 - 1 (max_feature_idx from 0 to 65,535), or the file
+    /// is refused naming it.
     #[test]
     fn a_model_whose_header_counts_are_out_of_range_is_refused() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models");

@@ -114,7 +114,8 @@ static CHECKED: Mutex<Option<f64>> = Mutex::new(None);
 static LAST_INPUT: Mutex<Option<PathBuf>> = Mutex::new(None);
 
 /// Writes `bytes` where a crash leaves them (`NUDGE_FUZZ_LAST`, else the temp directory's
-/// `nudge-fuzz-<target>.last`). Only the slow targets, whose cases take milliseconds, call it.
+/// `nudge-fuzz-<target>.last`). Only the model targets call it: their parsers size allocations from the file and
+/// LightGBM and ONNX Runtime are C++, so theirs are the crashes a panic hook never sees.
 pub fn remember(bytes: &[u8]) {
     if let Some(path) = &*LAST_INPUT.lock().unwrap_or_else(|e| e.into_inner()) {
         let _ = std::fs::write(path, bytes);

@@ -1286,12 +1286,14 @@ fn lightgbm_native(runner: &mut TestRunner) -> Result<(), String> {
 }
 
 fn lightgbm_native_one(text: &str) {
+    crate::remember(text.as_bytes());
     if let Ok(forest) = Forest::from_lightgbm(text) {
         exercise(&forest);
     }
 }
 
 fn onnx_native_one(bytes: &[u8]) {
+    crate::remember(bytes);
     if let Ok(forest) = Forest::from_onnx(bytes) {
         exercise(&forest);
     }
