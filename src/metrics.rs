@@ -71,7 +71,8 @@ pub struct Metrics {
     /// 1 for each reason the server is not ready now (no_models, store, shard,
     /// shutting_down); 0 once it clears.
     pub not_ready: IntGaugeVec,
-    /// Panics caught while handling a request, by where (shard, rpc).
+    /// Panics caught while handling a request, by where (shard, rpc, rule_expression: a
+    /// rule's CEL expression while it ran, which then counted as false).
     pub panics: IntCounterVec,
     /// Requests turned away before any work, by reason: overloaded (the queue's wait
     /// would exceed the budget), deadline (it could not finish in time), expired (its
@@ -320,7 +321,7 @@ impl Metrics {
             },
             panics: counter(
                 "nudge_panics_total",
-                "Panics caught while handling a request, by where (shard, rpc).",
+                "Panics caught while handling a request, by where (shard, rpc, rule_expression).",
                 &["where"],
             ),
             model_reloads: counter(
@@ -432,7 +433,7 @@ impl Metrics {
             (&self.store_reopens, &["ok", "failed"]),
             (&self.model_reloads, &["ok", "refused", "failed"]),
             (&self.rules_reloads, &["ok", "refused"]),
-            (&self.panics, &["shard", "rpc"]),
+            (&self.panics, &["shard", "rpc", "rule_expression"]),
         ];
         for (counter, values) in sets {
             for value in values {

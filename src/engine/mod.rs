@@ -649,6 +649,14 @@ mod tests {
         dir: &std::path::Path,
         shards: usize,
     ) -> (Arc<Engine>, Arc<Store>, Arc<Readiness>) {
+        start_with_rules(dir, shards, Live::open(Default::default()).unwrap())
+    }
+
+    fn start_with_rules(
+        dir: &std::path::Path,
+        shards: usize,
+        rules: Live,
+    ) -> (Arc<Engine>, Arc<Store>, Arc<Readiness>) {
         let store = Arc::new(Store::open(dir, crate::store::SyncMode::Always).unwrap());
         let metrics = Arc::new(Metrics::new());
         let readiness = Arc::new(Readiness::new(metrics.clone()));
@@ -663,7 +671,7 @@ mod tests {
             store.clone(),
             Arc::new(Identities::default()),
             Arc::new(ModelRegistry::new(ModelSet::default())),
-            Arc::new(Live::open(Default::default()).unwrap()),
+            Arc::new(rules),
             Arc::new(crate::delivery::outbox::Outbox::open(store.clone()).unwrap()),
             metrics.clone(),
             readiness.clone(),
@@ -773,6 +781,60 @@ mod tests {
             .await
             .map_err(|_| EngineError::ShuttingDown)?;
         answer.await.map_err(|_| EngineError::ShuttingDown)?
+    }
+
+    /// A rule whose CEL expression panics while it runs (the interpreter's integer `/ 0`)
+    /// costs only that rule: the event is applied and answered, the other rule fires, and
+    /// the panic is counted as `rule_expression`, not as a failed command.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_rule_expression_that_panics_is_counted_and_the_event_still_applies() {
+        let dir = tempfile::tempdir().unwrap();
+        let rules = dir.path().join("rules.toml");
+        std::fs::write(
+            &rules,
+            r#"
+            [[rules]]
+            name = "divides_by_zero"
+            when = "session_page_views >= 0.0 && 1 / 0 > 0"
+            action = { type = "t" }
+
+            [[rules]]
+            name = "visits"
+            when = "session_page_views >= 0.0"
+            action = { type = "t" }
+            "#,
+        )
+        .unwrap();
+        let (engine, store, readiness) =
+            start_with_rules(&dir.path().join("store"), 1, Live::open(rules).unwrap());
+        let user = PersonKey::User("u1".into());
+        engine
+            .track(vec![view("e1", user.clone())], T0, UNARY)
+            .await
+            .expect("the event is applied whatever one rule's expression does");
+        assert!(store.load_profile(&user).unwrap().is_some());
+        let metrics = &engine.metrics;
+        assert_eq!(
+            metrics.panics.with_label_values(&["rule_expression"]).get(),
+            1
+        );
+        assert_eq!(metrics.panics.with_label_values(&["shard"]).get(), 0);
+        assert_eq!(
+            metrics
+                .triggers
+                .with_label_values(&["visits", "delivered"])
+                .get(),
+            1
+        );
+        assert_eq!(
+            metrics
+                .triggers
+                .with_label_values(&["divides_by_zero", "delivered"])
+                .get(),
+            0
+        );
+        assert!(readiness.is_ready());
+        engine.shutdown().await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -613,6 +613,14 @@ impl Shard {
         if *state != unchanged {
             group.dirty_states.insert(person.clone());
         }
+        if decisions.expression_panics > 0 {
+            // Each panicked expression counted as false (the evaluator logged which);
+            // the rest of the evaluation stands.
+            self.metrics
+                .panics
+                .with_label_values(&["rule_expression"])
+                .inc_by(decisions.expression_panics);
+        }
         let removed: Vec<Time> = before
             .iter()
             .filter(|d| !after.contains(d))

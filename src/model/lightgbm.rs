@@ -153,7 +153,15 @@ unsafe impl Sync for SyncBooster {}
 impl LightgbmScorer {
     /// Parses a model from its text, after checking that the text is whole.
     pub fn from_text(text: &str) -> Result<LightgbmScorer, LoadError> {
+        // LightGBM reads the text as a C string, which ends at a NUL (lightgbm3 panics on
+        // one); no LightGBM model holds one.
+        if let Some(at) = text.find('\0') {
+            return Err(LoadError::Parse(format!(
+                "the file has a NUL at byte {at}; a LightGBM text model has none"
+            )));
+        }
         check_complete(text).map_err(LoadError::Parse)?;
+        check_links(text).map_err(LoadError::Parse)?;
         let booster = guard(|| Booster::from_string(text))
             .map_err(LoadError::Parse)?
             .map_err(|e| LoadError::Parse(e.to_string()))?;
@@ -208,6 +216,133 @@ fn check_complete(text: &str) -> Result<(), String> {
                 text.len()
             ));
         }
+    }
+    Ok(())
+}
+
+/// Checks the header's counts and every tree's node links and split features before
+/// LightGBM reads them, because LightGBM trusts them: a child that points back up its tree makes its prediction loop
+/// forever (the fuzz target `lightgbm_load` found one: a `left_child` line with a stray
+/// token, which LightGBM reads as 0, the root), and a child or a feature out of range
+/// makes it read outside its arrays (a segmentation fault). Each tree must be a tree:
+/// every internal node reached exactly once from the root, every child and leaf index
+/// within `num_leaves`, every split feature within the header's `max_feature_idx`. What
+/// this does not look at (values, other keys), LightGBM checks itself.
+fn check_links(text: &str) -> Result<(), String> {
+    let Some((header, trees)) = text.split_once("\nTree=") else {
+        // No trees: nothing to walk, and LightGBM refuses the file or loads no tree.
+        return Ok(());
+    };
+    // LightGBM reads these into an `int` without a range check, and divides by
+    // num_tree_per_iteration: 18446744073709551616 wraps to 0 and kills the process
+    // (SIGFPE), as the fuzz target `lightgbm_load` found.
+    let count = |name: &str, min: i64, max: i64| -> Result<Option<i64>, String> {
+        let Some(v) = header
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix('='))
+        else {
+            return Ok(None);
+        };
+        match v.trim().parse::<i64>() {
+            Ok(n) if (min..=max).contains(&n) => Ok(Some(n)),
+            _ => Err(format!(
+                "{name}={v} is not a whole number from {min} to {max}"
+            )),
+        }
+    };
+    let int = i64::from(i32::MAX);
+    count("num_class", 1, int)?;
+    count("num_tree_per_iteration", 1, int)?;
+    // What the native scorer serves (LightGBM sizes buffers by it too).
+    let widest = super::native::ensemble::MAX_FEATURES as i64 - 1;
+    let max_feature = count("max_feature_idx", 0, widest)?;
+    let trees = trees.split("\nend of trees").next().unwrap_or(trees);
+    for (t, block) in trees.split("\nTree=").enumerate() {
+        check_tree_links(block, max_feature).map_err(|e| format!("tree {t}: {e}"))?;
+    }
+    Ok(())
+}
+
+fn check_tree_links(block: &str, max_feature: Option<i64>) -> Result<(), String> {
+    let field = |name: &str| {
+        block
+            .lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix('=')))
+    };
+    let integers = |name: &str| -> Result<Vec<i64>, String> {
+        field(name)
+            .ok_or_else(|| format!("no {name}"))?
+            .split_whitespace()
+            .map(|n| {
+                n.parse()
+                    .map_err(|_| format!("{name} has {n:?}, not an integer"))
+            })
+            .collect()
+    };
+    let leaves: usize = field("num_leaves")
+        .ok_or("no num_leaves")?
+        .trim()
+        .parse()
+        .map_err(|_| "num_leaves is not a count".to_owned())?;
+    if leaves <= 1 {
+        return Ok(());
+    }
+    let internal = leaves - 1;
+    let (left, right, features) = (
+        integers("left_child")?,
+        integers("right_child")?,
+        integers("split_feature")?,
+    );
+    for (name, list) in [
+        ("left_child", &left),
+        ("right_child", &right),
+        ("split_feature", &features),
+    ] {
+        if list.len() != internal {
+            return Err(format!(
+                "{name} has {} entries for num_leaves={leaves} ({internal} splits)",
+                list.len()
+            ));
+        }
+    }
+    if let Some(max) = max_feature {
+        if let Some((node, f)) = features
+            .iter()
+            .enumerate()
+            .find(|(_, &f)| !(0..=max).contains(&f))
+        {
+            return Err(format!(
+                "node {node} splits on feature {f}; the header's max_feature_idx is {max}"
+            ));
+        }
+    }
+    let mut reached = vec![false; internal];
+    let mut stack = vec![0usize];
+    while let Some(node) = stack.pop() {
+        if std::mem::replace(&mut reached[node], true) {
+            return Err(format!(
+                "node {node} is reached twice: the tree has a cycle"
+            ));
+        }
+        for (side, child) in [("left", left[node]), ("right", right[node])] {
+            // A negative child is a leaf, `!child` its index.
+            let in_range = if child >= 0 {
+                usize::try_from(child).is_ok_and(|c| c < internal)
+            } else {
+                usize::try_from(!child).is_ok_and(|l| l < leaves)
+            };
+            if !in_range {
+                return Err(format!(
+                    "node {node}'s {side} child {child} is out of range for num_leaves={leaves}"
+                ));
+            }
+            if child >= 0 {
+                stack.push(child as usize);
+            }
+        }
+    }
+    if let Some(node) = reached.iter().position(|r| !r) {
+        return Err(format!("node {node} is not reached from the root"));
     }
     Ok(())
 }
@@ -291,5 +426,109 @@ mod tests {
         assert!(
             matches!(LightgbmScorer::from_text(&lying), Err(LoadError::Parse(m)) if m.contains("tree_sizes"))
         );
+    }
+
+    /// lightgbm3 hands the text to LightGBM as a C string and panics on a NUL byte; the
+    /// guard turned that into "an unreadable error message", which says nothing of the
+    /// file. The fuzz target `lightgbm_load` found it; the file must be refused naming
+    /// the NUL and where it is.
+    #[test]
+    fn a_model_with_a_nul_byte_is_refused_naming_it() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+        let text = std::fs::read_to_string(dir.join("purchase-sim-3.txt")).unwrap();
+        let at = text.find("leaf_value=").unwrap();
+        let mut spoiled = text.clone();
+        spoiled.replace_range(at..at + 1, "\0");
+        match LightgbmScorer::from_text(&spoiled) {
+            Err(LoadError::Parse(message)) => assert!(
+                message.contains("NUL") && message.contains(&format!("byte {at}")),
+                "{message}"
+            ),
+            other => panic!("{:?}", other.map(|_| ())),
+        }
+    }
+
+    /// A header count LightGBM reads into an `int` without checking: the fuzz target
+    /// `lightgbm_load` found `num_tree_per_iteration=18446744073709551616`, which LightGBM
+    /// wraps to 0 and then divides by (SIGFPE, the process dies). Each such count must be
+    /// a whole number from 1 to 2^31 - 1 (max_feature_idx from 0 to 65,535), or the file
+    /// is refused naming it.
+    #[test]
+    fn a_model_whose_header_counts_are_out_of_range_is_refused() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+        let text = std::fs::read_to_string(dir.join("purchase-sim-3.txt")).unwrap();
+        for (from, to) in [
+            (
+                "num_tree_per_iteration=1\n",
+                "num_tree_per_iteration=18446744073709551616\n",
+            ),
+            ("num_tree_per_iteration=1\n", "num_tree_per_iteration=0\n"),
+            ("num_class=1\n", "num_class=4294967297\n"),
+            ("max_feature_idx=36\n", "max_feature_idx=-1\n"),
+        ] {
+            assert!(text.contains(from), "{from}");
+            let key = to.split('=').next().unwrap();
+            match LightgbmScorer::from_text(&text.replacen(from, to, 1)) {
+                Err(LoadError::Parse(message)) => assert!(message.contains(key), "{to}: {message}"),
+                other => panic!("{to}: {:?}", other.map(|_| ())),
+            }
+        }
+    }
+
+    /// A child that points back up its tree: LightGBM 4.7 loads such a file and then loops
+    /// forever in its first prediction (the fuzz target `lightgbm_load` found it, from a
+    /// shipped model whose `left_child` line held a stray token that LightGBM reads as 0,
+    /// the root). The load must refuse it, naming the tree and the node. The load runs on
+    /// a thread of its own so that, without the check, the test fails instead of hanging.
+    #[test]
+    fn a_model_whose_tree_loops_is_refused_before_lightgbm_walks_it() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+        let text = std::fs::read_to_string(dir.join("purchase-sim-3.txt")).unwrap();
+        // Each edit keeps the file's length, so the header's tree_sizes still hold.
+        let cases = [
+            // Node 1's left child becomes the root.
+            (
+                "left_child=1 11 ",
+                "left_child=1 00 ",
+                "tree 0: node 0 is reached twice",
+            ),
+            // A child past the tree's nodes, and a leaf past its leaves.
+            (
+                "left_child=1 11 ",
+                "left_child=1 99 ",
+                "tree 0: node 1's left child 99",
+            ),
+            (
+                "16 25 -17 19",
+                "16 25 -99 19",
+                "tree 0: node 17's left child -99",
+            ),
+            // A feature past the header's max_feature_idx (36).
+            (
+                "split_feature=9 7 27 ",
+                "split_feature=9 7 37 ",
+                "tree 0: node 2 splits on feature 37",
+            ),
+        ];
+        let mut wrong = Vec::new();
+        for (from, to, want) in cases {
+            assert!(text.contains(from), "{from}");
+            let spoiled = text.replacen(from, to, 1);
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let loaded = LightgbmScorer::from_text(&spoiled).and_then(|l| {
+                    let n = l.num_features();
+                    l.predict(&vec![0.0; n], n)
+                        .map_err(|e| LoadError::Parse(e.to_string()))
+                });
+                let _ = tx.send(loaded.map(|_| ()));
+            });
+            match rx.recv_timeout(std::time::Duration::from_secs(60)) {
+                Ok(Err(LoadError::Parse(message))) if message.contains(want) => {}
+                Ok(other) => wrong.push(format!("{to}: {other:?}")),
+                Err(_) => wrong.push(format!("{to}: loading and scoring did not finish in 60 s")),
+            }
+        }
+        assert!(wrong.is_empty(), "{wrong:#?}");
     }
 }

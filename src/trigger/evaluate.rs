@@ -31,6 +31,8 @@ pub struct Decisions {
     pub firings: Vec<Firing>,
     /// The (rule, variant) exposures a purchase converted.
     pub conversions: Vec<(String, String)>,
+    /// Expressions that panicked while they ran (each counted as false).
+    pub expression_panics: u64,
 }
 
 /// Evaluates every rule for `person`'s state and facts, for one cause.
@@ -43,18 +45,26 @@ pub fn evaluate(
     // Latches of rules no longer in the file are remembered for nothing.
     state.rules.retain(|(name, _)| rules.get(name).is_some());
     match cause {
-        Cause::Event(event) => Decisions {
-            firings: evaluate_event(rules, state, facts, event),
-            conversions: if event.kind == EventKind::Purchase {
-                record_purchase(state, event.time)
-            } else {
-                Vec::new()
-            },
-        },
-        Cause::Due => Decisions {
-            firings: evaluate_timers(rules, state, facts),
-            conversions: Vec::new(),
-        },
+        Cause::Event(event) => {
+            let (firings, expression_panics) = evaluate_event(rules, state, facts, event);
+            Decisions {
+                firings,
+                conversions: if event.kind == EventKind::Purchase {
+                    record_purchase(state, event.time)
+                } else {
+                    Vec::new()
+                },
+                expression_panics,
+            }
+        }
+        Cause::Due => {
+            let (firings, expression_panics) = evaluate_timers(rules, state, facts);
+            Decisions {
+                firings,
+                conversions: Vec::new(),
+                expression_panics,
+            }
+        }
     }
 }
 
@@ -66,14 +76,15 @@ struct Candidate<'r> {
 }
 
 /// Evaluates every rule for an event that was just applied to the person's profile.
+/// Returns the firings and how many expressions panicked.
 fn evaluate_event(
     rules: &RuleSet,
     state: &mut TriggerState,
     facts: &Facts<'_>,
     event: &Event,
-) -> Vec<Firing> {
+) -> (Vec<Firing>, u64) {
     if rules.rules.is_empty() {
-        return Vec::new();
+        return (Vec::new(), 0);
     }
     let env = Env::new(rules, facts, Some(event));
     let cause = format!("event:{}", event.id);
@@ -155,18 +166,24 @@ fn evaluate_event(
             }
         }
     }
-    decide(rules, state, facts, &env, candidates)
+    let firings = decide(rules, state, facts, &env, candidates);
+    (firings, env.panics())
 }
 
 /// Fires every timer of the person that is due at `facts.now`, and schedules follow-ups.
-fn evaluate_timers(rules: &RuleSet, state: &mut TriggerState, facts: &Facts<'_>) -> Vec<Firing> {
+/// Returns the firings and how many expressions panicked.
+fn evaluate_timers(
+    rules: &RuleSet,
+    state: &mut TriggerState,
+    facts: &Facts<'_>,
+) -> (Vec<Firing>, u64) {
     let now = facts.now;
     let (due, pending): (Vec<Timer>, Vec<Timer>) = std::mem::take(&mut state.timers)
         .into_iter()
         .partition(|t| t.due <= now);
     state.timers = pending;
     if due.is_empty() {
-        return Vec::new();
+        return (Vec::new(), 0);
     }
     let env = Env::new(rules, facts, None);
     let mut candidates = Vec::new();
@@ -226,7 +243,8 @@ fn evaluate_timers(rules: &RuleSet, state: &mut TriggerState, facts: &Facts<'_>)
         });
     }
     candidates.sort_by_key(|c| std::cmp::Reverse(c.rule.priority));
-    decide(rules, state, facts, &env, candidates)
+    let firings = decide(rules, state, facts, &env, candidates);
+    (firings, env.panics())
 }
 
 /// Whether a threshold rule's score crossed up (with `when` true) and so fires; moves its

@@ -2,8 +2,9 @@
 //! features nor context variables) and the context an evaluation runs them in. This is the
 //! only file that imports the CEL crate, so changing or upgrading it touches nothing else.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, LazyLock};
 
 use cel_interpreter::objects::{Key, Map};
@@ -100,6 +101,8 @@ thread_local! {
 pub struct Env {
     context: Context<'static>,
     pub stage: &'static str,
+    /// Expressions that panicked while they ran in this context.
+    panics: Cell<u64>,
 }
 
 impl Env {
@@ -140,6 +143,7 @@ impl Env {
                 variables,
             },
             stage: "awareness",
+            panics: Cell::new(0),
         };
         env.stage = if env.holds(&rules.journey.decision) {
             "decision"
@@ -154,8 +158,32 @@ impl Env {
 
     /// Whether an expression is true. An error (a missing score, comparing a string with
     /// a number) counts as false: a rule never fires on something it could not check.
+    ///
+    /// So does a panic. The interpreter panics on some inputs that compile — `1 / 0` and
+    /// `x % 0` on integers, which it divides with Rust's `/` and `%` — and a rules file is
+    /// operator input: one bad expression must cost its rule this evaluation, not the
+    /// shard's whole group of requests. It is counted ([`Env::panics`]) and logged.
     pub fn holds(&self, expr: &Expr) -> bool {
-        matches!(expr.program.execute(&self.context), Ok(Value::Bool(true)))
+        // Unwind safety: `execute` only reads the context; nothing of ours is left half
+        // changed when it unwinds.
+        match std::panic::catch_unwind(AssertUnwindSafe(|| expr.program.execute(&self.context))) {
+            Ok(result) => matches!(result, Ok(Value::Bool(true))),
+            Err(_) => {
+                self.panics.set(self.panics.get() + 1);
+                // The panic hook has logged the message and where; this says which rule
+                // expression (operator text, no personal data) and what became of it.
+                tracing::error!(
+                    expression = %expr.source,
+                    "a rule expression panicked while it ran; it counts as false"
+                );
+                false
+            }
+        }
+    }
+
+    /// Expressions that panicked while they ran in this context so far.
+    pub fn panics(&self) -> u64 {
+        self.panics.get()
     }
 }
 

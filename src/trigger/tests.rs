@@ -641,3 +641,64 @@ fn expressions_read_every_event_field_and_scores_and_nothing_of_the_evaluation_b
     let bare = event("e3", EventKind::PageView, T0.plus_ms(MINUTE_MS));
     assert_eq!(r.on(&rules, bare), fired("bare_view"));
 }
+
+/// CEL's interpreter (cel-interpreter 0.8.1) divides integers with Rust's `/` and `%`,
+/// which panic on a zero divisor: `1 / 0` compiles and then panics when it runs. A rule
+/// whose expression panics must count as false for that evaluation, with the panic
+/// counted, and every other rule must be decided as if it were not there.
+#[test]
+fn a_rule_whose_expression_panics_is_false_and_the_other_rules_still_fire() {
+    let rules = rules(
+        r#"
+        [journey]
+        decision = "1 % 0 == 0"
+        consideration = "session_page_views >= 0.0"
+
+        [[rules]]
+        name = "divides_by_zero"
+        priority = 20
+        when = "session_page_views >= 0.0 && 1 / 0 > 0"
+        action = { type = "t" }
+
+        [[rules]]
+        name = "visits"
+        priority = 10
+        when = "session_page_views >= 0.0"
+        action = { type = "t" }
+        "#,
+    );
+    let mut p = Person::new();
+    let explain = |_: &str| Vec::new();
+    let mut state = TriggerState::default();
+    let e = event("e1", EventKind::PageView, T0);
+    let decisions = evaluate(&rules, &mut state, &p.facts(T0, &explain), Cause::Event(&e));
+    assert_eq!(summary(&decisions.firings), fired("visits"));
+    // The journey's decision and the rule's `when`, once each.
+    assert_eq!(decisions.expression_panics, 2);
+    // The stage fell back as if the decision expression were false.
+    assert_eq!(decisions.firings[0].trigger.journey_stage, "consideration");
+    p.state = state;
+}
+
+/// cel-parser 0.7.1 unwraps its integer parse, so an integer literal past i64's range
+/// panics while compiling (found by the fuzz target `rules_mutated`); the compile guard
+/// turns it into a problem of the rules file, which is refused, instead of a panic in
+/// whatever loads it (a reload, `nudge check-rules`).
+#[test]
+fn an_integer_literal_out_of_range_is_a_problem_of_the_file_not_a_panic() {
+    for literal in [
+        "-9223372036854775809",
+        "9223372036854775808",
+        "18446744073709551616u",
+    ] {
+        let text = format!(
+            "[[rules]]\nname = \"r\"\nwhen = \"session_page_views > {literal}\"\naction = {{ type = \"t\" }}\n"
+        );
+        let problems = RuleSet::parse(&text).unwrap_err().problems;
+        assert_eq!(problems.len(), 1, "{literal}: {problems:?}");
+        assert!(
+            problems[0].starts_with("rules[0].when") || problems[0].contains("when"),
+            "{problems:?}"
+        );
+    }
+}

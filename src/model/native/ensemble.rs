@@ -3,6 +3,11 @@
 //! becomes a probability. The LightGBM and ONNX importers produce it; the layout
 //! ([`super::layout`]) compiles it.
 
+/// The most input columns a served model may declare: far more than the FeatureSpec has
+/// (a model's columns must each be a FeatureSpec feature), and small enough that what is
+/// sized by the count stays small.
+pub const MAX_FEATURES: usize = 1 << 16;
+
 /// The trees and what to do with their sum.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Ensemble {
@@ -231,6 +236,15 @@ impl Ensemble {
     /// Checks that every tree is a tree: children in range, every node reached exactly
     /// once from the root, features in range, thresholds not NaN.
     pub fn check(&self) -> Result<(), String> {
+        // The layout and every scoring call allocate per declared column, so a count
+        // from the file is bounded before anything is sized by it (a mutated
+        // max_feature_idx of 6442450946 made a load allocate 51 GB and abort).
+        if self.n_features > MAX_FEATURES {
+            return Err(format!(
+                "the model declares {} input columns; the native scorer serves at most {MAX_FEATURES}",
+                self.n_features
+            ));
+        }
         if self.trees.is_empty() {
             return Err("the model has no trees".into());
         }

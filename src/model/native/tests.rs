@@ -501,3 +501,26 @@ fn a_native_scorer_that_disagrees_with_lightgbm_does_not_serve() {
     let error = crate::model::lightgbm::check_parity(&forest, &lightgbm).unwrap_err();
     assert!(error.contains("differs from LightGBM"), "{error}");
 }
+
+/// The native parsers took a model's declared column count as given, and the layout
+/// allocates per declared column: the fuzz target `lightgbm_native` found a shipped model
+/// whose `max_feature_idx` a mutation made 6442450946, and the process died allocating
+/// 51 GB. A model wider than the native scorer serves is refused, with the count.
+#[test]
+fn a_model_declaring_more_columns_than_served_is_refused_not_allocated() {
+    let text = shipped("purchase");
+    for idx in ["6442450946", "65536", "4294967295"] {
+        let wide = text.replacen(
+            "max_feature_idx=36\n",
+            &format!("max_feature_idx={idx}\n"),
+            1,
+        );
+        match Forest::from_lightgbm(&wide) {
+            Err(message) => assert!(message.contains("columns"), "{idx}: {message}"),
+            Ok(_) => panic!("max_feature_idx={idx} was served"),
+        }
+    }
+    // The widest model served still loads.
+    let widest = text.replacen("max_feature_idx=36\n", "max_feature_idx=65535\n", 1);
+    assert!(Forest::from_lightgbm(&widest).is_ok());
+}
