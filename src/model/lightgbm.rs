@@ -264,6 +264,15 @@ fn check_links(text: &str) -> Result<(), String> {
 }
 
 fn check_tree_links(block: &str, max_feature: Option<i64>) -> Result<(), String> {
+    // A key given twice is refused: this check would read one line and LightGBM another
+    // (the fuzz target `lightgbm_load` found a copied fragment that added a second,
+    // garbled `left_child` line, and LightGBM looped forever on it).
+    for name in ["num_leaves", "left_child", "right_child", "split_feature"] {
+        let prefix = format!("{name}=");
+        if block.lines().filter(|l| l.starts_with(&prefix)).count() > 1 {
+            return Err(format!("{name} appears twice"));
+        }
+    }
     let field = |name: &str| {
         block
             .lines()
@@ -445,6 +454,48 @@ mod tests {
                 "{message}"
             ),
             other => panic!("{:?}", other.map(|_| ())),
+        }
+    }
+
+    /// A tree that gives a key twice: LightGBM read the second, garbled `left_child` line
+    /// and looped forever (found by the fuzz target `lightgbm_load` in its long pass).
+    /// The file is refused naming the key; the load runs on a thread of its own so that,
+    /// without the check, the test fails instead of hanging.
+    #[test]
+    fn a_tree_that_gives_a_key_twice_is_refused() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+        let text = std::fs::read_to_string(dir.join("purchase-sim-3.txt")).unwrap();
+        let first = "left_child=1 11 10 4 6 -6 14 15 12 21 20 -1 -8 23 -3 16 25 -17 19 -11 -2 -4 27 24 -9 -5 -14 -12 -18 -15\n";
+        assert!(text.contains(first));
+        let again = first.replacen("left_child=1 11", "left_child=1 00", 1);
+        let mut spoiled = text.replacen(first, &format!("{first}{again}"), 1);
+        // Tree 0 grew by the line: its size in the header grows with it.
+        let sizes = spoiled
+            .lines()
+            .find(|l| l.starts_with("tree_sizes="))
+            .unwrap()
+            .to_owned();
+        let (head, rest) = sizes["tree_sizes=".len()..].split_once(' ').unwrap();
+        let grown = head.parse::<usize>().unwrap() + again.len();
+        spoiled = spoiled.replacen(&sizes, &format!("tree_sizes={grown} {rest}"), 1);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let loaded = LightgbmScorer::from_text(&spoiled).and_then(|l| {
+                let n = l.num_features();
+                l.predict(&vec![0.0; n], n)
+                    .map_err(|e| LoadError::Parse(e.to_string()))
+            });
+            let _ = tx.send(loaded.map(|_| ()));
+        });
+        match rx.recv_timeout(std::time::Duration::from_secs(60)) {
+            Ok(Err(LoadError::Parse(message))) => {
+                assert!(
+                    message.contains("tree 0: left_child appears twice"),
+                    "{message}"
+                )
+            }
+            Ok(other) => panic!("{other:?}"),
+            Err(_) => panic!("loading and scoring did not finish in 60 s"),
         }
     }
 
