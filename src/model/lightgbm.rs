@@ -314,6 +314,35 @@ fn check_tree_links(block: &str, max_feature: Option<i64>) -> Result<(), String>
             ));
         }
     }
+    // A categorical split (bit 0 of decision_type) reads the tree's category bitsets: one
+    // in a tree without any (num_cat=0) made LightGBM read past them, a SIGSEGV (the fuzz
+    // target `lightgbm_load` turned a `8` into `1e`, which LightGBM reads as 1).
+    let kinds = integers("decision_type")?;
+    if kinds.len() != internal {
+        return Err(format!(
+            "decision_type has {} entries for num_leaves={leaves} ({internal} splits)",
+            kinds.len()
+        ));
+    }
+    let categories: i64 = match field("num_cat") {
+        Some(n) => n
+            .trim()
+            .parse()
+            .map_err(|_| "num_cat is not a count".to_owned())?,
+        None => 0,
+    };
+    for (node, &kind) in kinds.iter().enumerate() {
+        if !(0..=255).contains(&kind) {
+            return Err(format!(
+                "node {node}'s decision_type {kind} is out of range"
+            ));
+        }
+        if kind & 1 == 1 && categories <= 0 {
+            return Err(format!(
+                "node {node} is a categorical split (decision_type {kind}) in a tree with num_cat={categories}"
+            ));
+        }
+    }
     if let Some(max) = max_feature {
         if let Some((node, f)) = features
             .iter()
@@ -454,6 +483,30 @@ mod tests {
                 "{message}"
             ),
             other => panic!("{:?}", other.map(|_| ())),
+        }
+    }
+
+    /// A categorical split in a tree without categories: LightGBM read past the tree's
+    /// (absent) category bitsets and the process died with SIGSEGV (found by the fuzz
+    /// target `lightgbm_load`, input kept from its long pass). Refused, naming the node.
+    #[test]
+    fn a_categorical_split_in_a_tree_without_categories_is_refused() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+        let text = std::fs::read_to_string(dir.join("purchase-sim-3.txt")).unwrap();
+        let line = "decision_type=8 2 2 8 2 10 8 2 2 2 8 10";
+        assert!(text.contains(line));
+        for (kind, expect) in [
+            (
+                "1",
+                "tree 0: node 0 is a categorical split (decision_type 1) in a tree with num_cat=0",
+            ),
+            ("1e", "tree 0: decision_type has \"1e\", not an integer"),
+        ] {
+            let spoiled = text.replacen(line, &line.replacen("=8", &format!("={kind}"), 1), 1);
+            match LightgbmScorer::from_text(&spoiled) {
+                Err(LoadError::Parse(message)) => assert!(message.contains(expect), "{message}"),
+                other => panic!("{kind}: {:?}", other.map(|_| ())),
+            }
         }
     }
 
