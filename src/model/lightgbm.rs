@@ -439,6 +439,12 @@ impl Scorer for LightgbmScorer {
 mod tests {
     use super::*;
 
+    /// The shipped purchase model's text, which the malformed-file tests spoil.
+    fn shipped_model() -> String {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+        std::fs::read_to_string(dir.join("purchase-sim-3.txt")).unwrap()
+    }
+
     #[test]
     fn a_truncated_model_is_refused_before_lightgbm_reads_it() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
@@ -472,8 +478,7 @@ mod tests {
     /// the NUL and where it is.
     #[test]
     fn a_model_with_a_nul_byte_is_refused_naming_it() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
-        let text = std::fs::read_to_string(dir.join("purchase-sim-3.txt")).unwrap();
+        let text = shipped_model();
         let at = text.find("leaf_value=").unwrap();
         let mut spoiled = text.clone();
         spoiled.replace_range(at..at + 1, "\0");
@@ -491,8 +496,7 @@ mod tests {
     /// target `lightgbm_load`, input kept from its long pass). Refused, naming the node.
     #[test]
     fn a_categorical_split_in_a_tree_without_categories_is_refused() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
-        let text = std::fs::read_to_string(dir.join("purchase-sim-3.txt")).unwrap();
+        let text = shipped_model();
         let line = "decision_type=8 2 2 8 2 10 8 2 2 2 8 10";
         assert!(text.contains(line));
         for (kind, expect) in [
@@ -516,8 +520,7 @@ mod tests {
     /// without the check, the test fails instead of hanging.
     #[test]
     fn a_tree_that_gives_a_key_twice_is_refused() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
-        let text = std::fs::read_to_string(dir.join("purchase-sim-3.txt")).unwrap();
+        let text = shipped_model();
         let first = "left_child=1 11 10 4 6 -6 14 15 12 21 20 -1 -8 23 -3 16 25 -17 19 -11 -2 -4 27 24 -9 -5 -14 -12 -18 -15\n";
         assert!(text.contains(first));
         let again = first.replacen("left_child=1 11", "left_child=1 00", 1);
@@ -559,8 +562,7 @@ mod tests {
     /// is refused naming it.
     #[test]
     fn a_model_whose_header_counts_are_out_of_range_is_refused() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
-        let text = std::fs::read_to_string(dir.join("purchase-sim-3.txt")).unwrap();
+        let text = shipped_model();
         for (from, to) in [
             (
                 "num_tree_per_iteration=1\n",
@@ -586,8 +588,7 @@ mod tests {
     /// a thread of its own so that, without the check, the test fails instead of hanging.
     #[test]
     fn a_model_whose_tree_loops_is_refused_before_lightgbm_walks_it() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
-        let text = std::fs::read_to_string(dir.join("purchase-sim-3.txt")).unwrap();
+        let text = shipped_model();
         // Each edit keeps the file's length, so the header's tree_sizes still hold.
         let cases = [
             // Node 1's left child becomes the root.
