@@ -281,14 +281,17 @@ pub async fn spawn_nudge_with(
             let mut serving = Some(serving);
             for line in std::io::BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
+                // Logged before the "serving" signal, so a test woken by it finds the line.
+                {
+                    let mut log = log.lock().unwrap();
+                    log.push_str(&line);
+                    log.push('\n');
+                }
                 if let Some(addrs) = serving_addrs(&line) {
                     if let Some(tx) = serving.take() {
                         let _ = tx.send(addrs);
                     }
                 }
-                let mut log = log.lock().unwrap();
-                log.push_str(&line);
-                log.push('\n');
             }
         })
     };
