@@ -549,14 +549,7 @@ impl RuleSet {
             .flat_map(|r| [r.when.as_ref(), r.suppression.unless.as_ref()])
             .flatten()
             .chain([&decision, &consideration])
-            .flat_map(|e| {
-                let references = e.program.references();
-                references
-                    .variables()
-                    .into_iter()
-                    .map(str::to_owned)
-                    .collect::<Vec<_>>()
-            })
+            .flat_map(Expr::variables)
             .collect();
         let features_read = FEATURES
             .iter()
