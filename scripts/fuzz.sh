@@ -10,7 +10,7 @@
 #   target/release/deps/fuzz-* --replay TARGET FILE
 # runs again. NUDGE_FUZZ_SEED=random draws a new seed (printed) instead of the fixed one.
 #
-# The long pass (a million cases per target; hours, the CEL and rules targets most):
+# The long pass (a million cases per target; about two hours on two cores, niced):
 #   nice -n 19 scripts/fuzz.sh 1000000
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -265,7 +265,17 @@ fn main() {
         );
         take_panics();
         let start = Instant::now();
-        let result = (target.run)(&mut runner);
+        // A panic outside `check` (a target's setup: its seeds, its models) is the
+        // target's failure, with its message; the panic hook records but does not print.
+        let result =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (target.run)(&mut runner)))
+                .unwrap_or_else(|_| {
+                    let place = LAST_PANIC.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                    Err(format!(
+                        "the target's setup panicked: {}",
+                        place.unwrap_or_else(|| "no message".into())
+                    ))
+                });
         let total = start.elapsed().as_secs_f64();
         let seconds = CHECKED
             .lock()
