@@ -1,6 +1,11 @@
-//! Overload benchmark: what Nudge does when offered more than it can take, through the real
-//! gRPC server on loopback with the shipped models and rules and the default durable store
-//! (`store.sync = "always"`, fsync per group commit), the load generator in the same process.
+//! Overload benchmark: what Nudge does when offered more than it can take. The server is
+//! the real `nudge` binary with the shipped config (its models and rules, the default
+//! durable store: `store.sync = "always"`, fsync per group commit), in a process of its
+//! own; the load generator is this process. With two CPUs or more they are pinned apart
+//! (`taskset`): the server to every CPU but the first (`NUDGE_BENCH_SERVER_CPUS`), the
+//! generator to the first (`NUDGE_BENCH_CLIENT_CPUS`; `none` for either leaves it
+//! unpinned), so the generator's encoding of 3× the server's rate takes nothing from the
+//! server and the server's latency and memory are its own.
 //!
 //! 1. Sustained rate: a closed loop of callers, each sending a unary `Track` of
 //!    `NUDGE_BENCH_BATCH` (100) events and the next one when it is answered (20 ms after a
@@ -14,7 +19,8 @@
 //!    with many independent clients. Reported: offered rate and goodput, answers by status
 //!    code, the accepted requests' latency at the client and in the server (from the server's
 //!    `nudge_grpc_request_duration_seconds{rpc="Track"}` histogram, scraped before and after),
-//!    resident memory every second, and the shed and request counters the server exports.
+//!    the server process's resident memory every second, and the shed and request counters
+//!    the server exports.
 //! 3. Back to normal: from the moment the schedule stops, one single-event `Track` at a time,
 //!    at most one per 50 ms, until 10 in a row answer OK within 50 ms.
 //!
@@ -28,13 +34,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nudge::config::Config;
 use nudge::pb::{self, nudge_service_client::NudgeServiceClient};
 use nudge::time::{Clock, SystemClock, Time, MINUTE_MS};
 use tonic::transport::Channel;
 
 mod common;
-use common::{percentile, rss_bytes, scrape, Running};
+use common::{percentile, pin_self, rss_of_pid, scrape, Binary};
 
 /// The deadline every overload request carries, as a client with a 5 s timeout would.
 const DEADLINE: Duration = Duration::from_secs(5);
@@ -58,8 +63,10 @@ struct Settings {
     overload: Duration,
     factor: f64,
     recovery_limit: Duration,
-    server_threads: usize,
     client_threads: usize,
+    /// `taskset` CPU lists for the server process and this one; `None`: unpinned.
+    server_cpus: Option<String>,
+    client_cpus: Option<String>,
 }
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -94,8 +101,9 @@ impl Settings {
             overload: seconds("NUDGE_BENCH_OVERLOAD_SECONDS", 20.0),
             factor: env_or("NUDGE_BENCH_FACTOR", 3.0),
             recovery_limit: seconds("NUDGE_BENCH_RECOVERY_LIMIT_SECONDS", 30.0),
-            server_threads: env_or("NUDGE_BENCH_SERVER_THREADS", 2),
             client_threads: env_or("NUDGE_BENCH_CLIENT_THREADS", 1),
+            server_cpus: cpus("NUDGE_BENCH_SERVER_CPUS", |n| format!("1-{}", n - 1)),
+            client_cpus: cpus("NUDGE_BENCH_CLIENT_CPUS", |_| "0".to_owned()),
         };
         assert!(
             settings.batch > 0
@@ -103,7 +111,6 @@ impl Settings {
                 && !settings.callers.contains(&0)
                 && settings.channels > 0
                 && settings.factor > 0.0
-                && settings.server_threads > 0
                 && settings.client_threads > 0,
             "batch, callers, channels, factor and threads must be positive"
         );
@@ -111,16 +118,17 @@ impl Settings {
     }
 }
 
-fn config(dir: &std::path::Path) -> Config {
-    // The shipped defaults (queue bounds included): the point is what an operator gets.
-    let mut config = Config::default();
-    config.server.grpc_addr = "127.0.0.1:0".parse().unwrap();
-    config.server.metrics_addr = "127.0.0.1:0".parse().unwrap();
-    config.models.dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
-    config.store.dir = dir.to_owned();
-    config.triggers.rules =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/rules.toml");
-    config
+/// A CPU list from `name`, or `default` of the CPU count when there are two or more;
+/// `none` (or a single CPU) pins nothing.
+fn cpus(name: &str, default: impl Fn(usize) -> String) -> Option<String> {
+    match std::env::var(name) {
+        Ok(v) if v == "none" => None,
+        Ok(v) => Some(v),
+        Err(_) => {
+            let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+            (n >= 2).then(|| default(n))
+        }
+    }
 }
 
 /// Every event id is new, so no event is skipped as a duplicate.
@@ -285,8 +293,10 @@ async fn closed_loop(
     outcomes
 }
 
-/// Resident memory once a second, with the phase it was taken in, until `stop` is set.
+/// The server's resident memory once a second, with the phase it was taken in, until
+/// `stop` is set.
 fn sample_memory(
+    pid: u32,
     phase: Arc<std::sync::Mutex<&'static str>>,
     stop: Arc<std::sync::atomic::AtomicBool>,
 ) -> tokio::task::JoinHandle<Vec<(Duration, &'static str, u64)>> {
@@ -296,7 +306,7 @@ fn sample_memory(
         let mut samples = Vec::new();
         while !stop.load(Ordering::Relaxed) {
             tick.tick().await;
-            samples.push((started.elapsed(), *phase.lock().unwrap(), rss_bytes()));
+            samples.push((started.elapsed(), *phase.lock().unwrap(), rss_of_pid(pid)));
         }
         samples
     })
@@ -432,38 +442,23 @@ fn ok_latencies(outcomes: &[Outcome]) -> Vec<Duration> {
 
 fn main() {
     let settings = Settings::from_env();
-    // The server and the load generator on runtimes of their own, so the schedule of the
-    // open loop does not wait behind the server's tasks; the OS shares the cores between
-    // them as it would between two processes.
-    let server_runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(settings.server_threads)
-        .thread_name("server")
-        .enable_all()
-        .build()
-        .unwrap();
-    let client_runtime = tokio::runtime::Builder::new_multi_thread()
+    if let Some(cpus) = &settings.client_cpus {
+        pin_self(cpus);
+    }
+    let server = Binary::spawn(settings.server_cpus.as_deref(), &[]);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(settings.client_threads)
         .thread_name("client")
         .enable_all()
         .build()
         .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let Running {
-        stop,
-        task,
-        addr,
-        metrics_addr,
-        ..
-    } = server_runtime.block_on(common::start(config(dir.path()), Arc::new(SystemClock)));
-    client_runtime.block_on(bench(&settings, addr, metrics_addr));
-    server_runtime.block_on(async {
-        let _ = stop.send(());
-        task.await.unwrap().unwrap();
-    });
+    runtime.block_on(bench(&settings, &server));
+    server.stop();
 }
 
-async fn bench(settings: &Settings, addr: String, metrics_addr: std::net::SocketAddr) {
+async fn bench(settings: &Settings, server: &Binary) {
     let Settings { batch, .. } = *settings;
+    let (addr, metrics_addr) = (server.addr.clone(), server.metrics_addr);
     let mut clients = Vec::new();
     for _ in 0..settings.channels {
         let channel = Channel::from_shared(addr.clone())
@@ -475,12 +470,19 @@ async fn bench(settings: &Settings, addr: String, metrics_addr: std::net::Socket
     }
     let phase = Arc::new(std::sync::Mutex::new("warm-up"));
     let stop_sampling = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let memory = sample_memory(phase.clone(), stop_sampling.clone());
+    let memory = sample_memory(server.pid(), phase.clone(), stop_sampling.clone());
+    let pinned = |cpus: &Option<String>| {
+        cpus.as_ref()
+            .map_or_else(|| "unpinned".to_owned(), |c| format!("CPUs {c}"))
+    };
     println!(
-        "Overload over unary Track: {batch} events per request over {PEOPLE} people, default \
-         config (durable store, shipped models and rules), {} connections, load generator in \
-         the same process ({} client / {} server runtime threads)",
-        settings.channels, settings.client_threads, settings.server_threads
+        "Overload over unary Track: {batch} events per request over {PEOPLE} people, the \
+         nudge binary with the shipped config (durable store, shipped models and rules) on \
+         {}, the load generator in this process on {} ({} runtime threads), {} connections",
+        pinned(&settings.server_cpus),
+        pinned(&settings.client_cpus),
+        settings.client_threads,
+        settings.channels,
     );
 
     // 1. Sustained rate, after a warm-up that also gives every person a profile.
@@ -539,7 +541,7 @@ async fn bench(settings: &Settings, addr: String, metrics_addr: std::net::Socket
     let target = sustained * settings.factor;
     let interval = Duration::from_secs_f64(batch as f64 / target);
     let before = scrape(metrics_addr).await;
-    let rss_before = rss_bytes();
+    let rss_before = rss_of_pid(server.pid());
     let started = Instant::now();
     let end = started + settings.overload;
     let mut tasks = Vec::new();
@@ -725,6 +727,18 @@ async fn bench(settings: &Settings, addr: String, metrics_addr: std::net::Socket
             bucket_of(&waits, waited * 0.99),
         );
     }
+    // The group commits (an fsync each), which every accepted request waits for one of.
+    let commits = histogram_growth(&before, &after, |s| {
+        s.name == "nudge_store_commit_duration_seconds_bucket"
+    });
+    if let Some(&(_, committed)) = commits.last().filter(|b| b.1 > 0.0) {
+        println!(
+            "  {:<28} p50 {}, p99 {} ({committed:.0} group commits; bucket resolution)",
+            "store commit, in the server",
+            bucket_of(&commits, committed * 0.5),
+            bucket_of(&commits, committed * 0.99),
+        );
+    }
     println!(
         "  {:<28} {all_answered:.1?} after the schedule stopped ({probes_by_then} recovery \
          probes sent by then)",
@@ -754,8 +768,7 @@ async fn bench(settings: &Settings, addr: String, metrics_addr: std::net::Socket
         .collect();
     if let (Some(min), Some(max)) = (during.iter().min(), during.iter().max()) {
         println!(
-            "  {:<28} {} before, {} to {} during ({} samples; this process: server and load \
-             generator)",
+            "  {:<28} {} before, {} to {} during ({} samples; the server process)",
             "resident memory",
             mib(rss_before),
             mib(*min),

@@ -12,7 +12,7 @@ use tonic_health::ServingStatus;
 
 use crate::api::auth::{Auth, AuthLayer};
 use crate::api::segment::WriteKeys;
-use crate::api::{self, layer::MetricsLayer, Limits, NudgeApi};
+use crate::api::{self, layer::MetricsLayer, shed::ShedLayer, Limits, NudgeApi};
 use crate::config::Config;
 use crate::delivery::outbox::Outbox;
 use crate::delivery::webhook::{self, Endpoint};
@@ -515,6 +515,7 @@ impl Server {
             tonic::transport::Server::builder()
                 .layer(MetricsLayer::new(metrics.clone(), max))
                 .layer(AuthLayer::new(auth))
+                .layer(ShedLayer::new(engine.clone()))
                 .add_service(health_service)
                 .add_service(reflection)
                 .add_service(reflection_alpha)

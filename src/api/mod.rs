@@ -9,6 +9,7 @@ pub mod convert;
 pub mod error;
 pub mod layer;
 pub mod segment;
+pub mod shed;
 mod track;
 
 use std::pin::Pin;

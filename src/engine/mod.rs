@@ -632,7 +632,7 @@ impl Engine {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::event::{EventKind, Properties};
     use crate::model::ModelSet;
@@ -640,7 +640,7 @@ mod tests {
 
     const T0: Time = Time(1_772_445_600_000);
 
-    fn start(dir: &std::path::Path, shards: usize) -> (Arc<Engine>, Arc<Store>) {
+    pub(crate) fn start(dir: &std::path::Path, shards: usize) -> (Arc<Engine>, Arc<Store>) {
         let (engine, store, _) = start_with_readiness(dir, shards);
         (engine, store)
     }
@@ -957,6 +957,26 @@ mod tests {
         engine.resync().await.unwrap();
         assert_eq!(engine.metrics.timers_pending.get(), 5);
         engine.shutdown().await;
+    }
+
+    /// The metrics `engine` counts in.
+    pub(crate) fn metrics_of(engine: &Engine) -> &Metrics {
+        &engine.metrics
+    }
+
+    /// Every shard has measured 10 ms an event and has `queued` events waiting; 3 is past
+    /// the 25 ms budget of [`start`]'s engine, 0 (after a 3) empties them again.
+    pub(crate) fn queue_on_every_shard(engine: &Engine, queued: u64) {
+        for load in &engine.loads {
+            load.started(0);
+            load.finished(1, Duration::from_millis(10), Duration::from_millis(1));
+            let now = load.queueing().as_millis() as u64 / 10;
+            if queued >= now {
+                load.admit_flow(queued - now);
+            } else {
+                load.withdraw(now - queued);
+            }
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
