@@ -251,8 +251,23 @@ fn check_links(text: &str) -> Result<(), String> {
         }
     };
     let int = i64::from(i32::MAX);
-    count("num_class", 1, int)?;
-    count("num_tree_per_iteration", 1, int)?;
+    let classes = count("num_class", 1, int)?;
+    let per_iteration = count("num_tree_per_iteration", 1, int)?;
+    // Nudge serves binary classifiers: one output, one tree per iteration (LightGBM's
+    // `binary` objective writes both as 1). Refused before LightGBM reads them, because
+    // LightGBM trusts the pair: `num_tree_per_iteration=2` beside `num_class=1` made it
+    // write past a buffer sized by the one and corrupt the heap (the fuzz target
+    // `lightgbm_load` found it; the process died later, in an unrelated allocation).
+    if let Some(classes @ 2..) = classes {
+        return Err(format!(
+            "num_class={classes}: Nudge serves binary classifiers (num_class=1)"
+        ));
+    }
+    if let Some(trees @ 2..) = per_iteration {
+        return Err(format!(
+            "num_tree_per_iteration={trees}: a binary classifier has one tree per iteration"
+        ));
+    }
     // What the native scorer serves (LightGBM sizes buffers by it too).
     let widest = super::native::ensemble::MAX_FEATURES as i64 - 1;
     let max_feature = count("max_feature_idx", 0, widest)?;
@@ -571,6 +586,10 @@ mod tests {
             ("num_tree_per_iteration=1\n", "num_tree_per_iteration=0\n"),
             ("num_class=1\n", "num_class=4294967297\n"),
             ("max_feature_idx=36\n", "max_feature_idx=-1\n"),
+            // Found by the long pass of `lightgbm_load`: with `num_class=1`, LightGBM
+            // wrote past a buffer (glibc's malloc check: "free(): invalid pointer").
+            ("num_tree_per_iteration=1\n", "num_tree_per_iteration=2\n"),
+            ("num_class=1\n", "num_class=3\n"),
         ] {
             assert!(text.contains(from), "{from}");
             let key = to.split('=').next().unwrap();
