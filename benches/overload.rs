@@ -776,6 +776,13 @@ async fn bench(settings: &Settings, server: &Binary) {
             during.len()
         );
     }
+    // What of it is the people the shards hold (the cache, bounded by engine.cache_mb).
+    println!(
+        "  {:<28} {} before, {} after",
+        "people in memory (cache)",
+        mib(common::metric_sum(&before, "nudge_cache_bytes") as u64),
+        mib(common::metric_sum(&after, "nudge_cache_bytes") as u64),
+    );
     let shown: Vec<String> = memory
         .iter()
         .step_by(5)
