@@ -260,7 +260,8 @@ fn check_links(text: &str) -> Result<(), String> {
     // `lightgbm_load` found it; the process died later, in an unrelated allocation).
     if let Some(classes @ 2..) = classes {
         return Err(format!(
-            "num_class={classes}: Nudge serves binary classifiers (num_class=1)"
+            "num_class={classes}: the model has {classes} outputs per row; Nudge serves \
+             binary classifiers (1 output)"
         ));
     }
     if let Some(trees @ 2..) = per_iteration {
