@@ -9,6 +9,8 @@
 //! A harness of its own (`harness = false`): `cargo test` runs a short pass of every
 //! target; `scripts/fuzz.sh [CASES] [TARGET...]` runs longer ones.
 //!   - `NUDGE_FUZZ_CASES`: cases per target (default: each target's short count).
+//!   - `NUDGE_FUZZ_TIMEOUT_SECONDS`: how long one case of a model target may run before
+//!     it counts as a hang and ends the process (default 60).
 //!   - `NUDGE_FUZZ_SEED`: the random seed (default fixed, so a short pass is repeatable;
 //!     `random` draws one, printed so a failure can be replayed).
 //!   - arguments: the targets to run (default all); `--list` names them.
@@ -120,6 +122,60 @@ pub fn remember(bytes: &[u8]) {
     if let Some(path) = &*LAST_INPUT.lock().unwrap_or_else(|e| e.into_inner()) {
         let _ = std::fs::write(path, bytes);
     }
+    CASE_STARTED.store(since_start_ms(), Ordering::Relaxed);
+}
+
+/// When the case [`remember`] saw last began, in ms since the process started (0: none).
+static CASE_STARTED: AtomicU64 = AtomicU64::new(0);
+static PROCESS_START: LazyLock<Instant> = LazyLock::new(Instant::now);
+/// The real stderr while [`Quiet`] has sent fd 2 to /dev/null (-1 otherwise).
+static SAVED_STDERR: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+fn since_start_ms() -> u64 {
+    (PROCESS_START.elapsed().as_millis() as u64).max(1)
+}
+
+/// A hang is a finding too (LightGBM once looped forever on a tree that linked back to
+/// its root): a case of a model target that runs past `NUDGE_FUZZ_TIMEOUT_SECONDS` (60)
+/// ends the process with exit code 3 and says where its input is, for `--replay`, as
+/// libFuzzer's `-timeout` does. A hang unwinds nothing, so nothing short of ending the
+/// process gets the pass going again.
+fn watch_for_hangs() {
+    let limit_ms = std::env::var("NUDGE_FUZZ_TIMEOUT_SECONDS")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .unwrap_or(60)
+        * 1000;
+    LazyLock::force(&PROCESS_START);
+    std::thread::spawn(move || loop {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        let started = CASE_STARTED.load(Ordering::Relaxed);
+        if started == 0 || since_start_ms() - started < limit_ms {
+            continue;
+        }
+        // A case that began since the load above is not the one that hung.
+        if CASE_STARTED.load(Ordering::Relaxed) != started {
+            continue;
+        }
+        let input = LAST_INPUT
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map_or_else(|| "(not kept)".to_owned(), |p| p.display().to_string());
+        let message = format!(
+            "\nFAILED: a case ran for over {} s (a hang); its input is {input} \
+             (--replay TARGET FILE runs it again)\n",
+            limit_ms / 1000
+        );
+        let saved = SAVED_STDERR.load(Ordering::Relaxed);
+        let fd = if saved >= 0 { saved } else { 2 };
+        // SAFETY: writing a buffer we own to an open descriptor, then ending the process
+        // without running destructors (the hung thread holds what they would wait for).
+        unsafe {
+            write(fd, message.as_ptr(), message.len());
+            _exit(3);
+        }
+    });
 }
 
 /// Sends this process's stdout and stderr to /dev/null while it lives: LightGBM and ONNX
@@ -130,6 +186,8 @@ pub struct Quiet {
 }
 
 extern "C" {
+    fn write(fd: i32, buf: *const u8, count: usize) -> isize;
+    fn _exit(code: i32) -> !;
     fn dup(fd: i32) -> i32;
     fn dup2(from: i32, to: i32) -> i32;
     fn close(fd: i32) -> i32;
@@ -156,12 +214,14 @@ impl Quiet {
             }
             saved
         });
+        SAVED_STDERR.store(saved[1], Ordering::Relaxed);
         Quiet { saved }
     }
 }
 
 impl Drop for Quiet {
     fn drop(&mut self) {
+        SAVED_STDERR.store(-1, Ordering::Relaxed);
         for (fd, saved) in [1, 2].into_iter().zip(self.saved) {
             if saved >= 0 {
                 // SAFETY: `saved` is the descriptor `dup` returned above, still open.
@@ -239,6 +299,7 @@ fn main() {
         "target", "cases", "seconds", "cases/s"
     );
     record_panics();
+    watch_for_hangs();
     let (mut passed, mut failed) = (0, 0);
     for target in targets
         .iter()
@@ -276,6 +337,8 @@ fn main() {
                         place.unwrap_or_else(|| "no message".into())
                     ))
                 });
+        // The target's last case is over: the watchdog waits for the next target's first.
+        CASE_STARTED.store(0, Ordering::Relaxed);
         let total = start.elapsed().as_secs_f64();
         let seconds = CHECKED
             .lock()
