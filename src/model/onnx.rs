@@ -40,6 +40,8 @@ pub fn scorer(
     library: &Path,
     engine: Engine,
 ) -> Result<(Box<dyn Scorer>, Option<String>), LoadError> {
+    // Before ONNX Runtime reads it: a tree with a cycle would hang it.
+    super::native::onnx::check_no_cycles(bytes).map_err(LoadError::Parse)?;
     let runtime = OnnxScorer::from_bytes(bytes, library)?;
     if engine == Engine::Lightgbm {
         return Ok((Box::new(runtime), None));

@@ -30,7 +30,8 @@
 //! another operator, `BRANCH_EQ`/`BRANCH_NEQ`, weights for class 1, more classes, a
 //! transform other than `NONE` and `LOGISTIC`, an attribute this file does not know —
 //! is refused with the reason, and ONNX Runtime serves the model. So is malformed input:
-//! mismatched attribute lengths, ids out of range, a node reached twice (a cycle).
+//! mismatched attribute lengths, ids out of range, a node reached twice — except a cycle,
+//! on which ONNX Runtime loops forever: [`check_no_cycles`] refuses the whole model first.
 
 use std::collections::HashMap;
 
@@ -73,6 +74,93 @@ pub fn parse(bytes: &[u8]) -> Result<Ensemble, String> {
     let ensemble = import_classifier(tree, n_features, ml_opset)?;
     ensemble.check()?;
     Ok(ensemble)
+}
+
+/// Refuses a tree ensemble in which some tree's branches lead back to a node on their own
+/// path: ONNX Runtime 1.31 does not check for that, and a row that takes such a branch
+/// loops in its `session.run` forever (the fuzz target `onnx_load` found one, a
+/// `nodes_truenodeids` entry turned from a child into its grandparent; the load's parity
+/// rows took it and the load never returned). This runs before ONNX Runtime sees a model,
+/// whichever engine serves it, and reads only the node lists — a model the native scorer
+/// does not import for another reason is still checked — so what it does not recognize
+/// (another operator, lists of unequal lengths) it leaves to ONNX Runtime, which refuses
+/// those itself.
+pub fn check_no_cycles(bytes: &[u8]) -> Result<(), String> {
+    let Ok(model) = ModelProto::decode(bytes) else {
+        return Ok(());
+    };
+    let nodes = model.graph.iter().flat_map(|g| &g.node).filter(|n| {
+        n.domain() == ML_DOMAIN
+            && matches!(
+                n.op_type(),
+                "TreeEnsembleClassifier" | "TreeEnsembleRegressor"
+            )
+    });
+    for node in nodes {
+        let ints = |name: &str| {
+            node.attribute
+                .iter()
+                .find(|a| a.name() == name)
+                .map_or(&[][..], |a| a.ints.as_slice())
+        };
+        let modes: Vec<&[u8]> = node
+            .attribute
+            .iter()
+            .find(|a| a.name() == "nodes_modes")
+            .map_or_else(Vec::new, |a| a.strings.iter().map(Vec::as_slice).collect());
+        let (trees, ids) = (ints("nodes_treeids"), ints("nodes_nodeids"));
+        let (yes, no) = (ints("nodes_truenodeids"), ints("nodes_falsenodeids"));
+        let n = trees.len();
+        if [ids.len(), yes.len(), no.len(), modes.len()] != [n; 4] {
+            continue;
+        }
+        let index: HashMap<(i64, i64), usize> = (0..n).map(|i| ((trees[i], ids[i]), i)).collect();
+        // Depth-first from every node, colouring: on the current path, or done.
+        let mut state = vec![0u8; n];
+        for start in 0..n {
+            if state[start] != 0 {
+                continue;
+            }
+            let mut stack = vec![(start, false)];
+            while let Some((i, leaving)) = stack.pop() {
+                if leaving {
+                    state[i] = 2;
+                    continue;
+                }
+                match state[i] {
+                    1 => {
+                        return Err(format!(
+                            "tree {}: node {} is on a path from itself (a cycle), which \
+                             ONNX Runtime would follow forever",
+                            trees[i], ids[i]
+                        ))
+                    }
+                    2 => continue,
+                    _ => {}
+                }
+                state[i] = 1;
+                stack.push((i, true));
+                if modes[i] == b"LEAF" {
+                    continue;
+                }
+                for child in [yes[i], no[i]] {
+                    if let Some(&c) = index.get(&(trees[i], child)) {
+                        if state[c] == 1 {
+                            return Err(format!(
+                                "tree {}: node {} leads back to node {child} above it (a \
+                                 cycle), which ONNX Runtime would follow forever",
+                                trees[i], ids[i]
+                            ));
+                        }
+                        if state[c] == 0 {
+                            stack.push((c, false));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The tree operators bind to the highest version of theirs at or below the model's

@@ -344,6 +344,51 @@ fn a_model_the_native_scorer_refuses_is_served_by_onnx_runtime_with_the_reason()
     );
 }
 
+/// A tree whose branch leads back up its own path: ONNX Runtime loads it and then loops
+/// forever on a row that takes the branch (the fuzz target `onnx_load` found one, node
+/// 3's true child turned into node 1, its parent; the load's parity rows took it). It is
+/// refused before ONNX Runtime sees it, with either engine, naming the tree and the nodes.
+/// The load runs on a thread of its own so that, without the check, the test fails
+/// instead of hanging.
+#[test]
+fn a_tree_with_a_cycle_is_refused_before_onnx_runtime_runs_it() {
+    let cases = [
+        // Node 3 (a child of node 1) sends its true branch back to node 1.
+        (
+            edited(|node| attribute(node, "nodes_truenodeids").ints[3] = 1),
+            "node 3 leads back to node 1",
+        ),
+        // A node that is its own child.
+        (
+            edited(|node| attribute(node, "nodes_falsenodeids").ints[1] = 1),
+            "node 1 leads back to node 1",
+        ),
+    ];
+    for (bytes, expected) in cases {
+        for engine in [Engine::Native, Engine::Lightgbm] {
+            let bytes = bytes.clone();
+            let (done, answer) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let loaded = crate::model::onnx::scorer(&bytes, &library(), engine).and_then(
+                    |(scorer, _)| {
+                        // What a load does next: score rows, every branch's side.
+                        let rows = [0.0, 1e9, -1e9, f64::NAN].map(|v| [v; 30]).concat();
+                        scorer
+                            .predict(&rows, 30)
+                            .map_err(|e| crate::model::LoadError::Parse(format!("scoring: {e}")))
+                    },
+                );
+                let _ = done.send(loaded.map(|_| ()).map_err(|e| e.to_string()));
+            });
+            match answer.recv_timeout(std::time::Duration::from_secs(30)) {
+                Ok(Err(message)) => assert!(message.contains(expected), "{engine:?}: {message}"),
+                Ok(Ok(())) => panic!("{engine:?}: the model with a cycle was served"),
+                Err(_) => panic!("{engine:?}: loading and scoring did not finish in 30 s"),
+            }
+        }
+    }
+}
+
 /// Why the import refuses `bytes`.
 fn refusal(bytes: &[u8]) -> String {
     match parse(bytes) {
