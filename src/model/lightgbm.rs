@@ -294,10 +294,15 @@ fn check_tree_links(block: &str, max_feature: Option<i64>) -> Result<(), String>
             .lines()
             .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix('=')))
     };
+    // Split as LightGBM splits: on spaces alone. Any other whitespace inside a list
+    // (the fuzz target `lightgbm_load` put a form feed between two entries of a
+    // `left_child` line) made two entries here and one for LightGBM, whose shorter list it
+    // then read past, looping forever in its first prediction.
     let integers = |name: &str| -> Result<Vec<i64>, String> {
         field(name)
             .ok_or_else(|| format!("no {name}"))?
-            .split_whitespace()
+            .trim_end_matches('\r')
+            .split(' ')
             .map(|n| {
                 n.parse()
                     .map_err(|_| format!("{name} has {n:?}, not an integer"))
@@ -633,6 +638,13 @@ mod tests {
                 "split_feature=9 7 27 ",
                 "split_feature=9 7 37 ",
                 "tree 0: node 2 splits on feature 37",
+            ),
+            // A form feed instead of a space (found by the long pass of `lightgbm_load`):
+            // one entry fewer for LightGBM, which looped forever on the shorter list.
+            (
+                "-5 -14 -12 -18",
+                "-5 -14\x0c-12 -18",
+                "left_child has \"-14\\u{c}-12\", not an integer",
             ),
         ];
         let mut wrong = Vec::new();
