@@ -314,7 +314,23 @@ fn check_tree_links(block: &str, max_feature: Option<i64>) -> Result<(), String>
         .trim()
         .parse()
         .map_err(|_| "num_leaves is not a count".to_owned())?;
-    if leaves <= 1 {
+    // Every tree has a leaf, and a value for each: a tree of `num_leaves=0` has none,
+    // and LightGBM read its first value from an empty list (a SIGSEGV, found by the
+    // long pass of `lightgbm_load`).
+    if leaves == 0 {
+        return Err("num_leaves=0: a tree has at least one leaf".into());
+    }
+    let values = field("leaf_value")
+        .ok_or("no leaf_value")?
+        .trim_end_matches('\r')
+        .split(' ')
+        .count();
+    if values != leaves {
+        return Err(format!(
+            "leaf_value has {values} entries for num_leaves={leaves}"
+        ));
+    }
+    if leaves == 1 {
         return Ok(());
     }
     let internal = leaves - 1;
@@ -638,6 +654,14 @@ mod tests {
                 "split_feature=9 7 27 ",
                 "split_feature=9 7 37 ",
                 "tree 0: node 2 splits on feature 37",
+            ),
+            // A tree without leaves (found by the long pass of `lightgbm_load`): LightGBM
+            // read the first of no leaf values, a SIGSEGV. And values short of the leaves.
+            ("num_leaves=31\n", "num_leaves=0\n", "tree 0: num_leaves=0"),
+            (
+                "\nleaf_value=-1.0339847841390348 ",
+                "\nleaf_value=",
+                "tree 0: leaf_value has 30 entries for num_leaves=31",
             ),
             // A form feed instead of a space (found by the long pass of `lightgbm_load`):
             // one entry fewer for LightGBM, which looped forever on the shorter list.
