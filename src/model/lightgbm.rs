@@ -269,6 +269,14 @@ fn check_links(text: &str) -> Result<(), String> {
             "num_tree_per_iteration={trees}: a binary classifier has one tree per iteration"
         ));
     }
+    // LightGBM takes the objective's name as the first space-separated word of this line
+    // and reads that word without checking there is one: an empty `objective=` was a
+    // SIGSEGV (found by the long pass of `lightgbm_load`).
+    if let Some(objective) = header.lines().find_map(|l| l.strip_prefix("objective=")) {
+        if objective.split(' ').all(str::is_empty) {
+            return Err("objective= names no objective".into());
+        }
+    }
     // What the native scorer serves (LightGBM sizes buffers by it too).
     let widest = super::native::ensemble::MAX_FEATURES as i64 - 1;
     let max_feature = count("max_feature_idx", 0, widest)?;
@@ -612,6 +620,9 @@ mod tests {
             // wrote past a buffer (glibc's malloc check: "free(): invalid pointer").
             ("num_tree_per_iteration=1\n", "num_tree_per_iteration=2\n"),
             ("num_class=1\n", "num_class=3\n"),
+            // Found by the long pass of `lightgbm_load`: LightGBM read the first word of
+            // an empty objective, a SIGSEGV.
+            ("objective=binary sigmoid:1\n", "objective=\n"),
         ] {
             assert!(text.contains(from), "{from}");
             let key = to.split('=').next().unwrap();
