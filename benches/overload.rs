@@ -401,6 +401,20 @@ fn track_histogram(before: &str, after: &str) -> Vec<(f64, f64)> {
 
 /// The bucket holding the observation of rank `rank` (0-based) in a cumulative histogram,
 /// as "(lower, upper] ms": a histogram quantile is known only to its bucket.
+/// The p50 and p99 of what histogram `metric` counted between two scrapes, if it counted
+/// anything: `label`, then how many `what` it counted.
+fn print_growth(before: &str, after: &str, label: &str, metric: &str, what: &str) {
+    let bucket = format!("{metric}_bucket");
+    let grown = histogram_growth(before, after, |s| s.name == bucket);
+    if let Some(&(_, counted)) = grown.last().filter(|b| b.1 > 0.0) {
+        println!(
+            "  {label:<28} p50 {}, p99 {} ({counted:.0} {what}; bucket resolution)",
+            bucket_of(&grown, counted * 0.5),
+            bucket_of(&grown, counted * 0.99),
+        );
+    }
+}
+
 fn bucket_of(buckets: &[(f64, f64)], rank: f64) -> String {
     let mut lower = 0.0;
     for &(le, count) in buckets {
@@ -715,30 +729,22 @@ async fn bench(settings: &Settings, server: &Binary) {
         }
     }
     // The wait in the shards' queues, where the server exports it (all commands, the
-    // recovery probes' included).
-    let waits = histogram_growth(&before, &after, |s| {
-        s.name == "nudge_queue_wait_seconds_bucket"
-    });
-    if let Some(&(_, waited)) = waits.last().filter(|b| b.1 > 0.0) {
-        println!(
-            "  {:<28} p50 {}, p99 {} ({waited:.0} waits; bucket resolution)",
-            "queue wait, in the server",
-            bucket_of(&waits, waited * 0.5),
-            bucket_of(&waits, waited * 0.99),
-        );
-    }
-    // The group commits (an fsync each), which every accepted request waits for one of.
-    let commits = histogram_growth(&before, &after, |s| {
-        s.name == "nudge_store_commit_duration_seconds_bucket"
-    });
-    if let Some(&(_, committed)) = commits.last().filter(|b| b.1 > 0.0) {
-        println!(
-            "  {:<28} p50 {}, p99 {} ({committed:.0} group commits; bucket resolution)",
-            "store commit, in the server",
-            bucket_of(&commits, committed * 0.5),
-            bucket_of(&commits, committed * 0.99),
-        );
-    }
+    // recovery probes' included), and the group commits (an fsync each), which every
+    // accepted request waits for one of.
+    print_growth(
+        &before,
+        &after,
+        "queue wait, in the server",
+        "nudge_queue_wait_seconds",
+        "waits",
+    );
+    print_growth(
+        &before,
+        &after,
+        "store commit, in the server",
+        "nudge_store_commit_duration_seconds",
+        "group commits",
+    );
     println!(
         "  {:<28} {all_answered:.1?} after the schedule stopped ({probes_by_then} recovery \
          probes sent by then)",
