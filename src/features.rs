@@ -13,7 +13,7 @@ use std::sync::OnceLock;
 
 use sha2::{Digest, Sha256};
 
-use crate::profile::{DayStats, Profile, CATEGORY_DAYS};
+use crate::profile::{DayStats, Profile};
 use crate::time::{Time, DAY_MS};
 
 /// The version of the definitions below.
@@ -310,7 +310,7 @@ pub fn extract(profile: &Profile, now: Time) -> FeatureRow {
     let mut categorized = 0u32;
     let mut distinct = 0u32;
     for c in &profile.categories {
-        let views = c.views.last_days(today, CATEGORY_DAYS);
+        let views = c.views(today);
         categorized = categorized.saturating_add(views);
         distinct += u32::from(views > 0);
     }

@@ -31,11 +31,12 @@ use crate::config::{StoreConfig, SyncPolicy};
 use crate::event::PersonKey;
 use crate::profile::Profile;
 use crate::time::Time;
-use crate::trigger::state::{AuditEntry, OutcomeTotals, TriggerState};
+use crate::trigger::state::{AuditDetail, AuditEntry, OutcomeTotals, TriggerState};
 
 /// The version byte in front of every stored profile. Format 1 (a checkout flag in the
-/// cart instead of its times) is still read, through `profile::v1`.
-const PROFILE_FORMAT: u8 = 2;
+/// cart instead of its times) and format 2 (categories by views only, no product memory)
+/// are still read, through `profile::v1` and `profile::v2`.
+const PROFILE_FORMAT: u8 = 3;
 /// The version byte in front of every stored trigger state; its own, so that a new
 /// profile format does not invalidate trigger states, nor the other way round.
 const TRIGGER_STATE_FORMAT: u8 = 1;
@@ -441,9 +442,24 @@ fn in_order(mut writes: Vec<Write>) -> Vec<Write> {
 }
 
 /// Audit entries are bare postcard (they predate the format bytes; their keyspace is
-/// expired by age, so a new format can start a new keyspace).
+/// expired by age, so a new format can start a new keyspace): the entry, then its detail.
+/// Entries written before the detail existed end after the entry.
+fn encode_audit(entry: &AuditEntry) -> Result<Vec<u8>, StoreError> {
+    let corrupt = |e: postcard::Error| StoreError::Corrupt(e.to_string());
+    let mut bytes = postcard::to_stdvec(entry).map_err(corrupt)?;
+    if entry.detail != AuditDetail::default() {
+        bytes.extend(postcard::to_stdvec(&entry.detail).map_err(corrupt)?);
+    }
+    Ok(bytes)
+}
+
 fn decode_audit(bytes: &[u8]) -> Result<AuditEntry, StoreError> {
-    postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt(format!("audit entry: {e}")))
+    let corrupt = |e: postcard::Error| StoreError::Corrupt(format!("audit entry: {e}"));
+    let (mut entry, rest): (AuditEntry, _) = postcard::take_from_bytes(bytes).map_err(corrupt)?;
+    if !rest.is_empty() {
+        entry.detail = postcard::from_bytes(rest).map_err(corrupt)?;
+    }
+    Ok(entry)
 }
 
 impl Tables {
@@ -873,6 +889,9 @@ impl Tables {
             Some(1) => {
                 decode::<crate::profile::v1::Profile>("profile", 1, &bytes).map(|p| Some(p.into()))
             }
+            Some(2) => {
+                decode::<crate::profile::v2::Profile>("profile", 2, &bytes).map(|p| Some(p.into()))
+            }
             _ => decode("profile", PROFILE_FORMAT, &bytes).map(Some),
         }
     }
@@ -1228,9 +1247,7 @@ impl Tables {
                     k.extend(order.to_be_bytes());
                     // Unique even if the order number restarts within the millisecond.
                     k.extend_from_slice(entry.trigger_id.as_bytes());
-                    let bytes = postcard::to_stdvec(&entry)
-                        .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                    batch.insert(&self.audit, k, bytes);
+                    batch.insert(&self.audit, k, encode_audit(&entry)?);
                 }
                 Write::Outcome {
                     rule,
@@ -1420,6 +1437,7 @@ mod tests {
             trigger_id: format!("t{at}{rule}"),
             outcome: Outcome::Suppressed(Suppressed::Cooldown),
             variant: None,
+            detail: Default::default(),
         };
         let visitor = PersonKey::Anonymous("a1".into());
         store
@@ -1443,6 +1461,18 @@ mod tests {
             .unwrap();
         assert!(store.audit(&visitor, 10).unwrap().is_empty());
         assert_eq!(store.audit(&person("u1"), 10).unwrap().len(), 5);
+        // An entry with its detail keeps it; one written before details existed (the
+        // first five fields alone) reads with none.
+        let mut detailed = entry(9000, "d");
+        detailed
+            .detail
+            .computed
+            .insert("percent".into(), "5".into());
+        let bytes = encode_audit(&detailed).unwrap();
+        assert_eq!(decode_audit(&bytes).unwrap(), detailed);
+        let old = postcard::to_stdvec(&detailed).unwrap();
+        assert!(old.len() < bytes.len());
+        assert_eq!(decode_audit(&old).unwrap(), entry(9000, "d"));
         assert_eq!(
             store.expire_audit(Time(2500)).unwrap(),
             3,
@@ -1463,6 +1493,7 @@ mod tests {
             trigger_id: format!("t{at}"),
             outcome: Outcome::Delivered,
             variant: None,
+            detail: Default::default(),
         };
         // An event and its trigger decision, then the person's erasure, in one group.
         store

@@ -204,6 +204,70 @@ pub fn trigger(t: crate::trigger::Trigger) -> pb::Trigger {
         }),
         experiment: t.experiment.unwrap_or_default(),
         variant: t.variant.unwrap_or_default(),
+        context: t.context.map(context),
+    }
+}
+
+fn context(c: crate::trigger::TriggerContext) -> pb::TriggerContext {
+    pb::TriggerContext {
+        product: c.product.map(product_interest),
+        cart: c
+            .cart
+            .unwrap_or_default()
+            .into_iter()
+            .map(|l| pb::ContextCartLine {
+                product_id: l.product_id,
+                category: l.category,
+                unit_price: l.unit_price,
+                quantity: l.quantity,
+            })
+            .collect(),
+        top_products: c
+            .top_products
+            .unwrap_or_default()
+            .into_iter()
+            .map(product_interest)
+            .collect(),
+        top_categories: c
+            .top_categories
+            .unwrap_or_default()
+            .into_iter()
+            .map(|c| pb::CategoryShare {
+                category: c.category,
+                share: c.share,
+            })
+            .collect(),
+        segment: c.segment.map(|s| pb::ContextSegment {
+            segment: s.segment,
+            segments: s.segments,
+            stage: s.stage,
+        }),
+        event: c.event.map(|e| pb::ContextEvent {
+            event_id: e.event_id,
+            kind: e.kind,
+            time: Some(timestamp(Time(e.time_ms))),
+            product_id: e.product_id,
+            category: e.category,
+            page: e.page,
+            search_query: e.search_query,
+        }),
+    }
+}
+
+fn product_interest(p: crate::trigger::context::ProductFacts) -> pb::ProductInterest {
+    pb::ProductInterest {
+        product_id: p.product_id,
+        category: p.category,
+        price: p.price.is_finite().then_some(p.price),
+        views_7d: p.views_7d,
+        views_30d: p.views_30d,
+        cart_adds_7d: p.cart_adds_7d,
+        cart_adds_30d: p.cart_adds_30d,
+        purchases_30d: p.purchases_30d,
+        dwell_seconds_7d: p.dwell_seconds_7d,
+        dwell_seconds_30d: p.dwell_seconds_30d,
+        in_cart: p.in_cart,
+        last_seen: Some(timestamp(Time(p.last_seen_ms))),
     }
 }
 
@@ -509,6 +573,8 @@ pub fn explain_response(e: Explanation) -> pb::ExplainTriggersResponse {
                 rule: a.rule,
                 trigger_id: a.trigger_id,
                 variant: a.variant.unwrap_or_default(),
+                computed_params: a.detail.computed.into_iter().collect(),
+                context: a.detail.context.map(context),
             })
             .collect(),
         timers: e

@@ -223,6 +223,7 @@ mod tests {
                 scores: BTreeMap::new(),
                 journey_stage: "awareness".into(),
                 contributions: BTreeMap::new(),
+                context: None,
                 action: Default::default(),
                 experiment: None,
                 variant: None,

@@ -40,8 +40,8 @@ use crate::store::{Record, Store, StoreError, Write};
 use crate::time::Time;
 use crate::trigger::rules::RuleSet;
 use crate::trigger::{
-    self, Cause, Contribution, Explanation, Facts, Firing, History, Live, Outcome as Decision,
-    OutcomeTotals, Trigger, TriggerState,
+    self, Cause, Contribution, Explanation, Facts, Firing, History, Live, Memory,
+    Outcome as Decision, OutcomeTotals, Trigger, TriggerState,
 };
 
 /// The most commands one shard folds into one commit.
@@ -148,7 +148,8 @@ enum Pending {
     Track(Answer<Vec<(usize, Outcome)>>),
     Explain(Answer<Explanation>),
     Score(Answer<Option<Scores>>),
-    Profile(Answer<Option<Profile>>),
+    /// Boxed: a profile is several times the size of the other answers.
+    Profile(Box<Answer<Option<Profile>>>),
     Absorbed(Answer<()>),
     Erased(Answer<bool>),
     Ticked(Answer<()>),
@@ -204,6 +205,7 @@ struct Scored<'a> {
     row: &'a FeatureRow,
     scores: &'a Scores,
     history: History,
+    memory: &'a Memory,
 }
 
 /// One shard: the profiles and trigger states of its people, their timers, and the work
@@ -422,10 +424,10 @@ impl Shard {
                 });
                 Pending::Score(Answer { reply, value })
             }
-            Command::Profile { person, reply } => Pending::Profile(Answer {
+            Command::Profile { person, reply } => Pending::Profile(Box::new(Answer {
                 reply,
                 value: self.guarded(group, |shard, _| shard.read(&person)),
-            }),
+            })),
             Command::Absorb { from, into, reply } => Pending::Absorbed(Answer {
                 reply,
                 value: self.guarded(group, |shard, group| shard.absorb(&from, &into, group)),
@@ -481,7 +483,7 @@ impl Shard {
         let mut rows = Vec::with_capacity(events.len());
         let mut histories = Vec::with_capacity(events.len());
         for (_, event) in events {
-            let (row, history) = self.apply(event, round.now, group)?;
+            let (row, history) = self.apply(event, round, group)?;
             rows.push(row);
             histories.push(history);
         }
@@ -490,7 +492,7 @@ impl Shard {
         for ((((index, event), row), scores), history) in
             events.iter().zip(&rows).zip(scores).zip(histories)
         {
-            let Some(history) = history else {
+            let Some((history, memory)) = history else {
                 outcomes.push((*index, Outcome::Duplicate(scores)));
                 continue;
             };
@@ -500,6 +502,7 @@ impl Shard {
                     row,
                     scores: &scores,
                     history,
+                    memory: &memory,
                 };
                 self.evaluate(scored, Cause::Event(event), Some(received), round, group)?;
             }
@@ -509,14 +512,16 @@ impl Shard {
     }
 
     /// Applies one event to its person's profile (unless it is a duplicate) and records
-    /// its id: the person's feature row after it, and their history (`None` for a
-    /// duplicate, which changes nothing and is not evaluated).
+    /// its id: the person's feature row after it, and their history and memory as the
+    /// rules read them (`None` for a duplicate, which changes nothing and is not
+    /// evaluated).
     fn apply(
         &mut self,
         event: &Event,
-        now: Time,
+        round: &Round<'_>,
         group: &mut Group,
-    ) -> Result<(FeatureRow, Option<History>), EngineError> {
+    ) -> Result<(FeatureRow, Option<(History, Memory)>), EngineError> {
+        let now = round.now;
         let duplicate = self.is_duplicate(event, now, group)?;
         let profile = self.load(&event.person)?;
         if duplicate {
@@ -524,7 +529,13 @@ impl Shard {
         }
         profile.apply(event);
         let row = features::extract(profile, now);
-        let history = History::of(profile);
+        // Taken now: a later event of the batch must not change what this one's rules see.
+        let memory = if round.rules.reads_memory {
+            Memory::of(profile, Some(event), now)
+        } else {
+            Memory::default()
+        };
+        let history = (History::of(profile), memory);
         group.dirty.insert(event.person.clone());
         group.seen.insert((event.person.clone(), event.id.clone()));
         group
@@ -549,6 +560,7 @@ impl Shard {
             row,
             scores,
             history,
+            memory,
         } = scored;
         let rules = round.rules;
         let named: Vec<(String, f64)> = scores
@@ -601,6 +613,7 @@ impl Shard {
             segment,
             segments: &rule_segments,
             history,
+            memory,
             explain: &explain,
             now: round.now,
         };
@@ -642,7 +655,10 @@ impl Shard {
                 self.decisions,
             ));
         }
-        for Firing { trigger, outcome } in decisions.firings {
+        for Firing {
+            trigger, outcome, ..
+        } in decisions.firings
+        {
             self.metrics
                 .triggers
                 .with_label_values(&[trigger.rule.as_str(), outcome.as_str()])
@@ -708,11 +724,16 @@ impl Shard {
                 .map_or(FeatureRow::missing(), |p| features::extract(p, now));
             let scores = score_row(&models, &row, &self.metrics);
             let history = profile.as_ref().map(History::of).unwrap_or_default();
+            let memory = match &profile {
+                Some(p) if rules.reads_memory => Memory::of(p, None, now),
+                _ => Memory::default(),
+            };
             let scored = Scored {
                 person: &person,
                 row: &row,
                 scores: &scores,
                 history,
+                memory: &memory,
             };
             let remaining = self.evaluate(scored, Cause::Due, None, &round, group)?;
             // Index entries that came due and no longer match a timer leave the store.

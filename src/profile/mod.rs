@@ -20,8 +20,10 @@
 //! `Profile::merge` combines two people into one (identity stitching): counters add up,
 //! sessions that are parts of the same visit become one, carts combine.
 
+pub mod interest;
 pub mod session;
 pub mod v1;
+pub mod v2;
 pub mod window;
 
 use serde::{Deserialize, Serialize};
@@ -29,12 +31,13 @@ use serde::{Deserialize, Serialize};
 use crate::event::{fnv1a, Event, EventKind};
 use crate::heap::{self, HeapSize};
 use crate::time::Time;
+use interest::{CategoryDay, ProductDay, ProductTouch, Products};
 pub use session::{Session, Sessions, SESSION_TIMEOUT_MS};
 use window::{DailySeries, DayValue};
 
 /// Cart lines kept; additions of further products are ignored.
 pub const MAX_CART_LINES: usize = 100;
-/// Categories remembered; the least recently viewed one makes room for a new one.
+/// Categories remembered; the one with the least recent activity makes room for a new one.
 pub const MAX_CATEGORIES: usize = 16;
 /// Days of per-day history kept (the longest window any feature uses).
 pub const HISTORY_DAYS: i32 = 90;
@@ -66,10 +69,12 @@ pub struct Profile {
     pub(crate) sessions: Sessions,
     pub(crate) cart: Cart,
     pub(crate) days: DailySeries<DayStats, HISTORY_DAYS>,
-    pub(crate) categories: Vec<CategoryViews>,
+    pub(crate) categories: Vec<CategoryActivity>,
     pub(crate) lifetime_purchases: u32,
     pub(crate) lifetime_revenue: f64,
     pub(crate) last_purchase: Option<Time>,
+    /// The products the person showed interest in ([`interest`]).
+    pub(crate) products: Products,
 }
 
 /// Counters for one calendar day.
@@ -223,11 +228,24 @@ impl Cart {
     }
 }
 
-/// Product views in one category, per day.
+/// What the person did in one category, per day: product views (what features read),
+/// cart additions and purchases (which weigh into the affinity rules read).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct CategoryViews {
+pub struct CategoryActivity {
     pub name: String,
-    pub views: DailySeries<u32, CATEGORY_DAYS>,
+    pub days: DailySeries<CategoryDay, CATEGORY_DAYS>,
+}
+
+impl CategoryActivity {
+    /// Product views in the 30 days ending `today`.
+    pub fn views(&self, today: i32) -> u32 {
+        self.days.last_days(today, CATEGORY_DAYS).views
+    }
+
+    /// Affinity in the 30 days ending `today` ([`CategoryDay::affinity`]).
+    pub fn affinity(&self, today: i32) -> u64 {
+        self.days.last_days(today, CATEGORY_DAYS).affinity()
+    }
 }
 
 impl HeapSize for Profile {
@@ -239,13 +257,17 @@ impl HeapSize for Profile {
                 .iter()
                 .map(|l| l.product_id.heap_bytes())
                 .sum::<usize>();
-        let categories = heap::buffer::<CategoryViews>(self.categories.capacity())
+        let categories = heap::buffer::<CategoryActivity>(self.categories.capacity())
             + self
                 .categories
                 .iter()
-                .map(|c| c.name.heap_bytes() + c.views.heap_bytes())
+                .map(|c| c.name.heap_bytes() + c.days.heap_bytes())
                 .sum::<usize>();
-        self.sessions.heap_bytes() + cart + self.days.heap_bytes() + categories
+        self.sessions.heap_bytes()
+            + cart
+            + self.days.heap_bytes()
+            + categories
+            + self.products.heap_bytes()
     }
 }
 
@@ -289,9 +311,17 @@ impl Profile {
                         None => {}
                     }
                 }
-                if let Some(category) = props.category.as_deref().filter(|c| !c.is_empty()) {
-                    self.view_category(category, day);
+                let category = props.category.as_deref().filter(|c| !c.is_empty());
+                if let Some(category) = category {
+                    self.category_activity(category, day, |d| bump(&mut d.views));
                 }
+                let dwell = props
+                    .dwell_seconds
+                    .map_or(0, |s| s.min(f64::from(u16::MAX)) as u16);
+                self.touch_product(event, |d| {
+                    d.views = 1;
+                    d.dwell_seconds = dwell;
+                });
             }
             EventKind::Search => {
                 self.days.update(day, |d| bump(&mut d.searches));
@@ -307,6 +337,12 @@ impl Profile {
                 let product = props.product_id.as_deref().unwrap_or_default();
                 self.cart
                     .add(t, product, props.quantity.unwrap_or(1), props.price);
+                if let Some(category) = props.category.as_deref().filter(|c| !c.is_empty()) {
+                    self.category_activity(category, day, |d| {
+                        d.cart_adds = d.cart_adds.saturating_add(1)
+                    });
+                }
+                self.touch_product(event, |d| d.cart_adds = 1);
             }
             EventKind::RemoveFromCart => {
                 let product = props.product_id.as_deref().unwrap_or_default();
@@ -323,6 +359,12 @@ impl Profile {
                 self.lifetime_revenue = add_revenue(self.lifetime_revenue, value);
                 self.last_purchase = Some(self.last_purchase.map_or(t, |l| l.max(t)));
                 self.cart.purchase(t);
+                if let Some(category) = props.category.as_deref().filter(|c| !c.is_empty()) {
+                    self.category_activity(category, day, |d| {
+                        d.purchases = d.purchases.saturating_add(1)
+                    });
+                }
+                self.touch_product(event, |d| d.purchases = 1);
             }
             EventKind::EmailOpen => {
                 self.days.update(day, |d| bump(&mut d.email_opens));
@@ -347,7 +389,7 @@ impl Profile {
         self.days.merge(&other.days);
         for c in other.categories {
             match self.categories.iter_mut().find(|mine| mine.name == c.name) {
-                Some(mine) => mine.views.merge(&c.views),
+                Some(mine) => mine.days.merge(&c.days),
                 None => {
                     self.make_room_for_category();
                     self.categories.push(c);
@@ -359,6 +401,24 @@ impl Profile {
             .saturating_add(other.lifetime_purchases);
         self.lifetime_revenue = add_revenue(self.lifetime_revenue, other.lifetime_revenue);
         self.last_purchase = self.last_purchase.max(other.last_purchase);
+        self.products.merge(other.products);
+    }
+
+    /// Records in the product memory what an event that names a product did with it.
+    fn touch_product(&mut self, event: &Event, day: impl FnOnce(&mut ProductDay)) {
+        let props = &event.properties;
+        let Some(id) = props.product_id.as_deref() else {
+            return;
+        };
+        let mut counts = ProductDay::default();
+        day(&mut counts);
+        self.products.touch(ProductTouch {
+            id,
+            category: props.category.as_deref(),
+            price: props.price,
+            at: event.time,
+            day: counts,
+        });
     }
 
     fn make_room_for_category(&mut self) {
@@ -367,26 +427,26 @@ impl Profile {
                 .categories
                 .iter()
                 .enumerate()
-                .min_by_key(|(_, c)| c.views.newest_day())
+                .min_by_key(|(_, c)| c.days.newest_day())
                 .map(|(i, _)| i)
                 .unwrap_or(0);
             self.categories.swap_remove(stalest);
         }
     }
 
-    fn view_category(&mut self, name: &str, day: i32) {
+    fn category_activity(&mut self, name: &str, day: i32, f: impl FnOnce(&mut CategoryDay)) {
         let at = match self.categories.iter().position(|c| c.name == name) {
             Some(at) => at,
             None => {
                 self.make_room_for_category();
-                self.categories.push(CategoryViews {
+                self.categories.push(CategoryActivity {
                     name: name.to_owned(),
-                    views: DailySeries::default(),
+                    days: DailySeries::default(),
                 });
                 self.categories.len() - 1
             }
         };
-        self.categories[at].views.update(day, bump);
+        self.categories[at].days.update(day, f);
     }
 
     pub fn first_seen(&self) -> Option<Time> {
@@ -414,13 +474,36 @@ impl Profile {
         &self.cart
     }
 
-    /// The category with the most product views in the 30 days ending `now`, and its views.
+    /// The category with the most product views in the 30 days ending `now`, and its views
+    /// (what the features read).
     pub fn top_category(&self, now: Time) -> Option<(&str, u32)> {
         self.categories
             .iter()
-            .map(|c| (c.name.as_str(), c.views.last_days(now.day(), CATEGORY_DAYS)))
+            .map(|c| (c.name.as_str(), c.views(now.day())))
             .filter(|&(_, views)| views > 0)
             .max_by(|a, b| a.1.cmp(&b.1).then_with(|| b.0.cmp(a.0)))
+    }
+
+    /// The categories with any affinity in the 30 days ending `now` and each one's share of
+    /// the person's affinity over all of them, highest first (then by name). What rules
+    /// read as `top_category` and `category_share(name)`.
+    pub fn category_affinities(&self, now: Time) -> Vec<(&str, f64)> {
+        let today = now.day();
+        let mut all: Vec<(&str, u64)> = self
+            .categories
+            .iter()
+            .map(|c| (c.name.as_str(), c.affinity(today)))
+            .filter(|&(_, a)| a > 0)
+            .collect();
+        let total: u64 = all.iter().map(|(_, a)| a).sum();
+        all.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+        all.into_iter()
+            .map(|(name, a)| (name, a as f64 / total as f64))
+            .collect()
+    }
+
+    pub fn products(&self) -> &Products {
+        &self.products
     }
 }
 

@@ -10,8 +10,9 @@
 
 use serde::Deserialize;
 
+use super::v2::CategoryViews;
 use super::window::DailySeries;
-use super::{Cart, CartLine, CategoryViews, DayStats, Sessions, HISTORY_DAYS};
+use super::{Cart, CartLine, DayStats, Sessions, HISTORY_DAYS};
 use crate::time::Time;
 
 /// A profile as format 1 stored it; the fields and their order are that format.
@@ -40,6 +41,12 @@ struct Cart1 {
 
 impl From<Profile> for super::Profile {
     fn from(p: Profile) -> super::Profile {
+        super::v2::Profile::from(p).into()
+    }
+}
+
+impl From<Profile> for super::v2::Profile {
+    fn from(p: Profile) -> super::v2::Profile {
         let cart = Cart {
             lines: p.cart.lines,
             last_add: p.cart.last_add,
@@ -51,7 +58,7 @@ impl From<Profile> for super::Profile {
             last_purchase: p.last_purchase,
             last_change: p.cart.last_change,
         };
-        super::Profile {
+        super::v2::Profile {
             first_seen: p.first_seen,
             last_seen: p.last_seen,
             last_visit: p.last_visit,

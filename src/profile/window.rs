@@ -74,6 +74,11 @@ impl<V: DayValue, const DAYS: i32> DailySeries<V, DAYS> {
         self.sum(today - n + 1, today)
     }
 
+    /// The days held and their values, oldest first.
+    pub fn iter(&self) -> impl Iterator<Item = (i32, V)> + '_ {
+        self.days.iter().copied()
+    }
+
     /// The newest day held, if any.
     pub fn newest_day(&self) -> Option<i32> {
         self.days.last().map(|&(d, _)| d)

@@ -2,12 +2,19 @@
 //! just applied to the person's profile, or the person's timers coming due. It updates the
 //! person's [`TriggerState`] and returns the decisions; the caller commits both.
 
+use std::collections::BTreeMap;
+
+use super::context::{ContextPart, EventFacts, SegmentFacts, TriggerContext};
 use super::experiment::{assign_variant, record_purchase, HOLDOUT};
 use super::expr::Env;
 use super::rules::{Condition, Rule, RuleSet, Schedule};
-use super::state::{Exposure, Outcome, Suppressed, Timer, TriggerState, MAX_EXPOSURES};
+use super::state::{
+    rule_of, Exposure, Outcome, RuleState, Suppressed, Timer, TriggerState, MAX_EXPOSURES,
+    PRODUCT_KEY_SEPARATOR,
+};
 use super::{trigger_id, Facts, Firing, Trigger};
-use crate::event::{Event, EventKind, PersonKey};
+use crate::event::{fnv1a, Event, EventKind, PersonKey};
+use crate::profile::interest::MAX_PRODUCTS;
 use crate::time::Time;
 
 /// The cause of a threshold's recheck timer.
@@ -43,7 +50,9 @@ pub fn evaluate(
     cause: Cause<'_>,
 ) -> Decisions {
     // Latches of rules no longer in the file are remembered for nothing.
-    state.rules.retain(|(name, _)| rules.get(name).is_some());
+    state
+        .rules
+        .retain(|(key, _)| rules.get(rule_of(key)).is_some());
     match cause {
         Cause::Event(event) => {
             let (firings, expression_panics) = evaluate_event(rules, state, facts, event);
@@ -73,6 +82,16 @@ struct Candidate<'r> {
     rule: &'r Rule,
     cause: String,
     variant: Option<String>,
+    /// A product-level rule's state key for the event's product.
+    product_key: Option<String>,
+}
+
+/// The state key of a product-level rule for one product.
+fn product_key(rule: &str, product_id: &str) -> String {
+    format!(
+        "{rule}{PRODUCT_KEY_SEPARATOR}{:016x}",
+        fnv1a(product_id.bytes())
+    )
 }
 
 /// Evaluates every rule for an event that was just applied to the person's profile.
@@ -90,6 +109,14 @@ fn evaluate_event(
     let cause = format!("event:{}", event.id);
     let mut candidates = Vec::new();
     for rule in &rules.rules {
+        // A product-level rule latches per product: an event without a product (which its
+        // `when` cannot hold for) leaves every product's latch as it is.
+        let key = match (rule.per_product, &facts.memory.product) {
+            (false, _) => None,
+            (true, Some(p)) => Some(product_key(&rule.name, &p.product_id)),
+            (true, None) => continue,
+        };
+        let latch = key.as_deref().unwrap_or(&rule.name);
         let when = rule.when.as_ref().is_none_or(|w| env.holds(w));
         match &rule.condition {
             Condition::Threshold { recheck_ms, .. } => {
@@ -109,25 +136,27 @@ fn evaluate_event(
                         variant: None,
                     });
                 }
-                if crossed(state, rule, facts, when) {
+                if crossed(state, rule, latch, facts, when) {
                     candidates.push(Candidate {
                         rule,
                         cause: cause.clone(),
                         variant: None,
+                        product_key: key.clone(),
                     });
                 }
             }
             Condition::Predicate => {
-                let mut rs = state.rule(&rule.name);
+                let mut rs = state.rule(latch);
                 let was = std::mem::replace(&mut rs.latched, when);
                 if when && !was {
                     candidates.push(Candidate {
                         rule,
                         cause: cause.clone(),
                         variant: None,
+                        product_key: key.clone(),
                     });
                 }
-                state.set_rule(&rule.name, rs);
+                state.set_rule(latch, rs);
             }
             Condition::Absence {
                 after,
@@ -166,7 +195,10 @@ fn evaluate_event(
             }
         }
     }
-    let firings = decide(rules, state, facts, &env, candidates);
+    let firings = decide(rules, state, facts, &env, Some(event), candidates);
+    for rule in rules.rules.iter().filter(|r| r.per_product) {
+        state.bound_product_states(&rule.name, MAX_PRODUCTS);
+    }
     (firings, env.panics())
 }
 
@@ -207,12 +239,17 @@ fn evaluate_timers(
                     ..timer.clone()
                 });
             }
+            // A product-level threshold is checked on events about its products only.
+            if rule.per_product {
+                continue;
+            }
             let when = rule.when.as_ref().is_none_or(|w| env.holds(w));
-            if crossed(state, rule, facts, when) {
+            if crossed(state, rule, &rule.name, facts, when) {
                 candidates.push(Candidate {
                     rule,
                     cause: format!("{RECHECK}:{}", timer.due.millis()),
                     variant: None,
+                    product_key: None,
                 });
             }
             continue;
@@ -240,16 +277,24 @@ fn evaluate_timers(
             rule,
             cause: format!("timer:{}:{}", timer.cause, timer.step),
             variant: timer.variant,
+            product_key: None,
         });
     }
     candidates.sort_by_key(|c| std::cmp::Reverse(c.rule.priority));
-    let firings = decide(rules, state, facts, &env, candidates);
+    let firings = decide(rules, state, facts, &env, None, candidates);
     (firings, env.panics())
 }
 
 /// Whether a threshold rule's score crossed up (with `when` true) and so fires; moves its
-/// latch: set on crossing, cleared below the re-arm level.
-fn crossed(state: &mut TriggerState, rule: &Rule, facts: &Facts<'_>, when: bool) -> bool {
+/// latch (the rule's, or a product-level rule's for the product): set on crossing, cleared
+/// below the re-arm level.
+fn crossed(
+    state: &mut TriggerState,
+    rule: &Rule,
+    latch: &str,
+    facts: &Facts<'_>,
+    when: bool,
+) -> bool {
     let Condition::Threshold {
         score,
         above,
@@ -262,7 +307,7 @@ fn crossed(state: &mut TriggerState, rule: &Rule, facts: &Facts<'_>, when: bool)
     let Some(&(_, p)) = facts.scores.iter().find(|(m, _)| m == score) else {
         return false;
     };
-    let mut rs = state.rule(&rule.name);
+    let mut rs = state.rule(latch);
     let fire = if rs.latched {
         if p < *rearm_below {
             rs.latched = false;
@@ -274,7 +319,7 @@ fn crossed(state: &mut TriggerState, rule: &Rule, facts: &Facts<'_>, when: bool)
     } else {
         false
     };
-    state.set_rule(&rule.name, rs);
+    state.set_rule(latch, rs);
     fire
 }
 
@@ -285,6 +330,7 @@ fn decide(
     state: &mut TriggerState,
     facts: &Facts<'_>,
     env: &Env,
+    event: Option<&Event>,
     candidates: Vec<Candidate<'_>>,
 ) -> Vec<Firing> {
     let now = facts.now;
@@ -303,18 +349,22 @@ fn decide(
                 .map(|e| assign_variant(e, facts.person).to_owned())
         });
         let last = state.rule(&rule.name).last_fired;
+        let s = &rule.suppression;
+        let last_for_cooldown = match (&c.product_key, s.cooldown_per_product) {
+            (Some(key), true) => state.rule(key).last_fired,
+            _ => last,
+        };
         let within = |ms: Option<i64>, t: Option<Time>| match (ms, t) {
             (Some(ms), Some(t)) => now.since(t) < ms,
             _ => false,
         };
-        let s = &rule.suppression;
         let suppressed = if within(s.purchased_within_ms, facts.history.last_purchase) {
             Some(Suppressed::PurchasedRecently)
         } else if within(s.received_within_ms, last) {
             Some(Suppressed::AlreadyReceived)
         } else if s.unless.as_ref().is_some_and(|u| env.holds(u)) {
             Some(Suppressed::Excluded)
-        } else if within(s.cooldown_ms, last) {
+        } else if within(s.cooldown_ms, last_for_cooldown) {
             Some(Suppressed::Cooldown)
         } else if !s.ignore_quiet_hours
             && rules
@@ -339,11 +389,16 @@ fn decide(
         // Explaining a score costs more than everything else here (TreeSHAP): only
         // delivered triggers carry it.
         let explained = outcome == Outcome::Delivered;
-        let trigger = build_trigger(rule, &c.cause, variant, facts, env, explained);
+        let (trigger, computed) =
+            build_trigger(rule, &c.cause, variant, facts, env, event, explained);
         if !matches!(outcome, Outcome::Suppressed(_)) {
-            let mut rs = state.rule(&rule.name);
-            rs.last_fired = Some(now);
-            state.set_rule(&rule.name, rs);
+            for key in std::iter::once(rule.name.as_str()).chain(c.product_key.as_deref()) {
+                let rs = RuleState {
+                    last_fired: Some(now),
+                    ..state.rule(key)
+                };
+                state.set_rule(key, rs);
+            }
             if let (Some(e), Some(v)) = (&rule.experiment, &trigger.variant) {
                 if state.exposures.len() >= MAX_EXPOSURES {
                     state.exposures.remove(0);
@@ -359,35 +414,58 @@ fn decide(
         if outcome == Outcome::Delivered && rules.cap.is_some() {
             state.delivered.push(now);
         }
-        firings.push(Firing { trigger, outcome });
+        firings.push(Firing {
+            trigger,
+            outcome,
+            computed,
+        });
     }
     firings
 }
 
+/// The trigger a rule makes, and the parameters it computed.
 fn build_trigger(
     rule: &Rule,
     cause: &str,
     variant: Option<String>,
     facts: &Facts<'_>,
     env: &Env,
+    event: Option<&Event>,
     explained: bool,
-) -> Trigger {
-    let mut action = rule.action.clone();
+) -> (Trigger, BTreeMap<String, String>) {
+    let chosen = rule.action_for(env.stage);
+    let mut action = chosen.action.clone();
+    let mut expressions: Vec<&(String, super::expr::Expr)> = chosen.computed.iter().collect();
     if let Some(v) = rule.experiment.as_ref().and_then(|e| {
         e.variants
             .iter()
             .find(|v| Some(&v.name) == variant.as_ref())
     }) {
         action.params.extend(v.params.clone());
+        expressions.extend(&v.computed);
         if let Some(t) = &v.template {
             action.template = t.clone();
         }
     }
+    // A parameter whose expression fails (a missing score) is left out, not guessed.
+    let mut computed = BTreeMap::new();
+    for (name, expr) in expressions {
+        match env.value(expr) {
+            Some(value) => {
+                computed.insert(name.clone(), value);
+            }
+            None => {
+                computed.remove(name);
+                action.params.remove(name);
+            }
+        }
+    }
+    action.params.extend(computed.clone());
     let (user_id, anonymous_id) = match facts.person {
         PersonKey::User(id) => (Some(id.clone()), None),
         PersonKey::Anonymous(id) => (None, Some(id.clone())),
     };
-    Trigger {
+    let trigger = Trigger {
         trigger_id: trigger_id(&rule.name, facts.person, cause),
         rule: rule.name.clone(),
         user_id,
@@ -404,7 +482,52 @@ fn build_trigger(
             .filter(|(_, c)| !c.is_empty())
             .collect(),
         action,
+        context: context(rule, facts, env, event),
         experiment: rule.experiment.as_ref().map(|e| e.name.clone()),
         variant,
+    };
+    (trigger, computed)
+}
+
+/// The context block a rule's `context` list asks for (none for an empty list). A
+/// product-level rule's context always names its product.
+fn context(
+    rule: &Rule,
+    facts: &Facts<'_>,
+    env: &Env,
+    event: Option<&Event>,
+) -> Option<TriggerContext> {
+    if rule.context.is_empty() && !rule.per_product {
+        return None;
     }
+    let memory = facts.memory;
+    let mut context = TriggerContext {
+        product: memory.product.clone().filter(|_| rule.per_product),
+        ..TriggerContext::default()
+    };
+    for part in &rule.context {
+        match part {
+            ContextPart::Cart => context.cart = Some(memory.cart.clone()),
+            ContextPart::TopProducts => context.top_products = Some(memory.top_products.clone()),
+            ContextPart::TopCategories => {
+                context.top_categories = Some(
+                    memory
+                        .categories
+                        .iter()
+                        .take(super::context::MAX_TOP_CATEGORIES)
+                        .cloned()
+                        .collect(),
+                )
+            }
+            ContextPart::Segment => {
+                context.segment = Some(SegmentFacts {
+                    segment: facts.segment.unwrap_or("").to_owned(),
+                    segments: facts.segments.iter().map(|s| (*s).to_owned()).collect(),
+                    stage: env.stage.to_owned(),
+                })
+            }
+            ContextPart::Event => context.event = event.map(EventFacts::of),
+        }
+    }
+    Some(context)
 }

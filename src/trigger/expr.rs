@@ -8,10 +8,11 @@ use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, LazyLock};
 
 use cel_interpreter::objects::{Key, Map};
-use cel_interpreter::{Context, Value};
+use cel_interpreter::{Context, ExecutionError, FunctionContext, Value};
 use cel_parser::parser::ExpressionParser;
-use cel_parser::Expression;
+use cel_parser::{ArithmeticOp, Atom, Expression, Member, UnaryOp};
 
+use super::context::ProductFacts;
 use super::rules::RuleSet;
 use super::Facts;
 use crate::event::Event;
@@ -24,9 +25,32 @@ pub const CONTEXT_VARIABLES: &[(&str, &str)] = &[
     ("segment", "the person's k-means segment name (\"\" without a segments file)"),
     ("segments", "the person's rule-based segments, e.g. 'at_risk' in segments"),
     ("stage", "the journey stage: awareness, consideration or decision"),
+    ("product", "the current event's product from the person's memory: product_id, category, price, views_7d, views_30d, cart_adds_7d, cart_adds_30d, purchases_30d, dwell_seconds_7d, dwell_seconds_30d, in_cart (a rule that reads it is a product-level rule)"),
+    ("top_category", "the category of the person's highest affinity over 30 days (\"\" if none)"),
+    ("categories", "map of category to its share of the person's affinity over 30 days; category_share('x') reads it"),
 ];
 
+/// The fields of `product`, and whether each is a number (else a string or, for
+/// `in_cart`, a bool).
+const PRODUCT_FIELDS: [(&str, Ty); 11] = [
+    ("product_id", Ty::String),
+    ("category", Ty::String),
+    ("price", Ty::Number),
+    ("views_7d", Ty::Number),
+    ("views_30d", Ty::Number),
+    ("cart_adds_7d", Ty::Number),
+    ("cart_adds_30d", Ty::Number),
+    ("purchases_30d", Ty::Number),
+    ("dwell_seconds_7d", Ty::Number),
+    ("dwell_seconds_30d", Ty::Number),
+    ("in_cart", Ty::Bool),
+];
+
+/// Functions Nudge adds to CEL's own.
+const CATEGORY_SHARE: &str = "category_share";
+
 /// A compiled CEL expression and its source.
+#[derive(Clone)]
 pub struct Expr {
     pub source: String,
     expression: Expression,
@@ -39,6 +63,13 @@ thread_local! {
     /// take half a second to load. So parsing goes through the parser crate directly and
     /// evaluation through `Value::resolve`, which is all `Program` does.
     static PARSER: ExpressionParser = ExpressionParser::new();
+}
+
+/// Two expressions are the same when their sources are.
+impl PartialEq for Expr {
+    fn eq(&self, other: &Expr) -> bool {
+        self.source == other.source
+    }
 }
 
 impl std::fmt::Debug for Expr {
@@ -89,15 +120,238 @@ impl Expr {
         })
     }
 
-    /// The variables the expression names.
+    /// The variables the expression names, and those the functions it calls read.
     pub fn variables(&self) -> Vec<String> {
         let references = self.expression.references();
-        references
+        let mut variables: Vec<String> = references
             .variables()
             .into_iter()
             .map(str::to_owned)
-            .collect()
+            .collect();
+        if references.has_function(CATEGORY_SHARE) {
+            variables.push("categories".to_owned());
+        }
+        variables
     }
+
+    /// Refuses an expression that cannot be a condition: one whose value is known, from
+    /// the types of its names, to be something other than true or false.
+    pub fn check_condition(&self) -> Result<(), String> {
+        match infer(&self.expression)? {
+            Ty::Bool | Ty::Dynamic => Ok(()),
+            other => Err(format!(
+                "the expression gives {}, not true or false",
+                other.describe()
+            )),
+        }
+    }
+
+    /// Refuses an expression that cannot be an action parameter: one whose value is not a
+    /// single string, number or bool, or mixes types (a string plus a number; a ternary
+    /// whose branches differ in type).
+    pub fn check_value(&self) -> Result<(), String> {
+        match infer(&self.expression)? {
+            Ty::List | Ty::Map => Err(format!(
+                "the expression gives {}; a parameter is a string, a number or a bool",
+                infer(&self.expression)?.describe()
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// What an expression's value is known to be before it runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ty {
+    Bool,
+    Number,
+    String,
+    List,
+    Map,
+    Null,
+    /// Known only when it runs (a map's value, an event attribute).
+    Dynamic,
+}
+
+impl Ty {
+    fn describe(self) -> &'static str {
+        match self {
+            Ty::Bool => "true or false",
+            Ty::Number => "a number",
+            Ty::String => "a string",
+            Ty::List => "a list",
+            Ty::Map => "a map",
+            Ty::Null => "null",
+            Ty::Dynamic => "a value",
+        }
+    }
+
+    /// The type of a value that is one of `a` or `b` (a ternary's branches).
+    fn either(a: Ty, b: Ty) -> Result<Ty, String> {
+        match (a, b) {
+            (Ty::Dynamic, t) | (t, Ty::Dynamic) => Ok(t),
+            (a, b) if a == b => Ok(a),
+            (a, b) => Err(format!(
+                "the branches of ? : give {} and {}",
+                a.describe(),
+                b.describe()
+            )),
+        }
+    }
+}
+
+/// Infers an expression's type from the types of the names it reads; refuses the
+/// combinations that can only fail when they run.
+fn infer(e: &Expression) -> Result<Ty, String> {
+    Ok(match e {
+        Expression::Atom(atom) => match atom {
+            Atom::Int(_) | Atom::UInt(_) | Atom::Float(_) => Ty::Number,
+            Atom::String(_) => Ty::String,
+            Atom::Bool(_) => Ty::Bool,
+            Atom::Bytes(_) => Ty::Dynamic,
+            Atom::Null => Ty::Null,
+        },
+        Expression::Ident(name) => ident_type(name),
+        Expression::Relation(a, _, b) => {
+            infer(a)?;
+            infer(b)?;
+            Ty::Bool
+        }
+        Expression::And(a, b) | Expression::Or(a, b) => {
+            for side in [a, b] {
+                if !matches!(infer(side)?, Ty::Bool | Ty::Dynamic) {
+                    return Err(format!(
+                        "&& and || join conditions, not {}",
+                        infer(side)?.describe()
+                    ));
+                }
+            }
+            Ty::Bool
+        }
+        Expression::Unary(op, a) => {
+            let t = infer(a)?;
+            match (op, t) {
+                (UnaryOp::Not | UnaryOp::DoubleNot, Ty::Bool | Ty::Dynamic) => Ty::Bool,
+                (UnaryOp::Minus | UnaryOp::DoubleMinus, Ty::Number | Ty::Dynamic) => t,
+                (UnaryOp::Not | UnaryOp::DoubleNot, t) => {
+                    return Err(format!("! applies to a condition, not {}", t.describe()))
+                }
+                (_, t) => return Err(format!("- applies to a number, not {}", t.describe())),
+            }
+        }
+        Expression::Arithmetic(a, op, b) => match (infer(a)?, infer(b)?) {
+            (Ty::Dynamic, t) | (t, Ty::Dynamic) if t != Ty::Bool => {
+                if t == Ty::String && *op != ArithmeticOp::Add {
+                    return Err("only + applies to strings".into());
+                }
+                Ty::Dynamic
+            }
+            (Ty::Number, Ty::Number) => Ty::Number,
+            (Ty::String, Ty::String) if *op == ArithmeticOp::Add => Ty::String,
+            (Ty::List, Ty::List) if *op == ArithmeticOp::Add => Ty::List,
+            (x, y) => {
+                return Err(format!(
+                    "arithmetic on {} and {}",
+                    x.describe(),
+                    y.describe()
+                ))
+            }
+        },
+        Expression::Ternary(c, a, b) => {
+            if !matches!(infer(c)?, Ty::Bool | Ty::Dynamic) {
+                return Err(format!(
+                    "the condition of ? : gives {}, not true or false",
+                    infer(c)?.describe()
+                ));
+            }
+            Ty::either(infer(a)?, infer(b)?)?
+        }
+        Expression::Member(base, member) => member_type(base, member)?,
+        Expression::FunctionCall(name, target, args) => {
+            if let Some(t) = target {
+                infer(t)?;
+            }
+            for a in args {
+                infer(a)?;
+            }
+            match &**name {
+                Expression::Ident(f) if f.as_str() == CATEGORY_SHARE => {
+                    if target.is_some() || args.len() != 1 {
+                        return Err(format!("{CATEGORY_SHARE} takes one category name"));
+                    }
+                    if !matches!(infer(&args[0])?, Ty::String | Ty::Dynamic) {
+                        return Err(format!("{CATEGORY_SHARE} takes a category name (a string)"));
+                    }
+                    Ty::Number
+                }
+                Expression::Ident(f) => match f.as_str() {
+                    "size" | "int" | "uint" | "double" => Ty::Number,
+                    "contains" | "startsWith" | "endsWith" | "matches" | "has" | "all"
+                    | "exists" | "exists_one" => Ty::Bool,
+                    "string" => Ty::String,
+                    "map" | "filter" => Ty::List,
+                    _ => Ty::Dynamic,
+                },
+                _ => Ty::Dynamic,
+            }
+        }
+        Expression::List(items) => {
+            for i in items {
+                infer(i)?;
+            }
+            Ty::List
+        }
+        Expression::Map(entries) => {
+            for (k, v) in entries {
+                infer(k)?;
+                infer(v)?;
+            }
+            Ty::Map
+        }
+    })
+}
+
+fn ident_type(name: &str) -> Ty {
+    match name {
+        "scores" | "event" | "product" | "categories" => Ty::Map,
+        "segments" => Ty::List,
+        "segment" | "stage" | "top_category" => Ty::String,
+        _ if FEATURES.iter().any(|f| f.name == name) => Ty::Number,
+        _ => Ty::Dynamic,
+    }
+}
+
+fn member_type(base: &Expression, member: &Member) -> Result<Ty, String> {
+    let base_name = match base {
+        Expression::Ident(name) => Some(name.as_str()),
+        _ => None,
+    };
+    infer(base)?;
+    Ok(match (base_name, member) {
+        (Some("product"), Member::Attribute(field)) => PRODUCT_FIELDS
+            .iter()
+            .find(|(f, _)| f == &field.as_str())
+            .map(|(_, t)| *t)
+            .ok_or_else(|| {
+                format!(
+                    "product has no field {field}: it has {}",
+                    PRODUCT_FIELDS.map(|(f, _)| f).join(", ")
+                )
+            })?,
+        (Some("event"), Member::Attribute(field)) => match field.as_str() {
+            "price" | "order_value" => Ty::Number,
+            "attributes" => Ty::Map,
+            f if EVENT_FIELDS.contains(&f) => Ty::String,
+            f => {
+                return Err(format!(
+                    "event has no field {f}: it has {}",
+                    EVENT_FIELDS.join(", ")
+                ))
+            }
+        },
+        (Some("scores" | "categories"), Member::Attribute(_) | Member::Index(_)) => Ty::Number,
+        _ => Ty::Dynamic,
+    })
 }
 
 pub fn is_known_variable(name: &str) -> bool {
@@ -107,7 +361,23 @@ pub fn is_known_variable(name: &str) -> bool {
 /// The functions every expression may call, registered once: building CEL's default
 /// context allocates a registry of a few dozen boxed functions, which per evaluation was
 /// the largest single cost of an event (a quarter of the server's CPU under load).
-static FUNCTIONS: LazyLock<Context<'static>> = LazyLock::new(Context::default);
+static FUNCTIONS: LazyLock<Context<'static>> = LazyLock::new(|| {
+    let mut functions = Context::default();
+    functions.add_function(CATEGORY_SHARE, category_share);
+    functions
+});
+
+/// `category_share('outdoor')`: the category's share of the person's affinity over the
+/// last 30 days, 0 for a category they showed none for.
+fn category_share(ftx: &FunctionContext, name: Arc<String>) -> Result<f64, ExecutionError> {
+    match ftx.ptx.get_variable("categories")? {
+        Value::Map(m) => Ok(match m.map.get(&Key::from(name.as_str())) {
+            Some(Value::Float(share)) => *share,
+            _ => 0.0,
+        }),
+        _ => Err(ftx.error("categories is not a map")),
+    }
+}
 
 type Variables = HashMap<String, Value>;
 
@@ -157,6 +427,32 @@ impl Env {
         if read("event") {
             set(&mut variables, "event", event_value(event));
         }
+        if read("product") {
+            set(
+                &mut variables,
+                "product",
+                facts
+                    .memory
+                    .product
+                    .as_ref()
+                    .map_or_else(|| map(std::iter::empty()), product_value),
+            );
+        }
+        if read("top_category") {
+            set(
+                &mut variables,
+                "top_category",
+                facts.memory.top_category().to_owned(),
+            );
+        }
+        if read("categories") {
+            let shares = facts
+                .memory
+                .categories
+                .iter()
+                .map(|c| (Key::from(c.category.as_str()), Value::Float(c.share)));
+            set(&mut variables, "categories", map(shares));
+        }
         // The journey's expressions are evaluated before the stage exists.
         variables.remove("stage");
         let mut env = Env {
@@ -186,12 +482,31 @@ impl Env {
     /// operator input: one bad expression must cost its rule this evaluation, not the
     /// shard's whole group of requests. It is counted ([`Env::panics`]) and logged.
     pub fn holds(&self, expr: &Expr) -> bool {
-        // Unwind safety: `execute` only reads the context; nothing of ours is left half
+        matches!(self.resolve(expr), Some(Ok(Value::Bool(true))))
+    }
+
+    /// An action parameter's value, as text: a string as it is, a number or a bool as CEL
+    /// writes it. `None` when it fails (a missing score) or gives a list or a map: the
+    /// parameter is left out of the action.
+    pub fn value(&self, expr: &Expr) -> Option<String> {
+        match self.resolve(expr)? {
+            Ok(Value::String(s)) => Some((*s).clone()),
+            Ok(Value::Int(i)) => Some(i.to_string()),
+            Ok(Value::UInt(u)) => Some(u.to_string()),
+            Ok(Value::Float(f)) if f.is_finite() => Some(f.to_string()),
+            Ok(Value::Bool(b)) => Some(b.to_string()),
+            _ => None,
+        }
+    }
+
+    /// Runs an expression, catching a panic of the interpreter (`None`).
+    fn resolve(&self, expr: &Expr) -> Option<Result<Value, ExecutionError>> {
+        // Unwind safety: `resolve` only reads the context; nothing of ours is left half
         // changed when it unwinds.
         match std::panic::catch_unwind(AssertUnwindSafe(|| {
             Value::resolve(&expr.expression, &self.context)
         })) {
-            Ok(result) => matches!(result, Ok(Value::Bool(true))),
+            Ok(result) => Some(result),
             Err(_) => {
                 self.panics.set(self.panics.get() + 1);
                 // The panic hook has logged the message and where; this says which rule
@@ -200,7 +515,7 @@ impl Env {
                     expression = %expr.source,
                     "a rule expression panicked while it ran; it counts as false"
                 );
-                false
+                None
             }
         }
     }
@@ -250,6 +565,28 @@ fn map(entries: impl Iterator<Item = (Key, Value)>) -> Value {
     Value::Map(Map {
         map: Arc::new(entries.collect()),
     })
+}
+
+static PRODUCT_KEYS: LazyLock<Vec<Key>> =
+    LazyLock::new(|| PRODUCT_FIELDS.iter().map(|&(f, _)| Key::from(f)).collect());
+
+fn product_value(p: &ProductFacts) -> Value {
+    let s = |v: &str| Value::String(Arc::new(v.to_owned()));
+    let n = |v: u32| Value::Float(f64::from(v));
+    let values = [
+        s(&p.product_id),
+        s(&p.category),
+        Value::Float(p.price),
+        n(p.views_7d),
+        n(p.views_30d),
+        n(p.cart_adds_7d),
+        n(p.cart_adds_30d),
+        n(p.purchases_30d),
+        n(p.dwell_seconds_7d),
+        n(p.dwell_seconds_30d),
+        Value::Bool(p.in_cart),
+    ];
+    map(PRODUCT_KEYS.iter().cloned().zip(values))
 }
 
 fn event_value(event: Option<&Event>) -> Value {

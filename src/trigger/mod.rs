@@ -11,11 +11,14 @@
 //! decided exactly once per cause, across restarts.
 //!
 //! - [`rules`]: the rules file, checked and compiled; [`Live`] holds the running set.
+//! - [`context`]: the person's product and category memory as rules read it, and the
+//!   context block a trigger carries.
 //! - [`expr`]: CEL expressions and the context they run in (the only user of the CEL crate).
 //! - [`evaluate`](mod@evaluate): conditions, timers, suppression.
 //! - [`experiment`]: variant assignment and conversions.
 //! - [`state`]: the persisted per-person state.
 
+pub mod context;
 mod evaluate;
 pub mod experiment;
 pub mod expr;
@@ -33,6 +36,7 @@ use sha2::{Digest, Sha256};
 use crate::event::PersonKey;
 use crate::features::FeatureRow;
 use crate::time::Time;
+pub use context::{Memory, TriggerContext};
 pub use evaluate::{evaluate, Cause, Decisions};
 pub use experiment::{VariantOutcome, HOLDOUT};
 use rules::{RuleSet, RulesError};
@@ -139,7 +143,11 @@ pub struct Trigger {
     pub journey_stage: String,
     /// Per model, the features that pushed the score most (LightGBM models).
     pub contributions: BTreeMap<String, Vec<Contribution>>,
+    /// The action, with the variant's and the computed parameters applied.
     pub action: rules::Action,
+    /// What the rule's `context` list asked for; absent when it asks for nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<TriggerContext>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub experiment: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -158,6 +166,8 @@ pub struct Contribution {
 pub struct Firing {
     pub trigger: Trigger,
     pub outcome: Outcome,
+    /// The action parameters computed from expressions, as they are in the trigger.
+    pub computed: BTreeMap<String, String>,
 }
 
 impl Firing {
@@ -169,6 +179,10 @@ impl Firing {
             trigger_id: self.trigger.trigger_id.clone(),
             outcome: self.outcome.clone(),
             variant: self.trigger.variant.clone(),
+            detail: state::AuditDetail {
+                computed: self.computed.clone(),
+                context: self.trigger.context.clone(),
+            },
         }
     }
 }
@@ -182,6 +196,9 @@ pub struct Facts<'a> {
     pub segment: Option<&'a str>,
     pub segments: &'a [&'static str],
     pub history: History,
+    /// The product and category memory, taken when the event was applied; empty unless
+    /// the rules read it ([`rules::RuleSet::reads_memory`]).
+    pub memory: &'a Memory,
     /// Explains a model's score for this person: top contributions (empty when the
     /// backend cannot). Called only for delivered triggers; it may be costly (TreeSHAP),
     /// so callers should cache per model.

@@ -22,6 +22,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+pub use super::context::ContextPart;
 pub use super::expr::{Expr, CONTEXT_VARIABLES};
 use sha2::{Digest, Sha256};
 
@@ -51,6 +52,9 @@ pub struct RuleSet {
     pub journey: Journey,
     /// Every name some expression reads: only these go into an evaluation's context.
     pub variables: BTreeSet<String>,
+    /// Whether some expression or context reads the person's product and category memory
+    /// (what the engine then takes per event: [`super::Memory`]).
+    pub reads_memory: bool,
     /// The FeatureSpec columns among `variables`, by index: an evaluation's features.
     pub features_read: Vec<usize>,
 }
@@ -64,8 +68,54 @@ pub struct Rule {
     /// must also satisfy it; for predicates it is the condition.
     pub when: Option<Expr>,
     pub suppression: Suppression,
-    pub action: Action,
+    /// The action for stages without one of their own.
+    pub action: RuleAction,
+    /// The actions for the journey stages, in [`STAGES`] order; `None` takes `action`.
+    pub stage_actions: [Option<RuleAction>; 3],
     pub experiment: Option<Experiment>,
+    /// The parts of the context its triggers carry.
+    pub context: Vec<ContextPart>,
+    /// A product-level rule (a predicate or threshold whose `when` reads `product`): it
+    /// latches per (person, product), so each product crosses on its own.
+    pub per_product: bool,
+}
+
+/// The journey stages, in the order [`Rule::stage_actions`] keeps them.
+pub const STAGES: [&str; 3] = ["awareness", "consideration", "decision"];
+
+/// An action and the parameters it computes when it fires.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct RuleAction {
+    /// With the literal parameters.
+    pub action: Action,
+    /// Parameters computed from expressions at firing, by name.
+    pub computed: Vec<(String, Expr)>,
+}
+
+impl Rule {
+    /// The action for a journey stage.
+    pub fn action_for(&self, stage: &str) -> &RuleAction {
+        STAGES
+            .iter()
+            .position(|s| *s == stage)
+            .and_then(|i| self.stage_actions[i].as_ref())
+            .unwrap_or(&self.action)
+    }
+
+    /// Every expression the rule may run.
+    fn expressions(&self) -> impl Iterator<Item = &Expr> {
+        let actions = std::iter::once(&self.action).chain(self.stage_actions.iter().flatten());
+        [self.when.as_ref(), self.suppression.unless.as_ref()]
+            .into_iter()
+            .flatten()
+            .chain(actions.flat_map(|a| a.computed.iter().map(|(_, e)| e)))
+            .chain(
+                self.experiment
+                    .iter()
+                    .flat_map(|e| &e.variants)
+                    .flat_map(|v| v.computed.iter().map(|(_, e)| e)),
+            )
+    }
 }
 
 /// What makes a rule fire.
@@ -111,6 +161,9 @@ pub enum Schedule {
 pub struct Suppression {
     /// Not again within this long of this rule's previous firing.
     pub cooldown_ms: Option<i64>,
+    /// The cooldown counts per product: a firing for one product does not hold back
+    /// another's (product-level rules).
+    pub cooldown_per_product: bool,
     /// Not if the person purchased within this long.
     pub purchased_within_ms: Option<i64>,
     /// Not if the person received this rule's trigger within this long.
@@ -123,7 +176,6 @@ pub struct Suppression {
 
 /// What the trigger asks its consumer to do.
 #[derive(Debug, Clone, PartialEq, Default, Deserialize, serde::Serialize)]
-#[serde(deny_unknown_fields)]
 pub struct Action {
     #[serde(rename = "type")]
     pub kind: String,
@@ -153,6 +205,8 @@ pub struct Variant {
     pub within_ms: Option<i64>,
     /// Added to (and overriding) the action's params.
     pub params: BTreeMap<String, String>,
+    /// Computed parameters, added after the action's (and overriding them).
+    pub computed: Vec<(String, Expr)>,
     pub template: Option<String>,
 }
 
@@ -297,12 +351,57 @@ struct RuleFile {
     #[serde(default)]
     cooldown: Option<String>,
     #[serde(default)]
+    cooldown_per: Option<String>,
+    #[serde(default)]
     exclude: Option<ExcludeFile>,
     #[serde(default)]
     ignore_quiet_hours: bool,
-    action: Action,
+    #[serde(default)]
+    action: Option<ActionFile>,
+    #[serde(default)]
+    actions: Option<StageActionsFile>,
+    #[serde(default)]
+    context: Vec<String>,
     #[serde(default)]
     experiment: Option<ExperimentFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ActionFile {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    channel: String,
+    #[serde(default)]
+    template: String,
+    #[serde(default)]
+    params: BTreeMap<String, ParamFile>,
+}
+
+/// A parameter: literal text, or `{ expr = "..." }` computed when the rule fires.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ParamFile {
+    Text(String),
+    Computed(ComputedFile),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ComputedFile {
+    expr: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StageActionsFile {
+    #[serde(default)]
+    awareness: Option<ActionFile>,
+    #[serde(default)]
+    consideration: Option<ActionFile>,
+    #[serde(default)]
+    decision: Option<ActionFile>,
 }
 
 #[derive(Deserialize)]
@@ -368,7 +467,7 @@ struct VariantFile {
     #[serde(default)]
     template: Option<String>,
     #[serde(default)]
-    params: BTreeMap<String, String>,
+    params: BTreeMap<String, ParamFile>,
 }
 
 fn one() -> f64 {
@@ -386,10 +485,52 @@ impl Problems {
         })
     }
 
+    /// A condition: it must compile and may only give true or false.
     fn expr(&mut self, at: &str, source: &str) -> Option<Expr> {
         Expr::compile(source)
+            .and_then(|e| e.check_condition().map(|()| e))
             .map_err(|e| self.0.push(format!("{at}: {e}")))
             .ok()
+    }
+
+    /// Parameters: literal ones as they are, computed ones compiled and type-checked.
+    fn params(
+        &mut self,
+        at: &str,
+        params: BTreeMap<String, ParamFile>,
+    ) -> (BTreeMap<String, String>, Vec<(String, Expr)>) {
+        let mut literal = BTreeMap::new();
+        let mut computed = Vec::new();
+        for (name, param) in params {
+            match param {
+                ParamFile::Text(text) => {
+                    literal.insert(name, text);
+                }
+                ParamFile::Computed(c) => {
+                    match Expr::compile(&c.expr).and_then(|e| e.check_value().map(|()| e)) {
+                        Ok(e) => computed.push((name, e)),
+                        Err(e) => self.0.push(format!("{at}.params.{name}: {e}")),
+                    }
+                }
+            }
+        }
+        (literal, computed)
+    }
+
+    fn action(&mut self, at: &str, a: ActionFile) -> RuleAction {
+        if a.kind.is_empty() {
+            self.0.push(format!("{at}.type must not be empty"));
+        }
+        let (params, computed) = self.params(at, a.params);
+        RuleAction {
+            action: Action {
+                kind: a.kind,
+                channel: a.channel,
+                template: a.template,
+                params,
+            },
+            computed,
+        }
     }
 
     fn kinds(&mut self, at: &str, names: &[String]) -> Vec<EventKind> {
@@ -546,11 +687,19 @@ impl RuleSet {
         let consideration = consideration.expect("checked above");
         let variables: BTreeSet<String> = rules
             .iter()
-            .flat_map(|r| [r.when.as_ref(), r.suppression.unless.as_ref()])
-            .flatten()
+            .flat_map(Rule::expressions)
             .chain([&decision, &consideration])
             .flat_map(Expr::variables)
             .collect();
+        let reads_memory = ["product", "top_category", "categories"]
+            .iter()
+            .any(|v| variables.contains(*v))
+            || rules.iter().flat_map(|r| &r.context).any(|part| {
+                matches!(
+                    part,
+                    ContextPart::Cart | ContextPart::TopProducts | ContextPart::TopCategories
+                )
+            });
         let features_read = FEATURES
             .iter()
             .enumerate()
@@ -567,6 +716,7 @@ impl RuleSet {
                 consideration,
             },
             variables,
+            reads_memory,
             features_read,
         })
     }
@@ -714,7 +864,46 @@ fn convert_rule(
         received_within: None,
         unless: None,
     });
+    let per_product = !matches!(condition, Condition::Absence { .. })
+        && when
+            .as_ref()
+            .is_some_and(|w| w.variables().iter().any(|v| v == "product"));
+    let cooldown_per_product = match r.cooldown_per.as_deref() {
+        None | Some("person") => false,
+        Some("product") => {
+            if !per_product {
+                p.0.push(format!(
+                    "{at}: cooldown_per = \"product\" needs a product-level rule: a threshold or when whose when reads product"
+                ));
+            }
+            if r.cooldown.is_none() {
+                p.0.push(format!("{at}: cooldown_per is given without a cooldown"));
+            }
+            true
+        }
+        Some(other) => {
+            p.0.push(format!(
+                "{at}: cooldown_per is {other:?}; it is \"person\" or \"product\""
+            ));
+            false
+        }
+    };
+    let mut context = Vec::new();
+    for name in &r.context {
+        match ContextPart::parse(name) {
+            Some(part) if context.contains(&part) => {
+                p.0.push(format!("{at}: context lists {name:?} twice"))
+            }
+            Some(part) => context.push(part),
+            None => p.0.push(format!(
+                "{at}: context {name:?} is not one of {}",
+                ContextPart::ALL.map(ContextPart::as_str).join(", ")
+            )),
+        }
+    }
+    context.sort();
     let suppression = Suppression {
+        cooldown_per_product,
         cooldown_ms: r
             .cooldown
             .as_deref()
@@ -733,9 +922,26 @@ fn convert_rule(
             .and_then(|u| p.expr(&format!("{at}: exclude.unless"), u)),
         ignore_quiet_hours: r.ignore_quiet_hours,
     };
-    if r.action.kind.is_empty() {
-        p.0.push(format!("{at}: action.type must not be empty"));
+    let mut stage_actions = [None, None, None];
+    if let Some(a) = r.actions {
+        for (i, action) in [a.awareness, a.consideration, a.decision]
+            .into_iter()
+            .enumerate()
+        {
+            stage_actions[i] =
+                action.map(|action| p.action(&format!("{at}: actions.{}", STAGES[i]), action));
+        }
     }
+    let action = match r.action {
+        Some(a) => p.action(&format!("{at}: action"), a),
+        None if stage_actions.iter().all(Option::is_some) => RuleAction::default(),
+        None => {
+            p.0.push(format!(
+                "{at}: give an action, or actions for all three stages (awareness, consideration, decision)"
+            ));
+            RuleAction::default()
+        }
+    };
     let experiment = r.experiment.map(|e| {
         if !valid_name(&e.name) {
             p.0.push(format!(
@@ -776,11 +982,14 @@ fn convert_rule(
                     .within
                     .as_deref()
                     .map(|w| p.duration(&format!("{at}: variant {:?}: within", v.name), w));
+                let (params, computed) =
+                    p.params(&format!("{at}: variant {:?}", v.name), v.params);
                 Variant {
                     name: v.name,
                     weight: v.weight,
                     within_ms,
-                    params: v.params,
+                    params,
+                    computed,
                     template: v.template,
                 }
             })
@@ -810,8 +1019,11 @@ fn convert_rule(
         condition,
         when,
         suppression,
-        action: r.action,
+        action,
+        stage_actions,
         experiment,
+        context,
+        per_product,
     })
 }
 

@@ -10,10 +10,21 @@ use crate::time::Time;
 /// Experiment exposures remembered per person while their conversion window is open.
 pub const MAX_EXPOSURES: usize = 32;
 
+/// Separates a rule's name from a product in the key of a product-level rule's state
+/// (`rule#<product hash>`); rule names never hold it.
+pub const PRODUCT_KEY_SEPARATOR: char = '#';
+
+/// The rule a state key belongs to: the key itself, or a product-level key's rule.
+pub fn rule_of(key: &str) -> &str {
+    key.split_once(PRODUCT_KEY_SEPARATOR)
+        .map_or(key, |(rule, _)| rule)
+}
+
 /// What the trigger engine keeps per person, stored beside the profile.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct TriggerState {
-    /// Per rule name, only rules with something to remember (most people have none).
+    /// Per rule name (or, for product-level rules, `rule#<product hash>`), only rules with
+    /// something to remember (most people have none).
     pub rules: Vec<(String, RuleState)>,
     /// Times of delivered triggers within the frequency cap's window.
     pub delivered: Vec<Time>,
@@ -57,6 +68,17 @@ pub struct AuditEntry {
     pub trigger_id: String,
     pub outcome: Outcome,
     pub variant: Option<String>,
+    /// Stored after the entry's first five fields, not inside them: entries written before
+    /// it existed end there (`Store` encodes and decodes the two parts).
+    #[serde(skip)]
+    pub detail: AuditDetail,
+}
+
+/// What a decision computed: its action's parameters from expressions, and its context.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct AuditDetail {
+    pub computed: std::collections::BTreeMap<String, String>,
+    pub context: Option<super::TriggerContext>,
 }
 
 /// What became of one would-be trigger.
@@ -154,6 +176,28 @@ impl TriggerState {
             (Some(i), false) => self.rules[i].1 = rs,
             (None, false) => self.rules.push((name.to_owned(), rs)),
             (None, true) => {}
+        }
+    }
+
+    /// Keeps at most `max` product-level states of `rule` (keys `rule#…`): latched ones
+    /// first, then the most recently fired.
+    pub(super) fn bound_product_states(&mut self, rule: &str, max: usize) {
+        let is_product_of = |key: &str| {
+            key.strip_prefix(rule)
+                .is_some_and(|rest| rest.starts_with(PRODUCT_KEY_SEPARATOR))
+        };
+        let count = self.rules.iter().filter(|(k, _)| is_product_of(k)).count();
+        for _ in max..count {
+            let weakest = self
+                .rules
+                .iter()
+                .enumerate()
+                .filter(|(_, (k, _))| is_product_of(k))
+                .min_by_key(|(_, (_, rs))| (rs.latched, rs.last_fired))
+                .map(|(i, _)| i);
+            if let Some(i) = weakest {
+                self.rules.swap_remove(i);
+            }
         }
     }
 

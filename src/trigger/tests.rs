@@ -36,6 +36,9 @@ struct Person {
     segments: Vec<&'static str>,
     last_purchase: Option<Time>,
     last_seen: Option<Time>,
+    /// The profile the events build, for the product and category memory rules read.
+    profile: crate::profile::Profile,
+    memory: Memory,
 }
 
 impl Person {
@@ -47,6 +50,8 @@ impl Person {
             segments: vec!["browser"],
             last_purchase: None,
             last_seen: None,
+            profile: Default::default(),
+            memory: Memory::default(),
         }
     }
 
@@ -62,6 +67,7 @@ impl Person {
                 last_purchase: self.last_purchase,
                 last_seen: self.last_seen,
             },
+            memory: &self.memory,
             explain,
             now,
         }
@@ -69,7 +75,14 @@ impl Person {
 
     /// Applies an event at `at` and returns the outcomes as (rule, outcome) strings.
     fn on(&mut self, rules: &RuleSet, e: Event) -> Vec<(String, String)> {
+        summary(&self.firings(rules, e))
+    }
+
+    /// Applies an event at `at` and returns the firings.
+    fn firings(&mut self, rules: &RuleSet, e: Event) -> Vec<Firing> {
         self.last_seen = self.last_seen.max(Some(e.time));
+        self.profile.apply(&e);
+        self.memory = Memory::of(&self.profile, Some(&e), e.time);
         let explain = |_: &str| Vec::new();
         let mut state = std::mem::take(&mut self.state);
         let firings = evaluate(
@@ -80,10 +93,11 @@ impl Person {
         )
         .firings;
         self.state = state;
-        summary(&firings)
+        firings
     }
 
     fn tick(&mut self, rules: &RuleSet, now: Time) -> Vec<(String, String)> {
+        self.memory = Memory::of(&self.profile, None, now);
         let explain = |_: &str| Vec::new();
         let mut state = std::mem::take(&mut self.state);
         let firings = evaluate(rules, &mut state, &self.facts(now, &explain), Cause::Due).firings;
@@ -700,5 +714,232 @@ fn an_integer_literal_out_of_range_is_a_problem_of_the_file_not_a_panic() {
             problems[0].starts_with("rules[0].when") || problems[0].contains("when"),
             "{problems:?}"
         );
+    }
+}
+
+/// A product event with the catalog's fields.
+fn product_event(id: &str, kind: EventKind, at: Time, product: &str, price: f64) -> Event {
+    let mut e = event(id, kind, at);
+    e.properties = Properties {
+        product_id: Some(product.into()),
+        category: Some("cameras".into()),
+        price: Some(price),
+        ..Properties::default()
+    };
+    e
+}
+
+const CAMERA: &str = r#"
+    [[rules]]
+    name = "considered_expensive_product"
+    when = "product.views_7d >= 3 && product.price >= 500 && !product.in_cart"
+    cooldown = "7d"
+    cooldown_per = "product"
+    context = ["top_products", "event"]
+    action = { type = "content", channel = "email", template = "reviews", params = { product = { expr = "product.product_id" }, financing = { expr = "product.price >= 1000 ? 'yes' : 'no'" } } }
+"#;
+
+#[test]
+fn a_product_level_rule_fires_once_per_product_and_a_second_product_gets_its_own_firing() {
+    let rules = rules(CAMERA);
+    assert!(rules.rules[0].per_product && rules.reads_memory);
+    let mut p = Person::new();
+    let mut t = T0;
+    let mut view = |p: &mut Person, product: &str, price: f64| {
+        t = t.plus_ms(MINUTE_MS);
+        p.firings(
+            &rules,
+            product_event(
+                &format!("v{}", t.0),
+                EventKind::ProductView,
+                t,
+                product,
+                price,
+            ),
+        )
+    };
+    assert!(view(&mut p, "cam-1", 899.0).is_empty());
+    assert!(view(&mut p, "cam-1", 899.0).is_empty());
+    // A cheap product viewed as often never fires.
+    for _ in 0..4 {
+        assert!(view(&mut p, "strap", 19.0).is_empty());
+    }
+    let third = view(&mut p, "cam-1", 1099.0);
+    assert_eq!(summary(&third), fired("considered_expensive_product"));
+    let trigger = &third[0].trigger;
+    let context = trigger
+        .context
+        .as_ref()
+        .expect("the rule asks for a context");
+    let product = context
+        .product
+        .as_ref()
+        .expect("a product-level rule names its product");
+    assert_eq!(
+        (product.product_id.as_str(), product.views_7d, product.price),
+        ("cam-1", 3, 1099.0)
+    );
+    assert_eq!(context.event.as_ref().unwrap().product_id, "cam-1");
+    let top = context.top_products.as_ref().unwrap();
+    assert_eq!(top[0].product_id, "strap", "four views beat three");
+    assert!(context.cart.is_none(), "only what the rule asked for");
+    assert_eq!(trigger.action.params["product"], "cam-1");
+    assert_eq!(trigger.action.params["financing"], "yes");
+    assert_eq!(
+        third[0].computed,
+        BTreeMap::from([
+            ("financing".to_owned(), "yes".to_owned()),
+            ("product".to_owned(), "cam-1".to_owned())
+        ])
+    );
+    assert_eq!(third[0].audit_entry().detail.computed, third[0].computed);
+    assert_eq!(
+        third[0].audit_entry().detail.context.as_ref(),
+        Some(context)
+    );
+
+    // Still true on the next views: latched, no second firing for the same product.
+    assert!(view(&mut p, "cam-1", 1099.0).is_empty());
+    // Another camera crosses on its own: the first one's cooldown is per product.
+    for _ in 0..2 {
+        assert!(view(&mut p, "cam-2", 650.0).is_empty());
+    }
+    let other = view(&mut p, "cam-2", 650.0);
+    assert_eq!(summary(&other), fired("considered_expensive_product"));
+    assert_eq!(other[0].trigger.action.params["financing"], "no");
+    // A view of another product in between leaves cam-1's latch alone.
+    assert!(view(&mut p, "cam-1", 1099.0).is_empty());
+
+    // Added to the cart: cam-1 no longer holds; taken out again, it crosses again, but its
+    // cooldown (per product) holds it back.
+    let add = product_event("add", EventKind::AddToCart, t.plus_ms(1), "cam-1", 1099.0);
+    assert!(p.firings(&rules, add).is_empty());
+    let remove = product_event(
+        "rm",
+        EventKind::RemoveFromCart,
+        t.plus_ms(2),
+        "cam-1",
+        1099.0,
+    );
+    let again = p.firings(&rules, remove);
+    assert_eq!(
+        summary(&again),
+        vec![("considered_expensive_product".into(), "cooldown".into())]
+    );
+}
+
+#[test]
+fn a_person_cooldown_silences_every_product_and_product_states_stay_bounded() {
+    let rules = rules(&CAMERA.replace("cooldown_per = \"product\"\n", ""));
+    let mut p = Person::new();
+    let mut t = T0;
+    let mut outcomes = Vec::new();
+    for product in 0..20 {
+        for _ in 0..3 {
+            t = t.plus_ms(MINUTE_MS);
+            let e = product_event(
+                "v",
+                EventKind::ProductView,
+                t,
+                &format!("cam-{product}"),
+                900.0,
+            );
+            let mut e = e;
+            e.id = format!("v{}", t.0);
+            outcomes.extend(p.on(&rules, e));
+        }
+    }
+    assert_eq!(outcomes[0], fired("considered_expensive_product")[0]);
+    assert!(
+        outcomes[1..].iter().all(|(_, o)| o == "cooldown"),
+        "{outcomes:?}"
+    );
+    // Twenty products crossed; the state keeps the rule's own entry and at most eight
+    // products.
+    assert!(p.state.rules.len() <= 1 + crate::profile::interest::MAX_PRODUCTS);
+}
+
+#[test]
+fn category_preference_reads_affinity_and_actions_follow_the_journey_stage() {
+    let rules = rules(
+        r#"
+        [[rules]]
+        name = "category_fan"
+        when = "top_category != '' && category_share(top_category) >= 0.6 && event.kind == 'page_view'"
+        context = ["top_categories", "segment", "cart"]
+        actions.awareness = { type = "content", template = "new-in", params = { category = { expr = "top_category" } } }
+        actions.decision = { type = "discount", template = "category-discount", params = { category = { expr = "top_category" }, percent = { expr = "scores.purchase >= 0.9 ? 5 : 10" } } }
+        action = { type = "content", template = "compare" }
+        "#,
+    );
+    let mut p = Person::new();
+    let mut t = T0;
+    let mut at = |p: &mut Person, kind: EventKind, category: &str| {
+        t = t.plus_ms(MINUTE_MS);
+        let mut e = event(&format!("e{}", t.0), kind, t);
+        e.properties.product_id = Some(format!("{category}-{}", t.0 % 7));
+        e.properties.category = Some(category.into());
+        e.properties.order_value = Some(80.0);
+        p.firings(&rules, e)
+    };
+    // Views spread over three categories, purchases lean to one.
+    for category in ["outdoor", "kitchen", "books", "kitchen", "books"] {
+        at(&mut p, EventKind::ProductView, category);
+    }
+    assert!(at(&mut p, EventKind::PageView, "").is_empty());
+    at(&mut p, EventKind::Purchase, "outdoor");
+    at(&mut p, EventKind::Purchase, "outdoor");
+    p.row.0[Feature::CartItems as usize] = 1.0;
+    p.set_score("purchase", 0.95);
+    let fired_now = at(&mut p, EventKind::PageView, "");
+    assert_eq!(summary(&fired_now), fired("category_fan"));
+    let trigger = &fired_now[0].trigger;
+    assert_eq!(trigger.journey_stage, "decision");
+    assert_eq!(trigger.action.template, "category-discount");
+    assert_eq!(trigger.action.params["category"], "outdoor");
+    assert_eq!(trigger.action.params["percent"], "5");
+    let context = trigger.context.as_ref().unwrap();
+    let top = context.top_categories.as_ref().unwrap();
+    // outdoor: 1 view + 2 purchases × 5 = 11 of 15.
+    assert_eq!(top[0].category, "outdoor");
+    assert!((top[0].share - 11.0 / 15.0).abs() < 1e-9, "{top:?}");
+    assert_eq!(context.segment.as_ref().unwrap().stage, "decision");
+    assert_eq!(context.cart.as_deref(), Some(&[][..]), "an empty cart");
+    assert!(context.product.is_none() && context.event.is_none());
+}
+
+#[test]
+fn bad_expressions_in_params_are_refused_with_the_rule_and_field_named() {
+    let problems = RuleSet::parse(
+        r#"
+        [[rules]]
+        name = "mixed"
+        when = "cart_items > 0"
+        action = { type = "t", params = { percent = { expr = "scores.purchase >= 0.9 ? 5 : 'ten'" }, list = { expr = "segments" }, typo = { expr = "top_categroy" }, field = { expr = "product.colour" }, sum = { expr = "top_category + 1" } } }
+
+        [[rules]]
+        name = "not_a_condition"
+        when = "cart_value * 2"
+        cooldown_per = "product"
+        context = ["cart", "basket"]
+        actions.decision = { type = "d", params = { share = { expr = "category_share(3)" } } }
+        "#,
+    )
+    .unwrap_err()
+    .problems
+    .join("\n");
+    for expected in [
+        "rule \"mixed\": action.params.percent: the branches of ? : give a number and a string",
+        "rule \"mixed\": action.params.list: the expression gives a list",
+        "rule \"mixed\": action.params.typo: unknown name top_categroy",
+        "rule \"mixed\": action.params.field: product has no field colour",
+        "rule \"mixed\": action.params.sum: arithmetic on a string and a number",
+        "rule \"not_a_condition\": when: the expression gives a number, not true or false",
+        "rule \"not_a_condition\": cooldown_per = \"product\" needs a product-level rule",
+        "rule \"not_a_condition\": context \"basket\" is not one of",
+        "rule \"not_a_condition\": actions.decision.params.share: category_share takes a category name",
+        "rule \"not_a_condition\": give an action, or actions for all three stages",
+    ] {
+        assert!(problems.contains(expected), "missing {expected:?} in:\n{problems}");
     }
 }

@@ -828,6 +828,9 @@ fn run_rules(
     let segments = ["at_risk", "browser"];
     let mut state = TriggerState::default();
     let mut now = event.time;
+    let mut profile = nudge::profile::Profile::default();
+    profile.apply(event);
+    let memory = nudge::trigger::Memory::of(&profile, Some(event), now);
     for step in 0..4 {
         let facts = Facts {
             person: &event.person,
@@ -839,6 +842,7 @@ fn run_rules(
                 last_purchase: Some(event.time),
                 last_seen: Some(event.time),
             },
+            memory: &memory,
             explain: &explain,
             now,
         };
