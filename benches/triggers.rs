@@ -19,6 +19,7 @@ use common::{percentile, rss_bytes, Running};
 use nudge::config::Config;
 use nudge::event::{Event, EventKind, PersonKey, Properties};
 use nudge::features::{self, FeatureRow};
+use nudge::heap::HeapSize;
 use nudge::pb::{self, nudge_service_client::NudgeServiceClient};
 use nudge::profile::Profile;
 use nudge::time::{Clock, ManualClock, SystemClock, Time, MINUTE_MS};
@@ -133,7 +134,7 @@ fn evaluation_cost() {
         "\n1. rule evaluation per event (pure core, 1 thread; features and scores precomputed)"
     );
     println!(
-        "{:<34} {:>10} {:>10} {:>14}",
+        "{:<40} {:>10} {:>10} {:>14}",
         "rules", "p50 µs", "p99 µs", "events/s"
     );
     let people = 1000;
@@ -155,10 +156,33 @@ fn evaluation_cost() {
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/rules.toml"),
     )
     .unwrap();
+    // The shipped file without its two context rules (the product-level camera rule and
+    // the category one): what the context rules cost, beside the rest in the same run.
+    let without_context: String = shipped
+        .split("\n[[rules]]\n")
+        .filter(|block| {
+            !block.contains("considering_high_end_product")
+                && !block.contains("category_new_arrivals")
+        })
+        .collect::<Vec<_>>()
+        .join("\n[[rules]]\n");
+    let context_rules = RuleSet::parse(&shipped).unwrap().rules.len();
+    let plain_rules = RuleSet::parse(&without_context).unwrap().rules.len();
+    assert!(
+        context_rules > plain_rules,
+        "the shipped file has context rules"
+    );
     for (label, text) in [
-        ("none", String::new()),
-        ("5 (shipped config/rules.toml)", shipped),
-        ("50 (every kind)", fifty_rules(5)),
+        ("none".to_owned(), String::new()),
+        (
+            format!("{plain_rules} (shipped, without context rules)"),
+            without_context,
+        ),
+        (
+            format!("{context_rules} (shipped config/rules.toml)"),
+            shipped,
+        ),
+        ("50 (every kind)".to_owned(), fifty_rules(5)),
     ] {
         let rules = RuleSet::parse(&text).unwrap();
         let mut states: HashMap<PersonKey, TriggerState> = HashMap::new();
@@ -206,7 +230,7 @@ fn evaluation_cost() {
         let total = started_all.elapsed();
         samples.sort();
         println!(
-            "{:<34} {:>10.2} {:>10.2} {:>14.0}   ({} decisions)",
+            "{:<40} {:>10.2} {:>10.2} {:>14.0}   ({} decisions)",
             label,
             percentile(&samples, 0.5) * 1e3,
             percentile(&samples, 0.99) * 1e3,
@@ -214,6 +238,20 @@ fn evaluation_cost() {
             fired
         );
     }
+    // What the product memory costs per person, in the profiles these events built
+    // (1000 people, 100 events each over 97 products and 7 categories).
+    let size = |p: &Profile| std::mem::size_of::<Profile>() + p.heap_bytes();
+    let products = |p: &Profile| p.products().heap_bytes();
+    let n = profiles.len() as f64;
+    let total: usize = profiles.values().map(size).sum();
+    let memory: usize = profiles.values().map(products).sum();
+    println!(
+        "  resident bytes per person (profile struct + heap): {:.0}, of which product memory {:.0} ({:.1} products each; without it {:.0})",
+        total as f64 / n,
+        memory as f64 / n,
+        profiles.values().map(|p| p.products().len()).sum::<usize>() as f64 / n,
+        (total - memory) as f64 / n
+    );
 }
 
 fn config(dir: &std::path::Path, rules: &str, tick_ms: u64) -> Config {

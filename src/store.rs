@@ -442,22 +442,25 @@ fn in_order(mut writes: Vec<Write>) -> Vec<Write> {
 }
 
 /// Audit entries are bare postcard (they predate the format bytes; their keyspace is
-/// expired by age, so a new format can start a new keyspace): the entry, then its detail.
-/// Entries written before the detail existed end after the entry.
+/// expired by age, so a new format can start a new keyspace): the entry, then its detail
+/// as JSON. Entries written before the detail existed end after the entry. The detail is
+/// JSON because it is the trigger's context, whose optional parts JSON leaves out (a
+/// layout postcard cannot read back) and which may gain fields a reader then defaults.
 fn encode_audit(entry: &AuditEntry) -> Result<Vec<u8>, StoreError> {
-    let corrupt = |e: postcard::Error| StoreError::Corrupt(e.to_string());
-    let mut bytes = postcard::to_stdvec(entry).map_err(corrupt)?;
+    let mut bytes = postcard::to_stdvec(entry).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     if entry.detail != AuditDetail::default() {
-        bytes.extend(postcard::to_stdvec(&entry.detail).map_err(corrupt)?);
+        serde_json::to_writer(&mut bytes, &entry.detail)
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
     }
     Ok(bytes)
 }
 
 fn decode_audit(bytes: &[u8]) -> Result<AuditEntry, StoreError> {
-    let corrupt = |e: postcard::Error| StoreError::Corrupt(format!("audit entry: {e}"));
-    let (mut entry, rest): (AuditEntry, _) = postcard::take_from_bytes(bytes).map_err(corrupt)?;
+    let (mut entry, rest): (AuditEntry, _) = postcard::take_from_bytes(bytes)
+        .map_err(|e| StoreError::Corrupt(format!("audit entry: {e}")))?;
     if !rest.is_empty() {
-        entry.detail = postcard::from_bytes(rest).map_err(corrupt)?;
+        entry.detail = serde_json::from_slice(rest)
+            .map_err(|e| StoreError::Corrupt(format!("audit entry's detail: {e}")))?;
     }
     Ok(entry)
 }
@@ -1468,6 +1471,14 @@ mod tests {
             .detail
             .computed
             .insert("percent".into(), "5".into());
+        // Optional parts left out, as a context usually has them.
+        detailed.detail.context = Some(crate::trigger::TriggerContext {
+            top_categories: Some(vec![crate::trigger::context::CategoryShare {
+                category: "outdoor".into(),
+                share: 0.75,
+            }]),
+            ..Default::default()
+        });
         let bytes = encode_audit(&detailed).unwrap();
         assert_eq!(decode_audit(&bytes).unwrap(), detailed);
         let old = postcard::to_stdvec(&detailed).unwrap();

@@ -4,6 +4,7 @@ mod architecture;
 mod bad_input;
 mod cache;
 mod commands;
+mod context;
 mod crash;
 mod dashboard;
 mod durability;
