@@ -976,7 +976,10 @@ fn cel(runner: &mut TestRunner) -> Result<(), String> {
         gen::plausible_event(),
     );
     check(runner, strategy, |(when, decision, row, scores, event)| {
-        let compiled = nudge::trigger::expr::Expr::compile(&when);
+        // A condition must compile and be able to give true or false.
+        let condition = |source: &str| {
+            nudge::trigger::expr::Expr::compile(source).is_ok_and(|e| e.check_condition().is_ok())
+        };
         let text = format!(
             "[journey]\ndecision = {}\nconsideration = \"true\"\n\n\
              [[rules]]\nname = \"when\"\nwhen = {}\naction = {{ type = \"t\" }}\n\n\
@@ -987,11 +990,9 @@ fn cel(runner: &mut TestRunner) -> Result<(), String> {
             quoted(&when),
         );
         let parsed = parse_rules(&text)?;
-        // The file holds only these expressions, so it parses exactly when they compile.
-        prop_assert_eq!(
-            parsed.is_some(),
-            compiled.is_ok() && nudge::trigger::expr::Expr::compile(&decision).is_ok()
-        );
+        // The file holds only these expressions, so it parses exactly when they are
+        // conditions.
+        prop_assert_eq!(parsed.is_some(), condition(&when) && condition(&decision));
         if let Some(rules) = parsed {
             let scores: Vec<(String, f64)> =
                 scores.into_iter().map(|(n, p)| (n.to_owned(), p)).collect();
@@ -1003,7 +1004,7 @@ fn cel(runner: &mut TestRunner) -> Result<(), String> {
 }
 
 /// Execution apart from compilation: this target compiles a corpus once — random
-/// expressions from the same grammar, those that compile, 200 rules (the most a file may
+/// expressions from the same grammar, those that compile as conditions, 200 rules (the most a file may
 /// hold) to a rule set — and each case runs one rule set's every expression for a random
 /// person and event, so a case is all execution.
 fn cel_execute(runner: &mut TestRunner) -> Result<(), String> {
@@ -1016,7 +1017,7 @@ fn cel_execute(runner: &mut TestRunner) -> Result<(), String> {
             .new_tree(runner)
             .map_err(|e| e.to_string())?
             .current();
-        if nudge::trigger::expr::Expr::compile(&source).is_ok() {
+        if nudge::trigger::expr::Expr::compile(&source).is_ok_and(|e| e.check_condition().is_ok()) {
             compiled.push(source);
         }
     }

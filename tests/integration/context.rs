@@ -62,6 +62,22 @@ async fn receiver(listener: tokio::net::TcpListener, bodies: Arc<Mutex<Vec<serde
     axum::serve(listener, app).await.unwrap();
 }
 
+async fn explain(
+    client: &mut nudge::pb::nudge_service_client::NudgeServiceClient<tonic::transport::Channel>,
+    user: &str,
+) -> pb::ExplainTriggersResponse {
+    client
+        .explain_triggers(pb::ExplainTriggersRequest {
+            person: Some(pb::PersonRef {
+                user_id: user.into(),
+                anonymous_id: String::new(),
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn triggers_carry_the_products_categories_and_parameters_that_made_them_personal() {
     let key = tempfile::NamedTempFile::new().unwrap();
@@ -279,16 +295,7 @@ async fn triggers_carry_the_products_categories_and_parameters_that_made_them_pe
     assert_eq!(json["data"]["action"]["params"]["product_id"], "cam-1");
 
     // ExplainTriggers shows the decision with its computed parameters and context.
-    let explained = client
-        .explain_triggers(pb::ExplainTriggersRequest {
-            person: Some(pb::PersonRef {
-                user_id: camera_fan.into(),
-                anonymous_id: String::new(),
-            }),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let explained = explain(&mut client, camera_fan).await;
     let decisions: Vec<&pb::TriggerDecision> = explained
         .decisions
         .iter()
@@ -309,16 +316,7 @@ async fn triggers_carry_the_products_categories_and_parameters_that_made_them_pe
     );
 
     // The category rule fired once: the second page view found it latched.
-    let outdoor = client
-        .explain_triggers(pb::ExplainTriggersRequest {
-            person: Some(pb::PersonRef {
-                user_id: outdoor_fan.into(),
-                anonymous_id: String::new(),
-            }),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let outdoor = explain(&mut client, outdoor_fan).await;
     let fired: Vec<&pb::TriggerDecision> = outdoor
         .decisions
         .iter()
