@@ -10,7 +10,7 @@
 //! 4. time from start to SERVING with those people stored.
 //!
 //! `cargo bench --bench ingest` (or `scripts/bench.sh ingest`). Set NUDGE_BENCH_PEOPLE lower
-//! for a quick run.
+//! for a quick run, NUDGE_BENCH_SKIP_THROUGHPUT=1 for parts 3 and 4 only.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -171,56 +171,59 @@ fn main() {
         .build()
         .unwrap();
     runtime.block_on(async {
-        let dir = tempfile::tempdir().unwrap();
-        let Running {
-            stop,
-            task,
-            addr,
-            metrics_addr,
-            ..
-        } = common::start(config(dir.path()), Arc::new(SystemClock)).await;
-        let mode = match std::env::var("NUDGE_BENCH_SYNC").as_deref() {
-            Ok("interval") => "store.sync = interval (fsync every sync_interval_ms)",
-            _ => "default durable mode (fsync per group commit)",
-        };
-        println!("Ingest over TrackStream: {STREAMS} streams, {BATCH} events per batch, {mode}, purchase + churn scoring");
-        let cpu_before = cpu_seconds();
-        let metrics_before = scrape(metrics_addr).await;
-        let (rate, latencies) = run(STREAMS, THROUGHPUT_SECONDS, None, &addr).await;
-        let cpu_after = cpu_seconds();
-        let metrics_after = scrape(metrics_addr).await;
-        println!(
-            "  sustained: {rate:>9.0} events/s over {THROUGHPUT_SECONDS} s (ack p50 {:.1} ms, p99 {:.1} ms at full load)",
-            percentile(&latencies, 0.5),
-            percentile(&latencies, 0.99)
-        );
-        let events = latencies.len() as f64 * BATCH as f64;
-        println!(
-            "  CPU per event: {:.1} µs in the shard threads, {:.1} µs in the others (gRPC server and this load generator)",
-            (cpu_after.0 - cpu_before.0) * 1e6 / events,
-            (cpu_after.1 - cpu_before.1) * 1e6 / events
-        );
-        let delta = |name: &str| metric_sum(&metrics_after, name) - metric_sum(&metrics_before, name);
-        let commits = delta("nudge_store_commit_duration_seconds_count");
-        println!(
-            "  group commits: {commits:.0}, {:.0} events each, {:.2} ms each on average (the store's sync included)",
-            events / commits,
-            delta("nudge_store_commit_duration_seconds_sum") * 1e3 / commits
-        );
-        for (label, target) in [("half rate", rate / 2.0), ("10,000/s", 10_000.0)] {
-            let per_stream_batches = target / BATCH as f64 / STREAMS as f64;
-            let pace = Duration::from_secs_f64(1.0 / per_stream_batches);
-            let (paced_rate, latencies) = run(STREAMS, LATENCY_SECONDS, Some(pace), &addr).await;
+        // NUDGE_BENCH_SKIP_THROUGHPUT=1: only memory per person and the restart.
+        if std::env::var("NUDGE_BENCH_SKIP_THROUGHPUT").is_err() {
+            let dir = tempfile::tempdir().unwrap();
+            let Running {
+                stop,
+                task,
+                addr,
+                metrics_addr,
+                ..
+            } = common::start(config(dir.path()), Arc::new(SystemClock)).await;
+            let mode = match std::env::var("NUDGE_BENCH_SYNC").as_deref() {
+                Ok("interval") => "store.sync = interval (fsync every sync_interval_ms)",
+                _ => "default durable mode (fsync per group commit)",
+            };
+            println!("Ingest over TrackStream: {STREAMS} streams, {BATCH} events per batch, {mode}, purchase + churn scoring");
+            let cpu_before = cpu_seconds();
+            let metrics_before = scrape(metrics_addr).await;
+            let (rate, latencies) = run(STREAMS, THROUGHPUT_SECONDS, None, &addr).await;
+            let cpu_after = cpu_seconds();
+            let metrics_after = scrape(metrics_addr).await;
             println!(
-                "  at {label:<9}: {paced_rate:>9.0} events/s: ack latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} batches)",
+                "  sustained: {rate:>9.0} events/s over {THROUGHPUT_SECONDS} s (ack p50 {:.1} ms, p99 {:.1} ms at full load)",
                 percentile(&latencies, 0.5),
-                percentile(&latencies, 0.99),
-                percentile(&latencies, 1.0),
-                latencies.len()
+                percentile(&latencies, 0.99)
             );
+            let events = latencies.len() as f64 * BATCH as f64;
+            println!(
+                "  CPU per event: {:.1} µs in the shard threads, {:.1} µs in the others (gRPC server and this load generator)",
+                (cpu_after.0 - cpu_before.0) * 1e6 / events,
+                (cpu_after.1 - cpu_before.1) * 1e6 / events
+            );
+            let delta = |name: &str| metric_sum(&metrics_after, name) - metric_sum(&metrics_before, name);
+            let commits = delta("nudge_store_commit_duration_seconds_count");
+            println!(
+                "  group commits: {commits:.0}, {:.0} events each, {:.2} ms each on average (the store's sync included)",
+                events / commits,
+                delta("nudge_store_commit_duration_seconds_sum") * 1e3 / commits
+            );
+            for (label, target) in [("half rate", rate / 2.0), ("10,000/s", 10_000.0)] {
+                let per_stream_batches = target / BATCH as f64 / STREAMS as f64;
+                let pace = Duration::from_secs_f64(1.0 / per_stream_batches);
+                let (paced_rate, latencies) = run(STREAMS, LATENCY_SECONDS, Some(pace), &addr).await;
+                println!(
+                    "  at {label:<9}: {paced_rate:>9.0} events/s: ack latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} batches)",
+                    percentile(&latencies, 0.5),
+                    percentile(&latencies, 0.99),
+                    percentile(&latencies, 1.0),
+                    latencies.len()
+                );
+            }
+            let _ = stop.send(());
+            task.await.unwrap().unwrap();
         }
-        let _ = stop.send(());
-        task.await.unwrap().unwrap();
 
         // Memory per person: load people through a fresh server, one batch per 100 people,
         // resident memory sampled as they come. With NUDGE_BENCH_CACHE_MB set the cache has

@@ -1,12 +1,23 @@
 //! How many bytes a value holds on the heap, as the engine's cache counts them against its
-//! budget. An estimate from the buffers' capacities, plus what a general-purpose allocator
-//! spends per allocation; the ingest benchmark checks it against resident memory.
+//! budget. An estimate from the buffers' capacities and glibc's chunk sizes ([`allocation`]);
+//! the ingest benchmark checks it against resident memory.
 
 use std::mem::size_of;
 
-/// What glibc's malloc spends per allocation beyond the bytes asked for (a chunk header
-/// and rounding to 16 bytes), on average.
-pub const ALLOCATION_OVERHEAD: usize = 16;
+/// What glibc's malloc (64-bit) takes for a request of `bytes`: the request and the
+/// chunk's 8-byte size field, rounded up to 16, and never less than its 32-byte minimum
+/// chunk. A 7-byte product id takes 32 bytes, an 88-byte session 96.
+pub const fn allocation(bytes: usize) -> usize {
+    if bytes == 0 {
+        return 0;
+    }
+    let chunk = (bytes + 8 + 15) & !15;
+    if chunk < 32 {
+        32
+    } else {
+        chunk
+    }
+}
 
 /// Bytes held on the heap by a value, not counting the value itself.
 pub trait HeapSize {
@@ -15,10 +26,7 @@ pub trait HeapSize {
 
 /// The bytes of one heap buffer of `capacity` elements of `T` (none when empty).
 pub fn buffer<T>(capacity: usize) -> usize {
-    match capacity * size_of::<T>() {
-        0 => 0,
-        bytes => bytes + ALLOCATION_OVERHEAD,
-    }
+    allocation(capacity * size_of::<T>())
 }
 
 impl HeapSize for String {
@@ -59,12 +67,27 @@ mod tests {
     fn counts_capacity_and_what_the_elements_own() {
         assert_eq!(Vec::<u64>::new().heap_bytes(), 0);
         let v: Vec<u64> = Vec::with_capacity(4);
-        assert_eq!(v.heap_bytes(), 32 + ALLOCATION_OVERHEAD);
+        assert_eq!(
+            v.heap_bytes(),
+            48,
+            "32 bytes and the size field, rounded to 16"
+        );
         let s = String::from("abc");
         let strings = vec![s.clone()];
         assert_eq!(
             strings.heap_bytes(),
-            size_of::<String>() + ALLOCATION_OVERHEAD + s.capacity() + ALLOCATION_OVERHEAD
+            32 + 32,
+            "both under the 32-byte minimum chunk"
         );
+    }
+
+    #[test]
+    fn allocation_follows_glibcs_chunk_sizes() {
+        assert_eq!(allocation(0), 0);
+        assert_eq!(allocation(1), 32);
+        assert_eq!(allocation(24), 32);
+        assert_eq!(allocation(25), 48);
+        assert_eq!(allocation(88), 96);
+        assert_eq!(allocation(1000), 1008);
     }
 }

@@ -46,11 +46,89 @@ pub(super) struct Cache {
 struct Entry {
     /// `None`: not loaded (which says nothing about the store).
     profile: Option<Profile>,
-    state: Option<TriggerState>,
+    state: StateSlot,
     /// The weight counted for this entry when it was last weighed.
     bytes: usize,
     /// Used since the hand last passed: spared once.
     referenced: bool,
+}
+
+/// A cached trigger state. Most people have nothing to remember: held inline, an empty
+/// state would cost its four vectors (96 bytes) in every entry, a tenth of a person's
+/// budget; boxed, only those who remember something pay for it.
+#[derive(Default)]
+enum StateSlot {
+    /// Not loaded (which says nothing about the store).
+    #[default]
+    NotLoaded,
+    /// Loaded, and empty.
+    Empty,
+    Held(Box<TriggerState>),
+}
+
+/// What [`StateSlot::Empty`] reads as.
+static EMPTY: TriggerState = TriggerState {
+    rules: Vec::new(),
+    delivered: Vec::new(),
+    timers: Vec::new(),
+    exposures: Vec::new(),
+};
+
+impl StateSlot {
+    fn of(state: TriggerState) -> StateSlot {
+        if state.is_empty() {
+            StateSlot::Empty
+        } else {
+            StateSlot::Held(Box::new(state))
+        }
+    }
+
+    fn is_loaded(&self) -> bool {
+        !matches!(self, StateSlot::NotLoaded)
+    }
+
+    fn get(&self) -> Option<&TriggerState> {
+        match self {
+            StateSlot::NotLoaded => None,
+            StateSlot::Empty => Some(&EMPTY),
+            StateSlot::Held(state) => Some(state),
+        }
+    }
+
+    fn held_mut(&mut self) -> Option<&mut TriggerState> {
+        match self {
+            StateSlot::Held(state) => Some(state),
+            _ => None,
+        }
+    }
+
+    fn take(&mut self) -> Option<TriggerState> {
+        match std::mem::take(self) {
+            StateSlot::NotLoaded => None,
+            StateSlot::Empty => Some(TriggerState::default()),
+            StateSlot::Held(state) => Some(*state),
+        }
+    }
+
+    /// After a change: back to `Empty` if nothing is left, else without spare capacity.
+    fn settle(&mut self) {
+        if let StateSlot::Held(state) = self {
+            if state.is_empty() {
+                *self = StateSlot::Empty;
+            } else {
+                state.shrink_to_fit();
+            }
+        }
+    }
+}
+
+impl HeapSize for StateSlot {
+    fn heap_bytes(&self) -> usize {
+        match self {
+            StateSlot::Held(state) => crate::heap::buffer::<TriggerState>(1) + state.heap_bytes(),
+            _ => 0,
+        }
+    }
 }
 
 /// What an entry costs besides what its parts hold on the heap: its slot in the map's
@@ -98,7 +176,7 @@ impl Cache {
     pub(super) fn state(&mut self, person: &PersonKey) -> Option<&mut TriggerState> {
         let found = self.entries.get_mut(person).and_then(|e| {
             e.referenced = true;
-            e.state.as_mut()
+            open_state(person, e, &mut self.bytes, &self.metrics)
         });
         count(&self.metrics, Part::State, found.is_some());
         found
@@ -115,12 +193,14 @@ impl Cache {
     /// The person's trigger state if it is cached, for the shard's own bookkeeping: not
     /// counted, not marked.
     pub(super) fn state_cached(&mut self, person: &PersonKey) -> Option<&mut TriggerState> {
-        self.entries.get_mut(person).and_then(|e| e.state.as_mut())
+        self.entries
+            .get_mut(person)
+            .and_then(|e| open_state(person, e, &mut self.bytes, &self.metrics))
     }
 
     /// The person's trigger state if it is cached, for reading: not counted, not marked.
     pub(super) fn peek_state(&self, person: &PersonKey) -> Option<&TriggerState> {
-        self.entries.get(person).and_then(|e| e.state.as_ref())
+        self.entries.get(person).and_then(|e| e.state.get())
     }
 
     /// Caches a profile loaded from the store (or a new one).
@@ -143,9 +223,9 @@ impl Cache {
     ) -> &mut TriggerState {
         let entry = self.entries.entry(person.clone()).or_default();
         entry.referenced = true;
-        entry.state = Some(state);
+        entry.state = StateSlot::of(state);
         reweigh(person, entry, &mut self.bytes, &self.metrics);
-        entry.state.as_mut().expect("just inserted")
+        open_state(person, entry, &mut self.bytes, &self.metrics).expect("just inserted")
     }
 
     /// A person a group changed: their entry's weight counted again, and its parts for
@@ -156,8 +236,13 @@ impl Cache {
     ) -> (Option<&Profile>, Option<&TriggerState>) {
         match self.entries.get_mut(person) {
             Some(entry) => {
+                // Growth's spare room would otherwise be most of a new person's weight.
+                if let Some(profile) = &mut entry.profile {
+                    profile.shrink_to_fit();
+                }
+                entry.state.settle();
                 reweigh(person, entry, &mut self.bytes, &self.metrics);
-                (entry.profile.as_ref(), entry.state.as_ref())
+                (entry.profile.as_ref(), entry.state.get())
             }
             None => (None, None),
         }
@@ -236,7 +321,7 @@ impl Cache {
         let Some(entry) = self.entries.get_mut(person) else {
             return;
         };
-        if entry.profile.is_none() && entry.state.is_none() {
+        if entry.profile.is_none() && !entry.state.is_loaded() {
             if let Some(entry) = self.entries.swap_remove(person) {
                 self.forget(&entry);
             }
@@ -259,6 +344,21 @@ fn reweigh(person: &PersonKey, entry: &mut Entry, total: &mut usize, metrics: &M
     *total = *total - entry.bytes + bytes;
     metrics.cache_bytes.add(bytes as i64 - entry.bytes as i64);
     entry.bytes = bytes;
+}
+
+/// The entry's trigger state for a change, if it is loaded: an empty one is boxed (and
+/// weighed so) until the change is settled (`Cache::changed`).
+fn open_state<'a>(
+    person: &PersonKey,
+    entry: &'a mut Entry,
+    total: &mut usize,
+    metrics: &Metrics,
+) -> Option<&'a mut TriggerState> {
+    if let StateSlot::Empty = entry.state {
+        entry.state = StateSlot::Held(Box::default());
+        reweigh(person, entry, total, metrics);
+    }
+    entry.state.held_mut()
 }
 
 /// Takes a removed entry's weight (and profile, if any) off the totals.

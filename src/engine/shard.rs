@@ -530,11 +530,7 @@ impl Shard {
         profile.apply(event);
         let row = features::extract(profile, now);
         // Taken now: a later event of the batch must not change what this one's rules see.
-        let memory = if round.rules.reads_memory {
-            Memory::of(profile, Some(event), now)
-        } else {
-            Memory::default()
-        };
+        let memory = Memory::of(profile, Some(event), now, round.rules.memory_needs);
         let history = (History::of(profile), memory);
         group.dirty.insert(event.person.clone());
         group.seen.insert((event.person.clone(), event.id.clone()));
@@ -724,10 +720,10 @@ impl Shard {
                 .map_or(FeatureRow::missing(), |p| features::extract(p, now));
             let scores = score_row(&models, &row, &self.metrics);
             let history = profile.as_ref().map(History::of).unwrap_or_default();
-            let memory = match &profile {
-                Some(p) if rules.reads_memory => Memory::of(p, None, now),
-                _ => Memory::default(),
-            };
+            let memory = profile
+                .as_ref()
+                .map(|p| Memory::of(p, None, now, rules.memory_needs))
+                .unwrap_or_default();
             let scored = Scored {
                 person: &person,
                 row: &row,

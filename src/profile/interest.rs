@@ -90,6 +90,14 @@ pub struct Products {
 }
 
 impl Products {
+    /// Gives back the spare capacity growth left (see [`super::Profile::shrink_to_fit`]).
+    pub fn shrink_to_fit(&mut self) {
+        self.products.shrink_to_fit();
+        for p in &mut self.products {
+            p.days.shrink_to_fit();
+        }
+    }
+
     /// Records what an event did with a product.
     pub fn touch(&mut self, touch: ProductTouch<'_>) {
         if touch.id.is_empty() {
@@ -170,17 +178,14 @@ impl Products {
     /// The products with any interest in the 30 days ending `today`, most interesting
     /// first (then most recently seen).
     pub fn top(&self, today: i32) -> Vec<&ProductInterest> {
-        let mut top: Vec<&ProductInterest> = self
+        let mut top: Vec<(u32, &ProductInterest)> = self
             .products
             .iter()
-            .filter(|p| p.interest(today) > 0 || p.last_days(today, PRODUCT_DAYS).purchases > 0)
+            .map(|p| (p.interest(today), p))
+            .filter(|&(interest, p)| interest > 0 || p.last_days(today, PRODUCT_DAYS).purchases > 0)
             .collect();
-        top.sort_by(|a, b| {
-            b.interest(today)
-                .cmp(&a.interest(today))
-                .then(b.last_seen.cmp(&a.last_seen))
-        });
-        top
+        top.sort_by(|(ia, a), (ib, b)| ib.cmp(ia).then(b.last_seen.cmp(&a.last_seen)));
+        top.into_iter().map(|(_, p)| p).collect()
     }
 
     pub fn len(&self) -> usize {
@@ -199,7 +204,11 @@ impl HeapSize for Products {
                 .products
                 .iter()
                 .map(|p| {
-                    p.id.len() + p.category.as_ref().map_or(0, |c| c.len()) + p.days.heap_bytes()
+                    heap::buffer::<u8>(p.id.len())
+                        + p.category
+                            .as_ref()
+                            .map_or(0, |c| heap::buffer::<u8>(c.len()))
+                        + p.days.heap_bytes()
                 })
                 .sum::<usize>()
     }

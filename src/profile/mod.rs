@@ -272,6 +272,27 @@ impl HeapSize for Profile {
 }
 
 impl Profile {
+    /// Gives back the spare capacity its buffers' growth left. A `Vec` grows to 4 elements
+    /// at its first push and doubles after, so a person with one session, one cart line and
+    /// two categories holds room for twelve more: about 900 bytes of a first visit's 1.6 KiB
+    /// on the heap. The engine calls this when a group changed the person, before it weighs
+    /// them against the cache's budget; the next push reallocates (the sizes are bounded, so
+    /// that is a small copy).
+    pub fn shrink_to_fit(&mut self) {
+        self.sessions.shrink_to_fit();
+        self.cart.lines.shrink_to_fit();
+        for line in &mut self.cart.lines {
+            line.product_id.shrink_to_fit();
+        }
+        self.days.shrink_to_fit();
+        self.categories.shrink_to_fit();
+        for c in &mut self.categories {
+            c.name.shrink_to_fit();
+            c.days.shrink_to_fit();
+        }
+        self.products.shrink_to_fit();
+    }
+
     /// Applies one validated event.
     pub fn apply(&mut self, event: &Event) {
         let t = event.time;
@@ -686,5 +707,42 @@ mod tests {
         assert!(p.sessions.is_empty());
         assert_eq!(p.last_visit, None);
         assert_eq!(p.days.sum(T.day(), T.day()).email_opens, 1);
+    }
+
+    #[test]
+    fn shrinking_gives_back_growths_room_and_changes_nothing_read() {
+        let mut view = event(EventKind::ProductView, T, "camera");
+        view.properties.category = Some("photo".into());
+        let mut lens = event(EventKind::AddToCart, T.plus_ms(MINUTE_MS), "lens");
+        lens.properties.category = Some("optics".into());
+        let mut p = apply(&[
+            view,
+            lens,
+            event(EventKind::PageView, T.plus_ms(DAY_MS), ""),
+        ]);
+        let before = p.clone();
+        let grown = p.heap_bytes();
+        p.shrink_to_fit();
+        assert_eq!(p, before);
+        let bits = |p: &Profile| {
+            crate::features::extract(p, T.plus_ms(DAY_MS))
+                .0
+                .map(f64::to_bits)
+        };
+        assert_eq!(bits(&p), bits(&before));
+        // Two sessions, two categories, two products, one cart line: every buffer had room
+        // for at least 4, so well over a third of the heap was spare.
+        assert!(
+            p.heap_bytes() * 3 < grown * 2,
+            "{} bytes after shrinking, {grown} before",
+            p.heap_bytes()
+        );
+        // Growing again after a shrink works as before.
+        p.apply(&event(
+            EventKind::AddToCart,
+            T.plus_ms(DAY_MS + MINUTE_MS),
+            "tripod",
+        ));
+        assert_eq!(p.cart.lines.len(), 2);
     }
 }

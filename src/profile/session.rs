@@ -151,6 +151,14 @@ impl HeapSize for Sessions {
 }
 
 impl Sessions {
+    /// Gives back the spare capacity growth left (see [`super::Profile::shrink_to_fit`]).
+    pub(crate) fn shrink_to_fit(&mut self) {
+        self.list.shrink_to_fit();
+        for s in &mut self.list {
+            s.products.shrink_to_fit();
+        }
+    }
+
     /// The session a browsing event at `t` belongs to, opening one if none reaches it; two
     /// sessions the event bridges become one.
     pub(crate) fn visit(&mut self, t: Time) -> &mut Session {

@@ -5,6 +5,7 @@
 //! (UTC): "the last 7 days" are today and the 6 days before it.
 
 use serde::{Deserialize, Serialize};
+use smallvec::SmallVec;
 
 use crate::heap::{self, HeapSize};
 
@@ -20,18 +21,31 @@ impl DayValue for u32 {
 }
 
 /// Per-day values for the `DAYS` most recent days that had any, oldest first.
+///
+/// One day is held inline: most people in memory on a day were seen on that day only, and
+/// for them a series costs no allocation (a product's or a category's is then the size of
+/// an empty `Vec`). Stored exactly as a `Vec` is.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct DailySeries<V, const DAYS: i32> {
-    days: Vec<(i32, V)>,
+    days: SmallVec<[(i32, V); 1]>,
 }
 
 impl<V, const DAYS: i32> HeapSize for DailySeries<V, DAYS> {
     fn heap_bytes(&self) -> usize {
-        heap::buffer::<(i32, V)>(self.days.capacity())
+        if self.days.spilled() {
+            heap::buffer::<(i32, V)>(self.days.capacity())
+        } else {
+            0
+        }
     }
 }
 
 impl<V: DayValue, const DAYS: i32> DailySeries<V, DAYS> {
+    /// Gives back the spare capacity growth left (see [`super::Profile::shrink_to_fit`]).
+    pub fn shrink_to_fit(&mut self) {
+        self.days.shrink_to_fit();
+    }
+
     /// Updates the value of `day`. A day more than `DAYS` before the newest day held is
     /// outside every window this series answers, so it is dropped and `false` returned.
     pub fn update(&mut self, day: i32, f: impl FnOnce(&mut V)) -> bool {
@@ -131,5 +145,29 @@ mod tests {
         s.update(100, |v| *v += 1);
         assert_eq!(s.len(), 2);
         assert_eq!(s.newest_day(), Some(100));
+    }
+
+    #[test]
+    fn one_day_is_held_inline_and_the_encoding_is_a_vecs() {
+        let mut s: DailySeries<u32, 30> = DailySeries::default();
+        s.update(7, |v| *v += 3);
+        assert_eq!(s.heap_bytes(), 0, "one day costs no allocation");
+        let as_vec = |s: &DailySeries<u32, 30>| {
+            postcard::to_allocvec(&s.iter().collect::<Vec<_>>()).unwrap()
+        };
+        assert_eq!(postcard::to_allocvec(&s).unwrap(), as_vec(&s));
+        s.update(8, |v| *v += 1);
+        assert!(s.heap_bytes() > 0, "two days spill to the heap");
+        let bytes = postcard::to_allocvec(&s).unwrap();
+        assert_eq!(bytes, as_vec(&s), "stored exactly as the Vec it replaced");
+        assert_eq!(
+            postcard::from_bytes::<DailySeries<u32, 30>>(&bytes).unwrap(),
+            s
+        );
+        // Back to one day (the older expired): shrinking brings it back inline.
+        s.update(40, |v| *v += 1);
+        assert_eq!(s.len(), 1);
+        s.shrink_to_fit();
+        assert_eq!(s.heap_bytes(), 0);
     }
 }

@@ -94,6 +94,28 @@ pub struct CategoryShare {
     pub share: f64,
 }
 
+/// Which parts of [`Memory`] some rule reads: [`Memory::of`] builds only these, so a
+/// rules file that reads none of it pays nothing per event, and one that reads only
+/// `product` does not also sort categories and copy the cart.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemoryNeeds {
+    /// `product` in an expression (every product-level rule reads it).
+    pub product: bool,
+    /// `top_category`, `categories` or `category_share(..)`, or a `top_categories` context.
+    pub categories: bool,
+    /// A `cart` context.
+    pub cart: bool,
+    /// A `top_products` context.
+    pub top_products: bool,
+}
+
+impl MemoryNeeds {
+    /// Whether the rules read any of the memory.
+    pub fn any(self) -> bool {
+        self.product || self.categories || self.cart || self.top_products
+    }
+}
+
 /// What rules and contexts read of a person's memory, taken when the event was applied
 /// (so a later event of the same batch does not change what an earlier one's rules see).
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -108,50 +130,59 @@ pub struct Memory {
 }
 
 impl Memory {
-    /// The memory of `profile` at `now`, for an evaluation caused by `event` (none for
-    /// timers).
-    pub fn of(profile: &Profile, event: Option<&Event>, now: Time) -> Memory {
+    /// The parts of the memory of `profile` at `now` that `needs` names (the rest stay
+    /// empty), for an evaluation caused by `event` (none for timers).
+    pub fn of(profile: &Profile, event: Option<&Event>, now: Time, needs: MemoryNeeds) -> Memory {
+        let mut memory = Memory::default();
+        if !needs.any() {
+            return memory;
+        }
         let today = now.day();
         let products = profile.products();
         let facts = |p: &ProductInterest| product_facts(profile, p, today);
-        let product = event
-            .and_then(|e| e.properties.product_id.as_deref())
-            .and_then(|id| products.get(id))
-            .map(facts);
-        let cart = profile
-            .cart()
-            .lines
-            .iter()
-            .take(MAX_CART_LINES)
-            .map(|l| CartLineFacts {
-                product_id: l.product_id.clone(),
-                category: products
-                    .get(&l.product_id)
-                    .and_then(|p| p.category.as_deref())
-                    .unwrap_or_default()
-                    .to_owned(),
-                unit_price: l.price,
-                quantity: l.quantity,
-            })
-            .collect();
-        Memory {
-            product,
-            categories: profile
+        if needs.product {
+            memory.product = event
+                .and_then(|e| e.properties.product_id.as_deref())
+                .and_then(|id| products.get(id))
+                .map(facts);
+        }
+        if needs.categories {
+            memory.categories = profile
                 .category_affinities(now)
                 .into_iter()
                 .map(|(category, share)| CategoryShare {
                     category: category.to_owned(),
                     share,
                 })
-                .collect(),
-            cart,
-            top_products: products
+                .collect();
+        }
+        if needs.cart {
+            memory.cart = profile
+                .cart()
+                .lines
+                .iter()
+                .take(MAX_CART_LINES)
+                .map(|l| CartLineFacts {
+                    product_id: l.product_id.clone(),
+                    category: products
+                        .get(&l.product_id)
+                        .and_then(|p| p.category.as_deref())
+                        .unwrap_or_default()
+                        .to_owned(),
+                    unit_price: l.price,
+                    quantity: l.quantity,
+                })
+                .collect();
+        }
+        if needs.top_products {
+            memory.top_products = products
                 .top(today)
                 .into_iter()
                 .take(MAX_TOP_PRODUCTS)
                 .map(facts)
-                .collect(),
+                .collect();
         }
+        memory
     }
 
     /// The category with the highest affinity ("" when there is none).

@@ -36,7 +36,7 @@ use sha2::{Digest, Sha256};
 use crate::event::PersonKey;
 use crate::features::FeatureRow;
 use crate::time::Time;
-pub use context::{Memory, TriggerContext};
+pub use context::{Memory, MemoryNeeds, TriggerContext};
 pub use evaluate::{evaluate, Cause, Decisions};
 pub use experiment::{VariantOutcome, HOLDOUT};
 use rules::{RuleSet, RulesError};
@@ -197,7 +197,7 @@ pub struct Facts<'a> {
     pub segments: &'a [&'static str],
     pub history: History,
     /// The product and category memory, taken when the event was applied; empty unless
-    /// the rules read it ([`rules::RuleSet::reads_memory`]).
+    /// the rules read it ([`rules::RuleSet::memory_needs`]).
     pub memory: &'a Memory,
     /// Explains a model's score for this person: top contributions (empty when the
     /// backend cannot). Called only for delivered triggers; it may be costly (TreeSHAP),

@@ -22,7 +22,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-pub use super::context::ContextPart;
+pub use super::context::{ContextPart, MemoryNeeds};
 pub use super::expr::{Expr, CONTEXT_VARIABLES};
 use sha2::{Digest, Sha256};
 
@@ -52,9 +52,9 @@ pub struct RuleSet {
     pub journey: Journey,
     /// Every name some expression reads: only these go into an evaluation's context.
     pub variables: BTreeSet<String>,
-    /// Whether some expression or context reads the person's product and category memory
-    /// (what the engine then takes per event: [`super::Memory`]).
-    pub reads_memory: bool,
+    /// The parts of the person's product and category memory some expression or context
+    /// reads (what the engine then takes per event: [`super::Memory`]).
+    pub memory_needs: MemoryNeeds,
     /// The FeatureSpec columns among `variables`, by index: an evaluation's features.
     pub features_read: Vec<usize>,
 }
@@ -691,15 +691,15 @@ impl RuleSet {
             .chain([&decision, &consideration])
             .flat_map(Expr::variables)
             .collect();
-        let reads_memory = ["product", "top_category", "categories"]
-            .iter()
-            .any(|v| variables.contains(*v))
-            || rules.iter().flat_map(|r| &r.context).any(|part| {
-                matches!(
-                    part,
-                    ContextPart::Cart | ContextPart::TopProducts | ContextPart::TopCategories
-                )
-            });
+        let asks = |part: ContextPart| rules.iter().any(|r| r.context.contains(&part));
+        let memory_needs = MemoryNeeds {
+            product: variables.contains("product"),
+            categories: variables.contains("top_category")
+                || variables.contains("categories")
+                || asks(ContextPart::TopCategories),
+            cart: asks(ContextPart::Cart),
+            top_products: asks(ContextPart::TopProducts),
+        };
         let features_read = FEATURES
             .iter()
             .enumerate()
@@ -716,7 +716,7 @@ impl RuleSet {
                 consideration,
             },
             variables,
-            reads_memory,
+            memory_needs,
             features_read,
         })
     }

@@ -157,6 +157,14 @@ impl HeapSize for TriggerState {
 }
 
 impl TriggerState {
+    /// Gives back the spare capacity growth left, as [`crate::profile::Profile::shrink_to_fit`].
+    pub fn shrink_to_fit(&mut self) {
+        self.rules.shrink_to_fit();
+        self.delivered.shrink_to_fit();
+        self.timers.shrink_to_fit();
+        self.exposures.shrink_to_fit();
+    }
+
     /// A rule's state (the default when nothing is recorded for it).
     pub fn rule(&self, name: &str) -> RuleState {
         self.rules

@@ -82,7 +82,7 @@ impl Person {
     fn firings(&mut self, rules: &RuleSet, e: Event) -> Vec<Firing> {
         self.last_seen = self.last_seen.max(Some(e.time));
         self.profile.apply(&e);
-        self.memory = Memory::of(&self.profile, Some(&e), e.time);
+        self.memory = Memory::of(&self.profile, Some(&e), e.time, rules.memory_needs);
         let explain = |_: &str| Vec::new();
         let mut state = std::mem::take(&mut self.state);
         let firings = evaluate(
@@ -97,7 +97,7 @@ impl Person {
     }
 
     fn tick(&mut self, rules: &RuleSet, now: Time) -> Vec<(String, String)> {
-        self.memory = Memory::of(&self.profile, None, now);
+        self.memory = Memory::of(&self.profile, None, now, rules.memory_needs);
         let explain = |_: &str| Vec::new();
         let mut state = std::mem::take(&mut self.state);
         let firings = evaluate(rules, &mut state, &self.facts(now, &explain), Cause::Due).firings;
@@ -742,7 +742,7 @@ const CAMERA: &str = r#"
 #[test]
 fn a_product_level_rule_fires_once_per_product_and_a_second_product_gets_its_own_firing() {
     let rules = rules(CAMERA);
-    assert!(rules.rules[0].per_product && rules.reads_memory);
+    assert!(rules.rules[0].per_product && rules.memory_needs.product);
     let mut p = Person::new();
     let mut t = T0;
     let mut view = |p: &mut Person, product: &str, price: f64| {

@@ -830,7 +830,7 @@ fn run_rules(
     let mut now = event.time;
     let mut profile = nudge::profile::Profile::default();
     profile.apply(event);
-    let memory = nudge::trigger::Memory::of(&profile, Some(event), now);
+    let memory = nudge::trigger::Memory::of(&profile, Some(event), now, rules.memory_needs);
     for step in 0..4 {
         let facts = Facts {
             person: &event.person,
