@@ -23,7 +23,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 
 mod common;
-use common::{cpu_seconds, metric_sum, percentile, rss_bytes, scrape, Running};
+use common::{cpu_seconds, malloc_bytes, metric_sum, percentile, rss_bytes, scrape, Running};
 
 const STREAMS: usize = 4;
 const BATCH: usize = 100;
@@ -276,6 +276,7 @@ fn main() {
         feeder.await.unwrap();
         let load_time = started.elapsed();
         let rss_after = rss_bytes();
+        let (malloc_used, malloc_free) = malloc_bytes();
         let text = scrape(metrics_addr).await;
         let cached = metric_sum(&text, "nudge_profiles");
         let cache_bytes = metric_sum(&text, "nudge_cache_bytes");
@@ -288,6 +289,11 @@ fn main() {
             (rss_after.saturating_sub(rss_before)) as f64 / people as f64
         );
         println!("    resident MiB after people loaded: {}", series.join(", "));
+        println!(
+            "    malloc: {:.0} MiB in use, {:.0} MiB free in its arenas (resident beyond these: the store's files and caches, stacks)",
+            malloc_used as f64 / 1048576.0,
+            malloc_free as f64 / 1048576.0
+        );
         println!(
             "    cache: {cached:.0} people, {:.0} MiB counted, {:.0} bytes per cached person; {:.0} evicted",
             cache_bytes / 1048576.0,

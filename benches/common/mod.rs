@@ -19,6 +19,33 @@ pub fn rss_bytes() -> u64 {
     rss_of("/proc/self/status")
 }
 
+/// glibc's own count of this process's heap: (bytes in use, bytes free inside its arenas).
+/// Resident memory beyond the first is fragmentation or memory outside malloc (mmap'd
+/// store files, thread stacks).
+pub fn malloc_bytes() -> (u64, u64) {
+    /// `struct mallinfo2` of glibc 2.33+: ten `size_t`s.
+    #[repr(C)]
+    #[derive(Default)]
+    struct Mallinfo2 {
+        arena: usize,
+        ordblks: usize,
+        smblks: usize,
+        hblks: usize,
+        hblkhd: usize,
+        usmblks: usize,
+        fsmblks: usize,
+        uordblks: usize,
+        fordblks: usize,
+        keepcost: usize,
+    }
+    extern "C" {
+        fn mallinfo2() -> Mallinfo2;
+    }
+    // SAFETY: mallinfo2 takes nothing and returns a plain struct by value.
+    let info = unsafe { mallinfo2() };
+    ((info.uordblks + info.hblkhd) as u64, info.fordblks as u64)
+}
+
 /// Process `pid`'s resident memory, in bytes (0 once it is gone).
 pub fn rss_of_pid(pid: u32) -> u64 {
     rss_of(&format!("/proc/{pid}/status"))

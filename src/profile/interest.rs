@@ -15,6 +15,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::names::Category;
 use super::window::{DailySeries, DayValue};
 use crate::heap::{self, HeapSize};
 use crate::time::Time;
@@ -52,7 +53,7 @@ impl DayValue for ProductDay {
 pub struct ProductInterest {
     pub id: Box<str>,
     /// The category the latest event naming one gave.
-    pub category: Option<Box<str>>,
+    pub category: Option<Category>,
     /// The unit price the latest event naming one gave (NaN: none yet).
     pub price: f64,
     /// The latest event about the product.
@@ -122,7 +123,7 @@ impl Products {
         if touch.at >= p.last_seen {
             if let Some(c) = touch.category.filter(|c| !c.is_empty()) {
                 if p.category.as_deref() != Some(c) {
-                    p.category = Some(c.into());
+                    p.category = Some(Category::new(c));
                 }
             }
             if let Some(price) = touch.price {
@@ -204,11 +205,7 @@ impl HeapSize for Products {
                 .products
                 .iter()
                 .map(|p| {
-                    heap::buffer::<u8>(p.id.len())
-                        + p.category
-                            .as_ref()
-                            .map_or(0, |c| heap::buffer::<u8>(c.len()))
-                        + p.days.heap_bytes()
+                    heap::buffer::<u8>(p.id.len()) + p.category.heap_bytes() + p.days.heap_bytes()
                 })
                 .sum::<usize>()
     }

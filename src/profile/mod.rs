@@ -21,6 +21,7 @@
 //! sessions that are parts of the same visit become one, carts combine.
 
 pub mod interest;
+pub mod names;
 pub mod session;
 pub mod v1;
 pub mod v2;
@@ -32,6 +33,7 @@ use crate::event::{fnv1a, Event, EventKind};
 use crate::heap::{self, HeapSize};
 use crate::time::Time;
 use interest::{CategoryDay, ProductDay, ProductTouch, Products};
+use names::Category;
 pub use session::{Session, Sessions, SESSION_TIMEOUT_MS};
 use window::{DailySeries, DayValue};
 
@@ -232,7 +234,7 @@ impl Cart {
 /// cart additions and purchases (which weigh into the affinity rules read).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CategoryActivity {
-    pub name: String,
+    pub name: Category,
     pub days: DailySeries<CategoryDay, CATEGORY_DAYS>,
 }
 
@@ -287,7 +289,6 @@ impl Profile {
         self.days.shrink_to_fit();
         self.categories.shrink_to_fit();
         for c in &mut self.categories {
-            c.name.shrink_to_fit();
             c.days.shrink_to_fit();
         }
         self.products.shrink_to_fit();
@@ -456,12 +457,12 @@ impl Profile {
     }
 
     fn category_activity(&mut self, name: &str, day: i32, f: impl FnOnce(&mut CategoryDay)) {
-        let at = match self.categories.iter().position(|c| c.name == name) {
+        let at = match self.categories.iter().position(|c| *c.name == *name) {
             Some(at) => at,
             None => {
                 self.make_room_for_category();
                 self.categories.push(CategoryActivity {
-                    name: name.to_owned(),
+                    name: Category::new(name),
                     days: DailySeries::default(),
                 });
                 self.categories.len() - 1

@@ -41,7 +41,10 @@ impl From<CategoryViews> for CategoryActivity {
         for (day, views) in c.views.iter() {
             days.update(day, |d: &mut CategoryDay| d.views = views);
         }
-        CategoryActivity { name: c.name, days }
+        CategoryActivity {
+            name: super::names::Category::new(&c.name),
+            days,
+        }
     }
 }
 
