@@ -11,6 +11,11 @@
 //! after `max_attempts` the trigger becomes a dead letter in the store. The cursor only
 //! moves past triggers that were delivered or dead-lettered, so a restart redelivers what
 //! was in flight (consumers deduplicate on `webhook-id`).
+//!
+//! What the body is, per endpoint ([`Format`]): Nudge's own envelope, or a CloudEvent 1.0
+//! in the HTTP binding's binary or structured mode (<https://cloudevents.io>), with the
+//! trigger id as the event id, so a receiver deduplicates on `ce-id` as on `webhook-id`.
+//! The Standard Webhooks signature covers the body in every format.
 
 use std::collections::BTreeSet;
 use std::future::Future;
@@ -64,7 +69,33 @@ pub struct WebhookConfig {
     /// address at delivery.
     #[serde(default)]
     pub allow_internal_addresses: bool,
+    /// What each POST's body is.
+    #[serde(default)]
+    pub format: Format,
+    /// The CloudEvents `source` attribute (a URI reference naming this Nudge deployment).
+    #[serde(default = "defaults::cloudevents_source")]
+    pub cloudevents_source: String,
 }
+
+/// How a trigger is put on the wire.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Format {
+    /// `{"type": "trigger.fired", "data": <trigger>}` as `application/json`.
+    #[default]
+    Standard,
+    /// A CloudEvent in HTTP binary mode: its attributes in `ce-` headers, the trigger as
+    /// the `application/json` body.
+    CloudeventsBinary,
+    /// A CloudEvent in HTTP structured mode: one `application/cloudevents+json` document
+    /// with the trigger as its `data`.
+    CloudeventsStructured,
+}
+
+/// The CloudEvents `type` of a trigger: this prefix and the action's type
+/// (`dev.nudge.trigger.discount`), so a consumer subscribes to what it is asked to send.
+/// The rule that fired is the `nudgerule` extension attribute.
+pub const CLOUDEVENTS_TYPE_PREFIX: &str = "dev.nudge.trigger.";
 
 mod defaults {
     pub fn concurrency() -> usize {
@@ -84,6 +115,9 @@ mod defaults {
     }
     pub fn timeout_ms() -> u64 {
         10_000
+    }
+    pub fn cloudevents_source() -> String {
+        "/nudge".to_owned()
     }
 }
 
@@ -109,6 +143,8 @@ impl std::fmt::Debug for WebhookConfig {
             .field("max_backoff_ms", &self.max_backoff_ms)
             .field("timeout_ms", &self.timeout_ms)
             .field("allow_internal_addresses", &self.allow_internal_addresses)
+            .field("format", &self.format)
+            .field("cloudevents_source", &self.cloudevents_source)
             .finish()
     }
 }
@@ -123,6 +159,11 @@ impl WebhookConfig {
             crate::security::address::check_url(&self.url, self.allow_internal_addresses)
         {
             problems.push(format!("{at}: {e}"));
+        }
+        if self.cloudevents_source.is_empty() {
+            problems.push(format!(
+                "{at}: cloudevents_source must not be empty (CloudEvents requires a source)"
+            ));
         }
         if !(self.rate_per_second.is_finite() && self.rate_per_second > 0.0) {
             problems.push(format!("{at}: rate_per_second must be positive"));
@@ -169,6 +210,8 @@ impl TryFrom<&WebhookConfig> for Endpoint {
             max_backoff: Duration::from_millis(c.max_backoff_ms),
             timeout: Duration::from_millis(c.timeout_ms),
             allow_internal_addresses: c.allow_internal_addresses,
+            format: c.format,
+            cloudevents_source: c.cloudevents_source.clone(),
         })
     }
 }
@@ -189,6 +232,8 @@ pub struct Endpoint {
     pub max_backoff: Duration,
     pub timeout: Duration,
     pub allow_internal_addresses: bool,
+    pub format: Format,
+    pub cloudevents_source: String,
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -205,6 +250,8 @@ impl std::fmt::Debug for Endpoint {
             .field("max_backoff", &self.max_backoff)
             .field("timeout", &self.timeout)
             .field("allow_internal_addresses", &self.allow_internal_addresses)
+            .field("format", &self.format)
+            .field("cloudevents_source", &self.cloudevents_source)
             .finish()
     }
 }
@@ -252,12 +299,126 @@ pub fn sign(key: &[u8], id: &str, timestamp: i64, body: &[u8]) -> String {
     )
 }
 
-/// The JSON body: `{"type": "trigger.fired", "data": <trigger>}`.
+/// The JSON body of [`Format::Standard`]: `{"type": "trigger.fired", "data": <trigger>}`.
 #[derive(Serialize)]
 struct Envelope<'a> {
     #[serde(rename = "type")]
     kind: &'static str,
     data: &'a Trigger,
+}
+
+/// One trigger as an endpoint gets it: the same bytes and headers on every attempt.
+#[derive(Debug, PartialEq)]
+pub struct Message {
+    pub content_type: &'static str,
+    /// Headers besides `content-type` and the signature's.
+    pub headers: Vec<(&'static str, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Message {
+    pub fn new(format: Format, source: &str, trigger: &Trigger) -> Message {
+        let attributes = || CloudEventAttributes::of(source, trigger);
+        match format {
+            Format::Standard => Message {
+                content_type: "application/json",
+                headers: Vec::new(),
+                body: to_json(&Envelope {
+                    kind: "trigger.fired",
+                    data: trigger,
+                }),
+            },
+            Format::CloudeventsBinary => {
+                let a = attributes();
+                let mut headers = vec![
+                    ("ce-specversion", a.specversion.to_owned()),
+                    ("ce-id", header_value(a.id)),
+                    ("ce-source", header_value(a.source)),
+                    ("ce-type", header_value(&a.kind)),
+                    ("ce-time", a.time.clone()),
+                    ("ce-nudgerule", header_value(a.nudgerule)),
+                ];
+                if let Some(subject) = a.subject {
+                    headers.push(("ce-subject", header_value(subject)));
+                }
+                Message {
+                    content_type: "application/json",
+                    headers,
+                    body: to_json(trigger),
+                }
+            }
+            Format::CloudeventsStructured => Message {
+                content_type: "application/cloudevents+json",
+                headers: Vec::new(),
+                body: to_json(&StructuredEvent {
+                    attributes: attributes(),
+                    datacontenttype: "application/json",
+                    data: trigger,
+                }),
+            },
+        }
+    }
+}
+
+fn to_json(value: &impl Serialize) -> Vec<u8> {
+    serde_json::to_vec(value).expect("a trigger encodes as JSON")
+}
+
+/// A trigger's CloudEvents context attributes.
+#[derive(Serialize)]
+struct CloudEventAttributes<'a> {
+    specversion: &'static str,
+    id: &'a str,
+    source: &'a str,
+    #[serde(rename = "type")]
+    kind: String,
+    /// When the trigger was made, RFC 3339.
+    time: String,
+    /// The person: the user id, else the anonymous id (pseudonymized when that is on).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    subject: Option<&'a str>,
+    /// Extension attribute: the rule that fired.
+    nudgerule: &'a str,
+}
+
+impl<'a> CloudEventAttributes<'a> {
+    fn of(source: &'a str, t: &'a Trigger) -> CloudEventAttributes<'a> {
+        CloudEventAttributes {
+            specversion: "1.0",
+            id: &t.trigger_id,
+            source,
+            kind: format!("{CLOUDEVENTS_TYPE_PREFIX}{}", t.action.kind),
+            time: jiff::Timestamp::from_millisecond(t.time_ms).map_or_else(
+                |_| jiff::Timestamp::UNIX_EPOCH.to_string(),
+                |ts| ts.to_string(),
+            ),
+            subject: t.user_id.as_deref().or(t.anonymous_id.as_deref()),
+            nudgerule: &t.rule,
+        }
+    }
+}
+
+/// The structured-mode document: the attributes beside `data`.
+#[derive(Serialize)]
+struct StructuredEvent<'a> {
+    #[serde(flatten)]
+    attributes: CloudEventAttributes<'a>,
+    datacontenttype: &'static str,
+    data: &'a Trigger,
+}
+
+/// An attribute as an HTTP header value, percent-encoded as the CloudEvents HTTP binding
+/// asks (section 3.1.3.2): every byte outside printable ASCII, and space, `"` and `%`.
+fn header_value(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for &b in value.as_bytes() {
+        if (0x21..=0x7e).contains(&b) && b != b'"' && b != b'%' {
+            out.push(b as char);
+        } else {
+            out += &format!("%{b:02X}");
+        }
+    }
+    out
 }
 
 /// A trigger whose delivery gave up, as stored.
@@ -432,11 +593,7 @@ impl Shared {
     /// Delivers one trigger, retrying; answers the dead-letter record if it gave up.
     async fn deliver(&self, seq: u64, trigger: Trigger) -> Option<Vec<u8>> {
         let e = &self.endpoint;
-        let body = serde_json::to_vec(&Envelope {
-            kind: "trigger.fired",
-            data: &trigger,
-        })
-        .expect("a trigger encodes as JSON");
+        let message = Message::new(e.format, &e.cloudevents_source, &trigger);
         let mut attempt = 0u32;
         loop {
             attempt += 1;
@@ -447,7 +604,7 @@ impl Shared {
                     .await
                     .expect("the semaphore is never closed");
                 self.pacer.wait().await;
-                self.post(&trigger.trigger_id, &body).await
+                self.post(&trigger.trigger_id, &message).await
             };
             let retry_after = match result {
                 Ok(()) => {
@@ -482,19 +639,23 @@ impl Shared {
         }
     }
 
-    async fn post(&self, id: &str, body: &[u8]) -> Result<(), Failure> {
+    async fn post(&self, id: &str, message: &Message) -> Result<(), Failure> {
         let timestamp = unix_millis() / 1000;
-        let response = self
+        let mut request = self
             .client
             .post(&self.endpoint.url)
-            .header("content-type", "application/json")
+            .header("content-type", message.content_type)
             .header("webhook-id", id)
             .header("webhook-timestamp", timestamp.to_string())
             .header(
                 "webhook-signature",
-                sign(&self.endpoint.secret, id, timestamp, body),
-            )
-            .body(body.to_vec())
+                sign(&self.endpoint.secret, id, timestamp, &message.body),
+            );
+        for (name, value) in &message.headers {
+            request = request.header(*name, value);
+        }
+        let response = request
+            .body(message.body.clone())
             .send()
             .await
             .map_err(|e| Failure {
@@ -589,6 +750,8 @@ mod tests {
             max_backoff: Duration::from_millis(1),
             timeout: Duration::from_secs(5),
             allow_internal_addresses,
+            format: Format::Standard,
+            cloudevents_source: "/nudge".into(),
         }
     }
 
@@ -716,6 +879,150 @@ Webhook(secret).verify(body, {"webhook-id": id, "webhook-timestamp": ts, "webhoo
             // And the oracle is not a rubber stamp.
             assert!(!reference_verifies(secret, "trg_2", now, body, &signature));
         }
+    }
+
+    fn trigger(user_id: Option<&str>) -> Trigger {
+        Trigger {
+            trigger_id: "trg_5f2c".into(),
+            rule: "cart_abandoned".into(),
+            user_id: user_id.map(str::to_owned),
+            anonymous_id: Some("anon-7".into()),
+            time_ms: 1_764_763_200_123,
+            cause: "timer:e1:0".into(),
+            scores: [("purchase".to_owned(), 0.81)].into(),
+            journey_stage: "decision".into(),
+            contributions: Default::default(),
+            action: crate::trigger::rules::Action {
+                kind: "discount".into(),
+                channel: "email".into(),
+                template: "cart_reminder".into(),
+                params: [("percent".to_owned(), "10".to_owned())].into(),
+            },
+            context: None,
+            experiment: None,
+            variant: None,
+        }
+    }
+
+    /// What the CloudEvents Python SDK (`cloudevents`, installed by the test command into
+    /// `.tools/pyenv`) reads from these requests: per request, its attributes and data.
+    fn sdk_reads(messages: &[&Message]) -> Vec<serde_json::Value> {
+        let requests: Vec<serde_json::Value> = messages
+            .iter()
+            .map(|m| {
+                let mut headers: serde_json::Map<String, serde_json::Value> = m
+                    .headers
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), v.clone().into()))
+                    .collect();
+                headers.insert("content-type".into(), m.content_type.into());
+                serde_json::json!({
+                    "headers": headers,
+                    "body": base64::engine::general_purpose::STANDARD.encode(&m.body),
+                })
+            })
+            .collect();
+        let python = concat!(env!("CARGO_MANIFEST_DIR"), "/.tools/pyenv/bin/python");
+        let script = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/cloudevents_parse.py"
+        );
+        let mut child = std::process::Command::new(python)
+            .arg(script)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("the test command installs .tools/pyenv with cloudevents");
+        use std::io::Write as _;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(&serde_json::to_vec(&requests).unwrap())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "the SDK refused them: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    #[test]
+    fn the_cloudevents_sdk_reads_both_modes_as_the_same_event() {
+        // A subject with a space and a non-ASCII letter: percent-encoded in a header.
+        let t = trigger(Some("ann é"));
+        let binary = Message::new(Format::CloudeventsBinary, "/nudge/eu-1", &t);
+        let structured = Message::new(Format::CloudeventsStructured, "/nudge/eu-1", &t);
+        assert_eq!(structured.content_type, "application/cloudevents+json");
+        let header = |name: &str| {
+            binary
+                .headers
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(header("ce-subject"), Some("ann%20%C3%A9"));
+        assert_eq!(header("ce-time"), Some("2025-12-03T12:00:00.123Z"));
+        let events = sdk_reads(&[&binary, &structured]);
+        assert_eq!(events.len(), 2);
+        for event in &events {
+            let a = &event["attributes"];
+            assert_eq!(a["specversion"], "1.0");
+            assert_eq!(
+                a["id"], "trg_5f2c",
+                "the trigger id: receivers deduplicate on it"
+            );
+            assert_eq!(a["source"], "/nudge/eu-1");
+            assert_eq!(a["type"], "dev.nudge.trigger.discount");
+            assert_eq!(a["subject"], "ann é");
+            assert_eq!(a["nudgerule"], "cart_abandoned");
+            assert_eq!(a["datacontenttype"], "application/json");
+            assert_eq!(a["time"], "2025-12-03T12:00:00.123000+00:00");
+            let data: Trigger = serde_json::from_value(event["data"].clone()).unwrap();
+            assert_eq!(data, t, "the data is the trigger, whole");
+        }
+    }
+
+    #[test]
+    fn a_trigger_for_an_anonymous_person_has_that_id_as_subject_and_standard_is_unchanged() {
+        let t = trigger(None);
+        let binary = Message::new(Format::CloudeventsBinary, "/nudge", &t);
+        assert!(binary
+            .headers
+            .contains(&("ce-subject", "anon-7".to_owned())));
+        let standard = Message::new(Format::Standard, "/nudge", &t);
+        assert!(standard.headers.is_empty());
+        let body: serde_json::Value = serde_json::from_slice(&standard.body).unwrap();
+        assert_eq!(body["type"], "trigger.fired");
+        assert_eq!(body["data"]["trigger_id"], "trg_5f2c");
+    }
+
+    #[test]
+    fn a_format_nudge_does_not_know_and_an_empty_source_are_refused_at_load() {
+        let entry = |extra: &str| {
+            toml::from_str::<WebhookConfig>(&format!(
+                "name = \"crm\"\nurl = \"https://crm.example/hooks\"\nsecret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\n{extra}"
+            ))
+        };
+        let unknown = entry("format = \"cloudevents\"").unwrap_err().to_string();
+        assert!(unknown.contains("cloudevents_binary"), "{unknown}");
+        let empty =
+            entry("format = \"cloudevents_structured\"\ncloudevents_source = \"\"").unwrap();
+        assert_eq!(
+            empty.problems("triggers.webhooks[0]"),
+            ["triggers.webhooks[0]: cloudevents_source must not be empty (CloudEvents requires a source)"]
+        );
+        assert_eq!(entry("").unwrap().format, Format::Standard);
+    }
+
+    #[test]
+    fn header_values_are_percent_encoded_as_the_http_binding_asks() {
+        assert_eq!(header_value("a-b_c.d/e:f"), "a-b_c.d/e:f");
+        assert_eq!(header_value("50% \"off\""), "50%25%20%22off%22");
+        assert_eq!(header_value("é\n"), "%C3%A9%0A");
     }
 
     #[test]

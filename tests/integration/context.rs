@@ -102,6 +102,8 @@ async fn triggers_carry_the_products_categories_and_parameters_that_made_them_pe
         timeout_ms: 2000,
         // The test's receiver listens on loopback.
         allow_internal_addresses: true,
+        format: Default::default(),
+        cloudevents_source: "/nudge".into(),
     }];
     let server = TestServer::start_with(config).await;
     let mut client = server.client().await;

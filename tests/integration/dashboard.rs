@@ -166,6 +166,8 @@ async fn every_dashboard_query_parses_and_returns_data_from_a_real_prometheus() 
         max_backoff_ms: 100,
         timeout_ms: 2000,
         allow_internal_addresses: true,
+        format: Default::default(),
+        cloudevents_source: "/nudge".into(),
     }];
     let server = Arc::new(TestServer::start_with(config).await);
     let (_prometheus, prom) = prometheus(dir.path(), server.metrics_addr).await;

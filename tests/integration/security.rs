@@ -740,6 +740,8 @@ fn hook(url: &str, allow: bool) -> nudge::config::WebhookConfig {
         max_backoff_ms: 100,
         timeout_ms: 1000,
         allow_internal_addresses: allow,
+        format: Default::default(),
+        cloudevents_source: "/nudge".into(),
     }
 }
 

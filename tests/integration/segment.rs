@@ -12,7 +12,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use nudge::pb;
 
 use crate::support::{
-    assert_feature, features, metric_value, person, repo_path, spawn_nudge, test_config,
+    assert_feature, features, metric_value, person, python, repo_path, spawn_nudge, test_config,
     TestServer, T0,
 };
 
@@ -525,14 +525,6 @@ async fn the_spec_shaped_payloads_are_taken() {
     // page and product view.
     assert_feature(&f, "page_views_30d", 2.0);
     server.stop().await.unwrap();
-}
-
-/// The Python interpreter with the SDKs of tests/fixtures/requirements.txt:
-/// `NUDGE_TEST_PYTHON`, else the one scripts/test.sh installs them into.
-fn python() -> std::path::PathBuf {
-    std::env::var_os("NUDGE_TEST_PYTHON")
-        .map(Into::into)
-        .unwrap_or_else(|| repo_path(".tools/pyenv/bin/python"))
 }
 
 #[tokio::test]

@@ -436,3 +436,11 @@ impl tonic::codec::Decoder for RawCodec {
         Ok(Some(prost::bytes::Buf::copy_to_bytes(src, len).to_vec()))
     }
 }
+
+/// The Python interpreter with the SDKs of tests/fixtures/requirements.txt:
+/// `NUDGE_TEST_PYTHON`, else the one scripts/test.sh installs them into.
+pub fn python() -> std::path::PathBuf {
+    std::env::var_os("NUDGE_TEST_PYTHON")
+        .map(Into::into)
+        .unwrap_or_else(|| repo_path(".tools/pyenv/bin/python"))
+}

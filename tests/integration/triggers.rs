@@ -790,6 +790,8 @@ fn webhook(name: &str, port: u16) -> WebhookConfig {
         timeout_ms: 300,
         // The test's receiver listens on loopback.
         allow_internal_addresses: true,
+        format: Default::default(),
+        cloudevents_source: "/nudge".into(),
     }
 }
 
@@ -887,6 +889,179 @@ async fn webhooks_arrive_signed_through_a_receiver_that_is_down_slow_and_refusin
             "the cursor did not catch up"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    server.stop().await.unwrap();
+    receiver.abort();
+}
+
+/// A request the CloudEvents receiver took: its headers (lowercase names) and body.
+type Request = (BTreeMap<String, String>, Vec<u8>);
+
+/// What the CloudEvents Python SDK reads from `requests` (tests/fixtures/cloudevents_parse.py):
+/// per request, the event's attributes and data.
+fn cloudevents_sdk_reads(requests: &[Request]) -> Vec<serde_json::Value> {
+    use std::io::Write as _;
+    let input: Vec<serde_json::Value> = requests
+        .iter()
+        .map(|(headers, body)| {
+            serde_json::json!({
+                "headers": headers,
+                "body": base64::engine::general_purpose::STANDARD.encode(body),
+            })
+        })
+        .collect();
+    let mut child = std::process::Command::new(python())
+        .arg(repo_path("tests/fixtures/cloudevents_parse.py"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the test command installs .tools/pyenv with cloudevents");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(&serde_json::to_vec(&input).unwrap())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the SDK refused what Nudge sent: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloudevents_webhooks_in_both_modes_are_read_by_the_sdk_and_stay_signed() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let taken: Arc<Mutex<BTreeMap<String, Vec<Request>>>> = Arc::default();
+    let app = {
+        let taken = taken.clone();
+        axum::Router::new().route(
+            "/{mode}",
+            axum::routing::post(
+                move |axum::extract::Path(mode): axum::extract::Path<String>,
+                      headers: axum::http::HeaderMap,
+                      body: axum::body::Bytes| {
+                    let taken = taken.clone();
+                    async move {
+                        let headers = headers
+                            .iter()
+                            .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap().to_owned()))
+                            .collect();
+                        let mut taken = taken.lock().unwrap();
+                        taken
+                            .entry(mode)
+                            .or_default()
+                            .push((headers, body.to_vec()));
+                        axum::http::StatusCode::NO_CONTENT
+                    }
+                },
+            ),
+        )
+    };
+    let receiver = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let mut config = config_with_rules(dir.path(), VIEWS);
+    let mut binary = webhook("binary", port);
+    binary.url = format!("http://127.0.0.1:{port}/binary");
+    binary.format = nudge::delivery::webhook::Format::CloudeventsBinary;
+    binary.cloudevents_source = "/nudge/test".into();
+    let mut structured = webhook("structured", port);
+    structured.url = format!("http://127.0.0.1:{port}/structured");
+    structured.format = nudge::delivery::webhook::Format::CloudeventsStructured;
+    structured.cloudevents_source = "/nudge/test".into();
+    config.triggers.webhooks = vec![binary, structured];
+    let server = TestServer::start_with(config).await;
+    let mut client = server.client().await;
+    for user in ["ce-a", "ce-b"] {
+        track(
+            &mut client,
+            vec![event(&format!("{user}-e"), user, EventType::PageView, T0)],
+        )
+        .await;
+    }
+    let triggers: BTreeMap<String, pb::Trigger> = exactly(&mut client, 0, 2)
+        .await
+        .into_iter()
+        .map(|m| {
+            let t = m.trigger.unwrap();
+            (t.trigger_id.clone(), t)
+        })
+        .collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = server.metrics().await;
+        let delivered = |endpoint: &str| {
+            metric_or_zero(
+                &metrics,
+                &format!("nudge_webhook_deliveries_total{{endpoint=\"{endpoint}\",result=\"delivered\"}}"),
+            )
+        };
+        if delivered("binary") == 2.0 && delivered("structured") == 2.0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not delivered:\n{metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let taken = std::mem::take(&mut *taken.lock().unwrap());
+    for (mode, content_type) in [
+        ("binary", "application/json"),
+        ("structured", "application/cloudevents+json"),
+    ] {
+        let requests = &taken[mode];
+        assert_eq!(requests.len(), 2, "{mode}: one request per trigger");
+        let key = base64::engine::general_purpose::STANDARD
+            .decode(SECRET.trim_start_matches("whsec_"))
+            .unwrap();
+        for (headers, body) in requests {
+            assert_eq!(headers["content-type"], content_type);
+            // The Standard Webhooks signature covers the body in every format.
+            let mut mac = Hmac::<Sha256>::new_from_slice(&key).unwrap();
+            mac.update(
+                format!(
+                    "{}.{}.",
+                    headers["webhook-id"], headers["webhook-timestamp"]
+                )
+                .as_bytes(),
+            );
+            mac.update(body);
+            let expected = format!(
+                "v1,{}",
+                base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+            );
+            assert_eq!(headers["webhook-signature"], expected, "{mode}");
+        }
+        let events = cloudevents_sdk_reads(requests);
+        let mut seen = BTreeSet::new();
+        for (event, (headers, _)) in events.iter().zip(requests) {
+            let a = &event["attributes"];
+            let id = a["id"].as_str().unwrap();
+            let trigger = &triggers[id];
+            assert_eq!(headers["webhook-id"], id, "{mode}: ce-id is the webhook id");
+            assert_eq!(a["specversion"], "1.0");
+            assert_eq!(a["source"], "/nudge/test");
+            assert_eq!(
+                a["type"], "dev.nudge.trigger.v",
+                "{mode}: the action's type"
+            );
+            assert_eq!(a["nudgerule"], "views");
+            assert_eq!(a["subject"], trigger.user_id.as_str());
+            let time = trigger.time.as_ref().unwrap();
+            let time = jiff::Timestamp::new(time.seconds, time.nanos).unwrap();
+            let read: jiff::Timestamp = a["time"].as_str().unwrap().parse().unwrap();
+            assert_eq!(read, time, "{mode}: ce-time is the trigger's time");
+            assert_eq!(event["data"]["trigger_id"], id);
+            assert_eq!(event["data"]["rule"], "views");
+            assert_eq!(event["data"]["user_id"], trigger.user_id.as_str());
+            seen.insert(id.to_owned());
+        }
+        assert_eq!(seen.len(), 2, "{mode}: both triggers, once each");
     }
     server.stop().await.unwrap();
     receiver.abort();
