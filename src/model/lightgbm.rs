@@ -226,13 +226,17 @@ fn check_complete(text: &str) -> Result<(), String> {
 /// token, which LightGBM reads as 0, the root), and a child or a feature out of range
 /// makes it read outside its arrays (a segmentation fault). Each tree must be a tree:
 /// every internal node reached exactly once from the root, every child and leaf index
-/// within `num_leaves`, every split feature within the header's `max_feature_idx`. What
-/// this does not look at (values, other keys), LightGBM checks itself.
+/// within `num_leaves`, every split feature within the header's `max_feature_idx`, and no
+/// key given twice in the header or a tree. What this does not look at (values, other
+/// keys), LightGBM checks itself.
 fn check_links(text: &str) -> Result<(), String> {
     let Some((header, trees)) = text.split_once("\nTree=") else {
         // No trees: nothing to walk, and LightGBM refuses the file or loads no tree.
         return Ok(());
     };
+    // LightGBM keeps the last line of a header key given twice, while what follows (and
+    // `check_complete`, and the native scorer) reads the first: such a file is refused.
+    check_unique_keys(header).map_err(|e| format!("the header: {e}"))?;
     // LightGBM reads these into an `int` without a range check, and divides by
     // num_tree_per_iteration: 18446744073709551616 wraps to 0 and kills the process
     // (SIGFPE), as the fuzz target `lightgbm_load` found.
@@ -284,19 +288,65 @@ fn check_links(text: &str) -> Result<(), String> {
     for (t, block) in trees.split("\nTree=").enumerate() {
         check_tree_links(block, max_feature).map_err(|e| format!("tree {t}: {e}"))?;
     }
+    check_tree_sizes(header, trees)
+}
+
+/// Checks that the header's `tree_sizes` put each tree where its `Tree=` line is. LightGBM
+/// reads tree i at the sum of the sizes before it, counted from the first `Tree=` line,
+/// and checks only that a line there begins with `Tree=`; the checks above read the trees
+/// between the `Tree=` lines. Sizes that disagree make LightGBM read a tree that was not
+/// checked, or start one past the end of the text (`check_complete` only bounds their sum
+/// by the whole file's length, header included). `trees` is the text after the first
+/// "Tree=", up to "end of trees".
+fn check_tree_sizes(header: &str, trees: &str) -> Result<(), String> {
+    let Some(sizes) = header.lines().find_map(|l| l.strip_prefix("tree_sizes=")) else {
+        // Without sizes LightGBM reads the trees one after another, as the checks do.
+        return Ok(());
+    };
+    // Where each `Tree=` line begins, from the first one's (which `trees` starts inside).
+    let starts: Vec<usize> = std::iter::once(0)
+        .chain(
+            trees
+                .match_indices("\nTree=")
+                .map(|(at, _)| at + "\nTree=".len()),
+        )
+        .collect();
+    let mut at = 0usize;
+    let mut listed = 0;
+    for (t, size) in sizes.split(' ').enumerate() {
+        if starts.get(t) != Some(&at) {
+            return Err(format!(
+                "tree_sizes puts tree {t} at byte {at} of the trees, where no Tree= line begins \
+                 (the file has {} trees)",
+                starts.len()
+            ));
+        }
+        at = size
+            .parse::<usize>()
+            .ok()
+            .and_then(|size| at.checked_add(size))
+            .ok_or_else(|| format!("tree_sizes has {size:?}, not a size"))?;
+        listed = t + 1;
+    }
+    if listed != starts.len() {
+        return Err(format!(
+            "tree_sizes gives {listed} sizes for the file's {} trees",
+            starts.len()
+        ));
+    }
     Ok(())
 }
 
 fn check_tree_links(block: &str, max_feature: Option<i64>) -> Result<(), String> {
-    // A key given twice is refused: this check would read one line and LightGBM another
-    // (the fuzz target `lightgbm_load` found a copied fragment that added a second,
-    // garbled `left_child` line, and LightGBM looped forever on it).
-    for name in ["num_leaves", "left_child", "right_child", "split_feature"] {
-        let prefix = format!("{name}=");
-        if block.lines().filter(|l| l.starts_with(&prefix)).count() > 1 {
-            return Err(format!("{name} appears twice"));
-        }
-    }
+    // A key given twice is refused, whichever key it is: these checks (and the native
+    // scorer) read the first line, LightGBM keeps the last. The fuzz target
+    // `lightgbm_load` found a copied fragment that added a second, garbled `left_child`
+    // line, and LightGBM looped forever on it; and, in its long pass, a second
+    // `decision_type` line whose splits were categorical in a tree with num_cat=0, so
+    // LightGBM's TreeSHAP read the tree's absent category bitsets (a SIGSEGV in
+    // `Tree::TreeSHAP`).
+    check_unique_keys(block)?;
+    check_tree_ends(block)?;
     let field = |name: &str| {
         block
             .lines()
@@ -426,6 +476,84 @@ fn check_tree_links(block: &str, max_feature: Option<i64>) -> Result<(), String>
     }
     if let Some(node) = reached.iter().position(|r| !r) {
         return Err(format!("node {node} is not reached from the root"));
+    }
+    Ok(())
+}
+
+/// Checks that a tree ends as LightGBM reads it: after its `Tree=` line, LightGBM reads
+/// up to 22 lines of `key=value`, stopping at a blank line, and it looks for each `=` and
+/// each line's end without looking for the end of the text. Every tree LightGBM writes
+/// ends with a blank line; one that runs into the next tree has LightGBM read that
+/// tree's keys as its own, and one that runs to the end of the file has it read past the
+/// end of its buffer (a SIGSEGV, found by the long pass of `lightgbm_load`: a mutated
+/// `leaf_weight` line took in an "end of trees", and the file ended inside the tree).
+/// `block` is the tree's text from after "Tree=" to the next tree or "end of trees".
+fn check_tree_ends(block: &str) -> Result<(), String> {
+    let bytes = block.as_bytes();
+    let line_end = |from: usize| {
+        bytes[from..]
+            .iter()
+            .position(|&b| b == b'\r' || b == b'\n')
+            .map(|n| from + n)
+    };
+    let past_newline = |mut at: usize| {
+        if bytes.get(at) == Some(&b'\r') {
+            at += 1;
+        }
+        if bytes.get(at) == Some(&b'\n') {
+            at += 1;
+        }
+        at
+    };
+    let runs_on = |last: &str| {
+        Err(format!(
+            "no blank line ends the tree after its last line ({last}): LightGBM would read on \
+             past it, into what follows or past the end of the file"
+        ))
+    };
+    let mut last = "Tree=".to_owned();
+    let Some(end) = line_end(0) else {
+        return runs_on(&last);
+    };
+    let mut at = past_newline(end);
+    for _ in 0..22 {
+        match bytes.get(at) {
+            Some(b'\r' | b'\n') => return Ok(()),
+            None => return runs_on(&last),
+            Some(_) => {}
+        }
+        let Some(equals) = bytes[at..].iter().position(|&b| b == b'=').map(|n| at + n) else {
+            return runs_on(&key_name(&block[at..]));
+        };
+        last = key_name(&block[at..equals]);
+        let Some(end) = line_end(equals + 1) else {
+            return runs_on(&last);
+        };
+        at = past_newline(end);
+    }
+    Ok(())
+}
+
+/// A key as the error messages show it: a name as it is, anything else (a garbled line
+/// can make a long key of anything) quoted and cut.
+fn key_name(key: &str) -> String {
+    if !key.is_empty() && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        key.to_owned()
+    } else {
+        format!("{:?}", key.chars().take(40).collect::<String>())
+    }
+}
+
+/// Refuses a key given on two lines of `text` (a tree or the header). LightGBM takes a
+/// line's key as what comes before its first `=` and keeps the last line of each key;
+/// the checks here and the native scorer keep the first, so with two lines each would
+/// check or score a different model.
+fn check_unique_keys(text: &str) -> Result<(), String> {
+    let mut seen = std::collections::HashSet::new();
+    for key in text.lines().filter_map(|l| Some(l.split_once('=')?.0)) {
+        if !seen.insert(key) {
+            return Err(format!("{} appears twice", key_name(key)));
+        }
     }
     Ok(())
 }
@@ -597,6 +725,117 @@ mod tests {
             }
             Ok(other) => panic!("{other:?}"),
             Err(_) => panic!("loading and scoring did not finish in 60 s"),
+        }
+    }
+
+    /// A valid model of `trees` one-split trees over one feature, its `tree_sizes` as
+    /// LightGBM writes them: the smallest text the malformed-file tests spoil.
+    fn minimal_model(trees: usize) -> String {
+        let tree = |t: usize| {
+            format!(
+                "Tree={t}\nnum_leaves=2\nnum_cat=0\nsplit_feature=0\nsplit_gain=1\nthreshold=5\n\
+                 decision_type=2\nleft_child=-1\nright_child=-2\nleaf_value=-0.5 0.5\n\
+                 leaf_weight=1 1\nleaf_count=1 1\ninternal_value=0\ninternal_weight=2\n\
+                 internal_count=2\nis_linear=0\nshrinkage=1\n\n\n"
+            )
+        };
+        let trees: Vec<String> = (0..trees).map(tree).collect();
+        let sizes: Vec<String> = trees.iter().map(|t| t.len().to_string()).collect();
+        let model = format!(
+            "tree\nversion=v4\nnum_class=1\nnum_tree_per_iteration=1\nlabel_index=0\n\
+             max_feature_idx=0\nobjective=binary sigmoid:1\nfeature_names=x\n\
+             feature_infos=[0:10]\ntree_sizes={}\n\n{}end of trees\n",
+            sizes.join(" "),
+            trees.concat()
+        );
+        if let Err(e) = LightgbmScorer::from_text(&model) {
+            panic!("the minimal model does not load: {e}");
+        }
+        model
+    }
+
+    /// Loads `model` with `from` replaced by `to`, which must be refused with a message
+    /// that contains `want`.
+    fn assert_refused(model: &str, from: &str, to: &str, want: &str) {
+        assert!(model.contains(from), "{from}");
+        match LightgbmScorer::from_text(&model.replacen(from, to, 1)) {
+            Err(LoadError::Parse(message)) => assert!(message.contains(want), "{message}"),
+            other => panic!("{to:?}: {:?}", other.map(|_| ())),
+        }
+    }
+
+    /// A second `decision_type` line: LightGBM keeps the last line of a key, the checks the
+    /// first, so a categorical split (decision_type 1) in a tree with num_cat=0 got past
+    /// them, and LightGBM's TreeSHAP read the tree's absent category bitsets (a SIGSEGV in
+    /// `Tree::TreeSHAP`, found by the long pass of `lightgbm_load`). Any key given twice,
+    /// in a tree or in the header, is refused naming it, even when both lines agree.
+    #[test]
+    fn a_key_given_twice_is_refused_before_lightgbm_keeps_the_last() {
+        let model = minimal_model(1);
+        assert_refused(
+            &model,
+            "decision_type=2\n",
+            "decision_type=2\ndecision_type=1\n",
+            "tree 0: decision_type appears twice",
+        );
+        assert_refused(
+            &model,
+            "max_feature_idx=0\n",
+            "max_feature_idx=0\nmax_feature_idx=0\n",
+            "the header: max_feature_idx appears twice",
+        );
+    }
+
+    /// A tree that no blank line ends: LightGBM reads a tree's lines until one, so it read
+    /// on past the tree, and past the end of its buffer (a SIGSEGV, found by the long pass
+    /// of `lightgbm_load`: a mutated `leaf_weight` line took in an "end of trees", where
+    /// the checks took the trees to end, and the file ended inside the tree). Refused,
+    /// naming the tree and its last line. Each case reads on into text that still has an
+    /// `=` and a blank line, so that without the check LightGBM loads it (the test fails)
+    /// rather than reading past the end (the test process dies).
+    #[test]
+    fn a_tree_that_no_blank_line_ends_is_refused() {
+        assert_refused(
+            &minimal_model(1),
+            "leaf_weight=1 1\n",
+            "leaf_weight=1 1\nend of trees07.5\n",
+            "tree 0: no blank line ends the tree after its last line (leaf_weight)",
+        );
+        // The first tree runs into the second (no tree_sizes: LightGBM reads them in turn).
+        let two = minimal_model(2);
+        let sizes = two.lines().find(|l| l.starts_with("tree_sizes=")).unwrap();
+        assert_refused(
+            &two.replacen(&format!("{sizes}\n"), "", 1),
+            "shrinkage=1\n\n\nTree=1",
+            "shrinkage=1\nTree=1",
+            "tree 0: no blank line ends the tree after its last line (shrinkage)",
+        );
+    }
+
+    /// `tree_sizes` that do not put each tree at its `Tree=` line: LightGBM reads tree i
+    /// where the sizes before it add up to, a tree the checks have not read, or past the
+    /// end of the text. Refused naming the tree.
+    #[test]
+    fn tree_sizes_that_miss_the_trees_are_refused() {
+        let two = minimal_model(2);
+        let sizes = two.lines().find(|l| l.starts_with("tree_sizes=")).unwrap();
+        let (first, second) = sizes["tree_sizes=".len()..].split_once(' ').unwrap();
+        let first: usize = first.parse().unwrap();
+        for (to, want) in [
+            (
+                format!("tree_sizes={} {second}", first - 1),
+                format!("tree_sizes puts tree 1 at byte {}", first - 1),
+            ),
+            (
+                format!("tree_sizes={first} {second} 0"),
+                "tree_sizes puts tree 2 at byte".to_owned(),
+            ),
+            (
+                format!("tree_sizes={first}"),
+                "tree_sizes gives 1 sizes for the file's 2 trees".to_owned(),
+            ),
+        ] {
+            assert_refused(&two, sizes, &to, &want);
         }
     }
 
