@@ -230,6 +230,7 @@ fn check_complete(text: &str) -> Result<(), String> {
 /// key given twice in the header or a tree. What this does not look at (values, other
 /// keys), LightGBM checks itself.
 fn check_links(text: &str) -> Result<(), String> {
+    check_line_ends(text)?;
     let Some((header, trees)) = text.split_once("\nTree=") else {
         // No trees: nothing to walk, and LightGBM refuses the file or loads no tree.
         return Ok(());
@@ -289,6 +290,36 @@ fn check_links(text: &str) -> Result<(), String> {
         check_tree_links(block, max_feature).map_err(|e| format!("tree {t}: {e}"))?;
     }
     check_tree_sizes(header, trees)
+}
+
+/// Refuses a carriage return that no line feed follows. LightGBM ends a line at a CR as
+/// at an LF (`GetLine`, and its tree reader); `str::lines`, by which these checks and the
+/// native scorer read, ends one only at an LF (or CR LF), so LightGBM would read two
+/// lines where the checks read one. The long pass of `lightgbm_load` found
+/// `objective=\rbinary sigmoid:1`: an empty objective to LightGBM (the SIGSEGV the
+/// objective check refuses), `\rbinary` to that check. LightGBM writes LF alone.
+fn check_line_ends(text: &str) -> Result<(), String> {
+    let bytes = text.as_bytes();
+    let Some(at) =
+        (0..bytes.len()).find(|&i| bytes[i] == b'\r' && bytes.get(i + 1) != Some(&b'\n'))
+    else {
+        return Ok(());
+    };
+    let before = &text[..at];
+    let line = &before[before.rfind('\n').map_or(0, |n| n + 1)..];
+    let key = key_name(line.split_once('=').map_or(line, |(key, _)| key));
+    let trees = before.matches("\nTree=").count();
+    let place = if before.contains("\nend of trees") {
+        "after the trees".to_owned()
+    } else if trees == 0 {
+        "the header".to_owned()
+    } else {
+        format!("tree {}", trees - 1)
+    };
+    Err(format!(
+        "{place}: the {key} line has a carriage return at byte {at} that no line feed \
+         follows; LightGBM ends a line there, the checks do not"
+    ))
 }
 
 /// Checks that the header's `tree_sizes` put each tree where its `Tree=` line is. LightGBM
@@ -810,6 +841,30 @@ mod tests {
             "shrinkage=1\nTree=1",
             "tree 0: no blank line ends the tree after its last line (shrinkage)",
         );
+    }
+
+    /// A carriage return that no line feed follows ends a line for LightGBM and not for
+    /// the checks: the long pass of `lightgbm_load` found `objective=\rbinary sigmoid:1`,
+    /// an empty objective to LightGBM, which read its first word from none (a SIGSEGV in
+    /// `ObjectiveFunction::CreateObjectiveFunction`). Refused naming the line, in the
+    /// header or a tree. The cases here are ones that LightGBM loads without the check (the
+    /// test fails) instead of crashing (the test process dies); CR LF is one line end.
+    #[test]
+    fn a_carriage_return_without_a_line_feed_is_refused() {
+        let model = minimal_model(1);
+        assert_refused(
+            &model,
+            "label_index=0\n",
+            "label_index=\r0\n",
+            "the header: the label_index line has a carriage return at byte",
+        );
+        assert_refused(
+            &model,
+            "leaf_count=1 1\n",
+            "leaf_count=1\r1\n",
+            "tree 0: the leaf_count line has a carriage return at byte",
+        );
+        assert!(check_line_ends(&model.replace('\n', "\r\n")).is_ok());
     }
 
     /// `tree_sizes` that do not put each tree at its `Tree=` line: LightGBM reads tree i
