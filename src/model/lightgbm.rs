@@ -9,6 +9,7 @@
 
 use lightgbm3::Booster;
 
+use super::native::lightgbm::header_keys;
 use super::native::{Forest, Kernel};
 use super::{Engine, LoadError, ScoreError, Scorer};
 
@@ -235,17 +236,22 @@ fn check_links(text: &str) -> Result<(), String> {
         // No trees: nothing to walk, and LightGBM refuses the file or loads no tree.
         return Ok(());
     };
-    // LightGBM keeps the last line of a header key given twice, while what follows (and
-    // `check_complete`, and the native scorer) reads the first: such a file is refused.
-    check_unique_keys(header).map_err(|e| format!("the header: {e}"))?;
+    // The header's keys and values as LightGBM reads them: a bare `num_class` line is
+    // `num_class` with an empty value to LightGBM, which reads it as 0 and, with no
+    // num_tree_per_iteration, divides by it (SIGFPE, found by the long pass of
+    // `lightgbm_load`); a line for `name=` alone missed it. LightGBM keeps the last line of
+    // a key given twice, and the native scorer reads the first: such a file is refused.
+    let keys = header_keys(header);
+    let mut seen = std::collections::HashSet::new();
+    if let Some((key, _)) = keys.iter().find(|(key, _)| !seen.insert(*key)) {
+        return Err(format!("the header: {} appears twice", key_name(key)));
+    }
+    let value = |name: &str| keys.iter().find(|(key, _)| *key == name).map(|(_, v)| *v);
     // LightGBM reads these into an `int` without a range check, and divides by
     // num_tree_per_iteration: 18446744073709551616 wraps to 0 and kills the process
     // (SIGFPE), as the fuzz target `lightgbm_load` found.
     let count = |name: &str, min: i64, max: i64| -> Result<Option<i64>, String> {
-        let Some(v) = header
-            .lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix('='))
-        else {
+        let Some(v) = value(name) else {
             return Ok(None);
         };
         match v.trim().parse::<i64>() {
@@ -277,7 +283,7 @@ fn check_links(text: &str) -> Result<(), String> {
     // LightGBM takes the objective's name as the first space-separated word of this line
     // and reads that word without checking there is one: an empty `objective=` was a
     // SIGSEGV (found by the long pass of `lightgbm_load`).
-    if let Some(objective) = header.lines().find_map(|l| l.strip_prefix("objective=")) {
+    if let Some(objective) = value("objective") {
         if objective.split(' ').all(str::is_empty) {
             return Err("objective= names no objective".into());
         }
@@ -289,7 +295,7 @@ fn check_links(text: &str) -> Result<(), String> {
     for (t, block) in trees.split("\nTree=").enumerate() {
         check_tree_links(block, max_feature).map_err(|e| format!("tree {t}: {e}"))?;
     }
-    check_tree_sizes(header, trees)
+    check_tree_sizes(value("tree_sizes"), trees)
 }
 
 /// Refuses a carriage return that no line feed follows. LightGBM ends a line at a CR as
@@ -327,10 +333,10 @@ fn check_line_ends(text: &str) -> Result<(), String> {
 /// and checks only that a line there begins with `Tree=`; the checks above read the trees
 /// between the `Tree=` lines. Sizes that disagree make LightGBM read a tree that was not
 /// checked, or start one past the end of the text (`check_complete` only bounds their sum
-/// by the whole file's length, header included). `trees` is the text after the first
-/// "Tree=", up to "end of trees".
-fn check_tree_sizes(header: &str, trees: &str) -> Result<(), String> {
-    let Some(sizes) = header.lines().find_map(|l| l.strip_prefix("tree_sizes=")) else {
+/// by the whole file's length, header included). `sizes` is the header's value for
+/// `tree_sizes`, `trees` the text after the first "Tree=", up to "end of trees".
+fn check_tree_sizes(sizes: Option<&str>, trees: &str) -> Result<(), String> {
+    let Some(sizes) = sizes else {
         // Without sizes LightGBM reads the trees one after another, as the checks do.
         return Ok(());
     };
@@ -575,7 +581,7 @@ fn key_name(key: &str) -> String {
     }
 }
 
-/// Refuses a key given on two lines of `text` (a tree or the header). LightGBM takes a
+/// Refuses a key given on two lines of a tree's text. LightGBM's tree reader takes a
 /// line's key as what comes before its first `=` and keeps the last line of each key;
 /// the checks here and the native scorer keep the first, so with two lines each would
 /// check or score a different model.
@@ -865,6 +871,29 @@ mod tests {
             "tree 0: the leaf_count line has a carriage return at byte",
         );
         assert!(check_line_ends(&model.replace('\n', "\r\n")).is_ok());
+    }
+
+    /// A header key that LightGBM reads where a search for `name=` does not: a bare
+    /// `num_class` line is `num_class` with an empty value to LightGBM, which reads it as
+    /// 0 and, with no num_tree_per_iteration, divides by it (a SIGFPE in
+    /// `GBDT::LoadModelFromString`, found by the long pass of `lightgbm_load`); and
+    /// `=num_class=1` is a second `num_class`. Refused naming the key. The cases here are
+    /// ones LightGBM loads without the checks (the test fails) instead of crashing.
+    #[test]
+    fn a_header_key_is_checked_as_lightgbm_reads_it() {
+        let model = minimal_model(1);
+        assert_refused(
+            &model,
+            "max_feature_idx=0\n",
+            "max_feature_idx\n",
+            "max_feature_idx= is not a whole number from 0 to",
+        );
+        assert_refused(
+            &model,
+            "num_class=1\n",
+            "num_class=1\n=num_class=1\n",
+            "the header: num_class appears twice",
+        );
     }
 
     /// `tree_sizes` that do not put each tree at its `Tree=` line: LightGBM reads tree i

@@ -22,12 +22,11 @@ pub fn parse(text: &str) -> Result<Ensemble, String> {
     let (header, trees_text) = text
         .split_once("\nTree=")
         .ok_or("the file has no trees (no \"Tree=\" line)")?;
+    let keys = header_keys(header);
     let key = |name: &str| {
-        header.lines().find_map(|l| {
-            l.strip_prefix(name)
-                .and_then(|r| r.strip_prefix('='))
-                .map(str::trim)
-        })
+        keys.iter()
+            .find(|(key, _)| *key == name)
+            .map(|(_, value)| value.trim())
     };
     for (name, expected) in [("num_class", "1"), ("num_tree_per_iteration", "1")] {
         match key(name) {
@@ -68,7 +67,7 @@ pub fn parse(text: &str) -> Result<Ensemble, String> {
         }
         None => return Err("the header names no objective".into()),
     };
-    let average = header.lines().any(|l| l.trim() == "average_output");
+    let average = keys.iter().any(|(key, _)| *key == "average_output");
 
     let mut trees = Vec::new();
     // The blocks between "Tree=" lines; the last one ends at "end of trees".
@@ -92,6 +91,26 @@ pub fn parse(text: &str) -> Result<Ensemble, String> {
     };
     ensemble.check()?;
     Ok(ensemble)
+}
+
+/// The header's lines as LightGBM reads them (`GBDT::LoadModelFromString`): split at
+/// every `=`, empty pieces dropped, the first piece the key and the second its value, or
+/// the empty value when there is none (a bare `num_class` line gives `num_class` as ""). A
+/// line of more pieces LightGBM refuses, except for `feature_names` and
+/// `monotone_constraints`, whose value is the rest of the line.
+pub(crate) fn header_keys(header: &str) -> Vec<(&str, &str)> {
+    header
+        .lines()
+        .filter_map(|line| {
+            let mut pieces = line.split('=').filter(|p| !p.is_empty());
+            let key = pieces.next()?;
+            let value = pieces.next().unwrap_or("");
+            if pieces.next().is_some() {
+                return Some((key, line.split_once('=').map_or("", |(_, rest)| rest)));
+            }
+            Some((key, value))
+        })
+        .collect()
 }
 
 fn parse_tree(block: &str) -> Result<Tree, String> {
