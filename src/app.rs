@@ -315,12 +315,7 @@ impl Server {
             pseudonymizer,
             reloader: reloader.clone(),
             outbox: outbox.clone(),
-            endpoints: config
-                .triggers
-                .webhooks
-                .iter()
-                .map(|w| w.name.clone())
-                .collect(),
+            endpoints: delivery_endpoints(&config).into(),
             stopping: stop_rx.clone(),
         };
         let reflection = tonic_reflection::server::Builder::configure()
@@ -435,12 +430,7 @@ impl Server {
             },
             wait_for_stop(stop_rx.clone()),
         ));
-        let endpoints: Vec<String> = config
-            .triggers
-            .webhooks
-            .iter()
-            .map(|w| w.name.clone())
-            .collect();
+        let endpoints = delivery_endpoints(&config);
         let outbox_upkeep = tokio::spawn(trim_outbox(
             outbox.clone(),
             clock.clone(),
@@ -462,6 +452,27 @@ impl Server {
                 wait_for_stop(stop_rx.clone()),
             )));
         }
+        if config.kafka.sink_on() {
+            let sink = crate::delivery::kafka::run(
+                config.kafka.clone(),
+                outbox.clone(),
+                store.clone(),
+                metrics.clone(),
+                wait_for_stop(stop_rx.clone()),
+            );
+            webhooks.push(tokio::spawn(async move {
+                if let Err(e) = sink.await {
+                    tracing::error!(error = %e, "the Kafka sink cannot start; triggers are not published to Kafka");
+                }
+            }));
+        }
+        let kafka_source = config.kafka.source_on().then(|| {
+            tokio::spawn(api::kafka::run(
+                api.clone(),
+                config.kafka.clone(),
+                wait_for_stop(stop_rx.clone()),
+            ))
+        });
         let handshake_failures = |listener: &'static str| -> tls::OnHandshakeFailure {
             let metrics = metrics.clone();
             Arc::new(move |reason: &str| {
@@ -553,6 +564,23 @@ impl Server {
                 }
             }
         }
+        // The batch in hand finishes before the engine stops, and its offsets commit.
+        if let Some(mut source) = kafka_source {
+            match tokio::time::timeout(grace, &mut source).await {
+                Ok(joined) => {
+                    if let Err(e) = joined.context("Kafka source task")? {
+                        tracing::error!(error = %e, "the Kafka source failed");
+                    }
+                }
+                Err(_) => {
+                    tracing::warn!(
+                        ?grace,
+                        "the Kafka source did not stop within the grace period"
+                    );
+                    source.abort();
+                }
+            }
+        }
         if let Ok(joined) = tokio::time::timeout(grace, metrics_task).await {
             joined
                 .context("metrics server task")?
@@ -582,6 +610,21 @@ impl Server {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// The delivery endpoints' names: the webhooks', and the Kafka sink's when it runs.
+/// Their cursors hold the outbox back from trimming; their dead letters can be listed.
+fn delivery_endpoints(config: &Config) -> Vec<String> {
+    let mut names: Vec<String> = config
+        .triggers
+        .webhooks
+        .iter()
+        .map(|w| w.name.clone())
+        .collect();
+    if config.kafka.sink_on() {
+        names.push(config.kafka.sink.name.clone());
+    }
+    names
 }
 
 /// The health-check name of the Nudge service.

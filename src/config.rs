@@ -21,6 +21,7 @@ pub struct Config {
     pub models: ModelsConfig,
     pub triggers: TriggersConfig,
     pub auth: AuthConfig,
+    pub kafka: crate::kafka::KafkaConfig,
     pub log: LogConfig,
 }
 
@@ -459,6 +460,13 @@ impl Config {
                 problems.push(format!("{at}: name must be set and unique"));
             }
             problems.extend(w.problems(&at));
+        }
+        problems.extend(self.kafka.problems(s.max_batch_events));
+        if self.kafka.sink_on() && names.contains(&self.kafka.sink.name) {
+            problems.push(format!(
+                "kafka.sink.name {:?} is also a webhook endpoint's name; each delivery endpoint needs its own",
+                self.kafka.sink.name
+            ));
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             problems.push(format!("log.level {:?}: {e}", self.log.level));

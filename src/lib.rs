@@ -22,6 +22,8 @@
 //! - [`readiness`]: whether the server can do its work now, and why not.
 //! - [`security`]: TLS for the listeners, API keys with scopes and rate limits, and the
 //!   addresses webhooks may reach.
+//! - [`kafka`]: the `[kafka]` settings and the librdkafka clients the Kafka source (in
+//!   `api`) and sink (in `delivery`) share.
 //! - [`metrics`]: the Prometheus registry and the `/metrics` endpoint (no domain types).
 //! - [`config`]: the TOML config with `NUDGE__` overrides; each section's part builds
 //!   itself from it.
@@ -38,6 +40,7 @@ pub mod event;
 pub mod features;
 pub mod heap;
 pub mod identity;
+pub mod kafka;
 pub mod metrics;
 pub mod model;
 pub mod profile;

@@ -31,7 +31,7 @@ pub struct Metrics {
     pub model_duration: HistogramVec,
     /// Model scoring calls that failed, by model.
     pub model_errors: IntCounterVec,
-    /// Tracked events by source (grpc, http), type and outcome (accepted, duplicate,
+    /// Tracked events by source (grpc, http, kafka), type and outcome (accepted, duplicate,
     /// rejected).
     pub events: IntCounterVec,
     /// Calls accepted through the HTTP API that Nudge does not model, by source, call
@@ -39,6 +39,14 @@ pub struct Metrics {
     pub ignored: IntCounterVec,
     /// Requests to the Segment-compatible HTTP API by endpoint and status code.
     pub http_requests: IntCounterVec,
+    /// Messages the Kafka source took care of, by outcome (tracked, duplicate, merged,
+    /// ignored, dead_letter); a message's offset is committed only after it is counted.
+    pub kafka_messages: IntCounterVec,
+    /// Batches the Kafka source had to try again, by reason (overloaded, store,
+    /// dead_letter_topic: the dead-letter topic did not take a message).
+    pub kafka_retries: IntCounterVec,
+    /// Triggers published by the Kafka sink, by result (delivered, retried, dead_letter).
+    pub kafka_produced: IntCounterVec,
     /// Refused input by RPC and reason.
     pub invalid_input: IntCounterVec,
     /// 1 for each served model, labelled with its name, version and format.
@@ -172,6 +180,21 @@ impl Metrics {
                 "nudge_http_requests_total",
                 "Requests to the Segment-compatible HTTP API by endpoint and status code.",
                 &["endpoint", "code"],
+            ),
+            kafka_messages: counter(
+                "nudge_kafka_messages_total",
+                "Messages the Kafka source took care of, by outcome (tracked, duplicate, merged, ignored, dead_letter).",
+                &["outcome"],
+            ),
+            kafka_retries: counter(
+                "nudge_kafka_retries_total",
+                "Batches the Kafka source tried again, by reason (overloaded, store, dead_letter_topic).",
+                &["reason"],
+            ),
+            kafka_produced: counter(
+                "nudge_kafka_produced_total",
+                "Triggers published by the Kafka sink, by result (delivered, retried, dead_letter).",
+                &["result"],
             ),
             invalid_input: counter(
                 "nudge_invalid_input_total",

@@ -7,6 +7,7 @@
 pub mod auth;
 pub mod convert;
 pub mod error;
+pub mod kafka;
 pub mod layer;
 pub mod segment;
 pub mod shed;

@@ -193,7 +193,7 @@ impl Endpoint {
 
 /// A Segment call type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Call {
+pub(super) enum Call {
     Track,
     Identify,
     Page,
@@ -215,7 +215,7 @@ impl Call {
         })
     }
 
-    const fn as_str(self) -> &'static str {
+    pub(super) const fn as_str(self) -> &'static str {
         match self {
             Call::Track => "track",
             Call::Identify => "identify",
@@ -254,7 +254,7 @@ fn event_type(name: &str) -> Option<pb::EventType> {
 
 /// Track's field names (as a refusal names them) and the Segment fields each was read
 /// from.
-type Renames = Vec<(&'static str, &'static str)>;
+pub(super) type Renames = Vec<(&'static str, &'static str)>;
 
 /// An event waiting to be tracked with the others of its run: where it is in the request
 /// ("batch[3]"), the event, its renames.
@@ -262,7 +262,7 @@ type Pending = (String, pb::Event, Renames);
 
 /// What one Segment message asks of Nudge.
 #[derive(Debug, PartialEq)]
-enum Action {
+pub(super) enum Action {
     /// An event to track; `renames` turn the Track field names its refusal would name into
     /// the Segment fields they were read from.
     Track {
@@ -281,7 +281,7 @@ enum Action {
 /// Reads one message: `call` is the endpoint's call type (a batch's messages say theirs
 /// in `type`), `raw` its bytes (a missing `messageId` is derived from them), `sent_at`
 /// the batch's `sentAt`, `received` the server's clock when the request arrived.
-fn message(
+pub(super) fn message(
     msg: &Map<String, Value>,
     call: Option<Call>,
     raw: &str,
@@ -625,7 +625,7 @@ fn derived_id(raw: &str) -> String {
 }
 
 /// A refusal renamed from Track's field names to the Segment fields they came from.
-fn renamed(field: &str, renames: &[(&'static str, &'static str)]) -> String {
+pub(super) fn renamed(field: &str, renames: &[(&'static str, &'static str)]) -> String {
     for (from, to) in renames {
         if let Some(rest) = field.strip_prefix(from) {
             if rest.is_empty() || rest.starts_with('.') || rest.starts_with('[') {
@@ -647,12 +647,12 @@ fn at(prefix: &str, field: &str) -> String {
 
 /// The first [`MAX_IGNORED_NAMES`] distinct names ignored, each its own metric series.
 #[derive(Default)]
-struct IgnoredNames {
+pub(super) struct IgnoredNames {
     seen: Mutex<HashSet<String>>,
 }
 
 impl IgnoredNames {
-    fn label(&self, name: &str) -> String {
+    pub(super) fn label(&self, name: &str) -> String {
         if name.len() > MAX_IGNORED_NAME_BYTES {
             return "other".to_owned();
         }
@@ -1099,37 +1099,54 @@ impl Segment {
         user_id: String,
         summary: &mut Summary,
     ) -> Result<(), ApiError> {
-        let request = pb::IdentifyRequest {
-            anonymous_id,
-            user_id,
-        };
-        let (anonymous, user) = match convert::identify(request, &self.api.pseudonymizer) {
-            Ok(people) => people,
+        match self.api.merge_ids(rpc, anonymous_id, user_id).await? {
+            Ok(()) => summary.merged += 1,
             Err(e) => {
                 let field = match e.field.as_str() {
                     "user_id" => "userId",
                     _ => "anonymousId",
                 };
-                let e = FieldError {
+                summary.reject(FieldError {
                     field: at(prefix, field),
                     ..e
-                };
-                self.api.count_refusal(rpc, &e);
-                summary.reject(e);
-                return Ok(());
+                });
             }
-        };
-        match self.api.engine.merge(anonymous, user).await {
-            Ok(_) => summary.merged += 1,
-            // As for a Track event with both ids: the call is taken, only the link is
-            // refused (an anonymous id already belongs to another user), and logged.
-            Err(EngineError::Conflict(reason)) => {
-                tracing::warn!(%reason, "identity link refused");
-                summary.merged += 1;
-            }
-            Err(e) => return Err(e.into()),
         }
         Ok(())
+    }
+}
+
+impl NudgeApi {
+    /// Merges the visitor into the user, as `Identify` does, for a Segment identify or
+    /// alias call (from HTTP or Kafka). `Ok(Err)` is an id Nudge refuses (counted under
+    /// `rpc`; the field is `user_id` or `anonymous_id`); a link refused because the
+    /// anonymous id already belongs to another user is taken, as for a Track event with
+    /// both ids, and logged.
+    pub(super) async fn merge_ids(
+        &self,
+        rpc: &'static str,
+        anonymous_id: String,
+        user_id: String,
+    ) -> Result<Result<(), FieldError>, ApiError> {
+        let request = pb::IdentifyRequest {
+            anonymous_id,
+            user_id,
+        };
+        let (anonymous, user) = match convert::identify(request, &self.pseudonymizer) {
+            Ok(people) => people,
+            Err(e) => {
+                self.count_refusal(rpc, &e);
+                return Ok(Err(e));
+            }
+        };
+        match self.engine.merge(anonymous, user).await {
+            Ok(_) => Ok(Ok(())),
+            Err(EngineError::Conflict(reason)) => {
+                tracing::warn!(%reason, "identity link refused");
+                Ok(Ok(()))
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 }
 

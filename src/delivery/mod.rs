@@ -1,11 +1,12 @@
 //! Delivery: what happens to a trigger after the engine decided it. Delivered triggers are
 //! written to the [`outbox`] in the same store batch as the decision; from there
-//! [`stream`] serves `SubscribeTriggers` readers and [`webhook`] posts them to endpoints,
-//! each reader from its own cursor, at least once.
+//! [`stream`] serves `SubscribeTriggers` readers, [`webhook`] posts them to endpoints and
+//! [`kafka`] publishes them to a topic, each reader from its own cursor, at least once.
 //!
 //! The store-facing half of triggers lives here; the decisions themselves are
 //! [`crate::trigger`]'s, which knows nothing of this module.
 
+pub mod kafka;
 pub mod outbox;
 pub mod stream;
 pub mod webhook;

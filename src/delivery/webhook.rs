@@ -329,18 +329,11 @@ impl Message {
                 }),
             },
             Format::CloudeventsBinary => {
-                let a = attributes();
-                let mut headers = vec![
-                    ("ce-specversion", a.specversion.to_owned()),
-                    ("ce-id", header_value(a.id)),
-                    ("ce-source", header_value(a.source)),
-                    ("ce-type", header_value(&a.kind)),
-                    ("ce-time", a.time.clone()),
-                    ("ce-nudgerule", header_value(a.nudgerule)),
-                ];
-                if let Some(subject) = a.subject {
-                    headers.push(("ce-subject", header_value(subject)));
-                }
+                let headers = attributes()
+                    .pairs()
+                    .into_iter()
+                    .map(|(name, value)| (name.http, header_value(&value)))
+                    .collect();
                 Message {
                     content_type: "application/json",
                     headers,
@@ -381,7 +374,44 @@ struct CloudEventAttributes<'a> {
     nudgerule: &'a str,
 }
 
+/// A CloudEvents attribute's header name in the HTTP binding (`ce-id`) and in the Kafka
+/// binding (`ce_id`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttributeName {
+    pub http: &'static str,
+    pub kafka: &'static str,
+}
+
+/// A trigger's CloudEvents attributes, as the binary modes of the HTTP and Kafka bindings
+/// carry them in headers: each name for both bindings and its value (not yet encoded for
+/// either).
+pub fn cloudevent_attributes(source: &str, trigger: &Trigger) -> Vec<(AttributeName, String)> {
+    CloudEventAttributes::of(source, trigger).pairs()
+}
+
 impl<'a> CloudEventAttributes<'a> {
+    fn pairs(&self) -> Vec<(AttributeName, String)> {
+        let name = |http, kafka| AttributeName { http, kafka };
+        let mut pairs = vec![
+            (
+                name("ce-specversion", "ce_specversion"),
+                self.specversion.to_owned(),
+            ),
+            (name("ce-id", "ce_id"), self.id.to_owned()),
+            (name("ce-source", "ce_source"), self.source.to_owned()),
+            (name("ce-type", "ce_type"), self.kind.clone()),
+            (name("ce-time", "ce_time"), self.time.clone()),
+            (
+                name("ce-nudgerule", "ce_nudgerule"),
+                self.nudgerule.to_owned(),
+            ),
+        ];
+        if let Some(subject) = self.subject {
+            pairs.push((name("ce-subject", "ce_subject"), subject.to_owned()));
+        }
+        pairs
+    }
+
     fn of(source: &'a str, t: &'a Trigger) -> CloudEventAttributes<'a> {
         CloudEventAttributes {
             specversion: "1.0",
