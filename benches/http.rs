@@ -1,5 +1,6 @@
-//! HTTP ingest benchmark: events/s through the Segment-compatible `POST /v1/batch` beside
-//! `TrackStream`, against one real server on loopback in the same run (the default durable
+//! HTTP and Kafka ingest benchmark: events/s through the Segment-compatible `POST /v1/batch`
+//! and through the Kafka source beside `TrackStream`, against one real server on loopback
+//! in the same run (the default durable
 //! mode: fsync before every acknowledgement, group commit; both shipped models scoring).
 //!
 //! Both send the same event mix in batches of `BATCH` events (100, the batch size of
@@ -12,6 +13,16 @@
 //! of load per door, in `NUDGE_BENCH_ROUNDS` (default 4) slices that alternate between the
 //! doors, so whatever else runs on a shared machine falls on both alike. The load generator
 //! runs in the same process, on the same cores.
+//!
+//! Kafka: librdkafka's MockCluster (3 brokers, in this process: no Kafka broker installs
+//! here) holds a topic of `KAFKA_PARTITIONS` partitions, replication 3; the source reads
+//! it in Segment's shape, one event per message, keyed by person. In its slice the load
+//! generator produces as fast as the source keeps up (at most `KAFKA_LEAD` messages
+//! ahead of it, by the server's `nudge_kafka_messages_total`); the figure is the messages
+//! produced over the time until the source has taken care of the last of them (tracked,
+//! durable, offset stored). The mock brokers' CPU is this process's too, so the figure is
+//! a floor for a real broker on another machine. No latency is given for Kafka: the source
+//! has no acknowledgement a producer waits for.
 //!
 //! Latency is from building a batch to its acknowledgement. A TrackStream sender runs flat
 //! out, so its batches also wait in the client's channel and in HTTP/2 flow control: its
@@ -37,6 +48,10 @@ const STREAMS: usize = 4;
 const BATCH: usize = 100;
 const PEOPLE: u64 = 50_000;
 const KEY: &str = "bench-key";
+const KAFKA_TOPIC: &str = "bench-events";
+const KAFKA_PARTITIONS: i32 = 3;
+/// How far the Kafka load generator may run ahead of the source, in messages.
+const KAFKA_LEAD: u64 = 20_000;
 
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -124,14 +139,22 @@ impl Measured {
     fn report(&mut self, door: &str) -> f64 {
         self.latencies.sort_unstable();
         let rate = self.events as f64 / self.elapsed.as_secs_f64();
-        println!(
-            "  {door:<16} {rate:>7.0} events/s   batch ack p50 {:>6.2} ms  p99 {:>6.2} ms   ({} events in {:.1} s; {} requests shed with 429 and resent)",
-            percentile(&self.latencies, 0.5),
-            percentile(&self.latencies, 0.99),
-            self.events,
-            self.elapsed.as_secs_f64(),
-            self.shed
-        );
+        if self.latencies.is_empty() {
+            println!(
+                "  {door:<16} {rate:>7.0} events/s   ({} events in {:.1} s, produced and taken care of)",
+                self.events,
+                self.elapsed.as_secs_f64(),
+            );
+        } else {
+            println!(
+                "  {door:<16} {rate:>7.0} events/s   batch ack p50 {:>6.2} ms  p99 {:>6.2} ms   ({} events in {:.1} s; {} requests shed with 429 and resent)",
+                percentile(&self.latencies, 0.5),
+                percentile(&self.latencies, 0.99),
+                self.events,
+                self.elapsed.as_secs_f64(),
+                self.shed
+            );
+        }
         println!(
             "  {:<16} CPU per event: shards {:.1} µs, other threads (server runtime and load generator) {:.1} µs",
             "",
@@ -269,6 +292,75 @@ async fn http_batch(url: &str, connections: u64, first: u64, slice: Duration) ->
     measured
 }
 
+/// The Kafka source's messages taken care of so far, from the server's metrics.
+async fn kafka_taken(client: &reqwest::Client, metrics: &str) -> u64 {
+    let text = client
+        .get(metrics)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("nudge_kafka_messages_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// The Kafka source for `slice`: messages produced as fast as librdkafka takes them, then
+/// the time until the source has taken care of all of them.
+async fn kafka_source(
+    producer: &rdkafka::producer::ThreadedProducer<rdkafka::producer::DefaultProducerContext>,
+    metrics: &str,
+    first: u64,
+    slice: Duration,
+) -> Measured {
+    use rdkafka::producer::{BaseRecord, Producer as _};
+    let client = reqwest::Client::new();
+    let before = kafka_taken(&client, metrics).await;
+    let started = Instant::now();
+    let until = started + slice;
+    let mut n = 0u64;
+    let mut value = String::with_capacity(400);
+    while Instant::now() < until {
+        // At most `KAFKA_LEAD` messages ahead of the source: a producer flat out would
+        // make the figure the mock brokers' cost of storing a flood.
+        if n >= KAFKA_LEAD && kafka_taken(&client, metrics).await + KAFKA_LEAD < before + n {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            continue;
+        }
+        let now = SystemClock.now().plus_ms(-MINUTE_MS);
+        let timestamp = jiff::Timestamp::from_millisecond(now.millis())
+            .unwrap()
+            .to_string();
+        for _ in 0..10 * BATCH {
+            let i = first + n;
+            value.clear();
+            message(i, &timestamp, &mut value);
+            let key = format!("bench-{}", i % PEOPLE);
+            loop {
+                match producer.send(BaseRecord::to(KAFKA_TOPIC).key(&key).payload(&value)) {
+                    Ok(()) => break,
+                    Err((_, _)) => tokio::time::sleep(Duration::from_millis(1)).await,
+                }
+            }
+            n += 1;
+        }
+        // The producer's threads and the server share the cores with this loop.
+        tokio::task::yield_now().await;
+    }
+    producer.flush(Duration::from_secs(60)).unwrap();
+    while kafka_taken(&client, metrics).await < before + n {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Measured {
+        events: n,
+        elapsed: started.elapsed(),
+        ..Measured::default()
+    }
+}
+
 /// A slice with the CPU the process spent in it.
 async fn with_cpu(slice: impl std::future::Future<Output = Measured>) -> Measured {
     let before = cpu_seconds();
@@ -294,6 +386,13 @@ fn config(dir: &std::path::Path) -> Config {
     config
 }
 
+fn mock_cluster(
+) -> rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext> {
+    let mock = rdkafka::mocking::MockCluster::new(3).unwrap();
+    mock.create_topic(KAFKA_TOPIC, KAFKA_PARTITIONS, 3).unwrap();
+    mock
+}
+
 #[tokio::main]
 async fn main() {
     let seconds = env_or("NUDGE_BENCH_SECONDS", 8);
@@ -301,20 +400,32 @@ async fn main() {
     let connections = env_or("NUDGE_BENCH_HTTP", 8);
     let slice = Duration::from_secs_f64(seconds as f64 / rounds as f64);
     let dir = tempfile::tempdir().unwrap();
-    let config = config(dir.path());
+    let mut config = config(dir.path());
+    let mock = mock_cluster();
+    config.kafka.brokers = mock.bootstrap_servers();
+    config.kafka.source.topic = KAFKA_TOPIC.into();
+    config.kafka.source.format = nudge::kafka::SourceFormat::Segment;
+    let producer: rdkafka::producer::ThreadedProducer<_> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", mock.bootstrap_servers())
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .create()
+        .unwrap();
     // The HTTP address is known only once bound: bind here, then run as common::start does.
     let server = nudge::app::Server::bind(config, Arc::new(SystemClock))
         .await
         .unwrap();
     let grpc = format!("http://{}", server.grpc_addr());
     let http = format!("http://{}/v1/batch", server.http_addr().unwrap());
+    let metrics = format!("http://{}/metrics", server.metrics_addr());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(server.run(async {
         let _ = stopped.await;
     }));
     println!(
         "Ingest through TrackStream ({STREAMS} streams, up to 8 batches in flight each) and POST /v1/batch \
-         ({connections} HTTP/1.1 connections, 1 request in flight each): {BATCH} events per batch, \
+         ({connections} HTTP/1.1 connections, 1 request in flight each): {BATCH} events per batch; \
+         the Kafka source ({KAFKA_PARTITIONS} partitions on 3 mock brokers, one event per message); \
          fsync per group commit, purchase + churn scoring; {seconds} s per door in {rounds} alternating slices"
     );
     // Warm-up: both doors, not measured (people created, caches and connections warm).
@@ -322,25 +433,36 @@ async fn main() {
     track_stream(&grpc, next, Duration::from_secs(1)).await;
     next += 1 << 56;
     http_batch(&http, connections, next, Duration::from_secs(1)).await;
-    let (mut grpc_total, mut http_total) = (Measured::default(), Measured::default());
+    next += 1 << 56;
+    kafka_source(&producer, &metrics, next, Duration::from_secs(1)).await;
+    let (mut grpc_total, mut http_total, mut kafka_total) = (
+        Measured::default(),
+        Measured::default(),
+        Measured::default(),
+    );
     for round in 0..rounds {
         next += 1 << 56;
-        let first = with_cpu(track_stream(&grpc, next, slice));
+        let a = next;
         next += 1 << 56;
-        let second = with_cpu(http_batch(&http, connections, next, slice));
-        if round % 2 == 0 {
-            grpc_total.add(first.await);
-            http_total.add(second.await);
-        } else {
-            http_total.add(second.await);
-            grpc_total.add(first.await);
+        let b = next;
+        next += 1 << 56;
+        let c = next;
+        // The doors take turns in a different order each round.
+        for door in 0..3 {
+            match (door + round) % 3 {
+                0 => grpc_total.add(with_cpu(track_stream(&grpc, a, slice)).await),
+                1 => http_total.add(with_cpu(http_batch(&http, connections, b, slice)).await),
+                _ => kafka_total.add(with_cpu(kafka_source(&producer, &metrics, c, slice)).await),
+            }
         }
     }
     let stream_rate = grpc_total.report("TrackStream");
     let http_rate = http_total.report("POST /v1/batch");
+    let kafka_rate = kafka_total.report("Kafka source");
     println!(
-        "  /v1/batch at {:.0}% of TrackStream's rate",
-        100.0 * http_rate / stream_rate
+        "  /v1/batch at {:.0}% and the Kafka source at {:.0}% of TrackStream's rate",
+        100.0 * http_rate / stream_rate,
+        100.0 * kafka_rate / stream_rate
     );
     let _ = stop.send(());
     task.await.unwrap().unwrap();

@@ -49,6 +49,8 @@ const SOURCE: &str = "kafka";
 /// The first wait after a failed batch; doubled up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// Empty polls in a row that end a batch (see `run`).
+const EMPTY_POLLS: u32 = 16;
 
 /// Consumes `config.source.topic` until `stop` resolves; then finishes the batch in hand
 /// and commits what was taken care of. Returns an error only when the clients cannot be
@@ -101,15 +103,22 @@ pub async fn run(
             }
         };
         let mut batch = vec![first];
-        // What librdkafka already holds joins the batch; nothing is waited for.
-        while batch.len() < source.max_batch {
+        // What librdkafka already holds joins the batch; nothing is waited for. A poll
+        // that serves one of librdkafka's other events (a fetch's end, statistics) comes
+        // back empty-handed with messages still queued, so only a run of empty polls
+        // ends the batch.
+        let mut empty = 0;
+        while batch.len() < source.max_batch && empty < EMPTY_POLLS {
             match consumer.recv().now_or_never() {
-                Some(Ok(m)) => batch.push(m.detach()),
+                Some(Ok(m)) => {
+                    batch.push(m.detach());
+                    empty = 0;
+                }
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, "kafka source: receiving failed");
                     break;
                 }
-                None => break,
+                None => empty += 1,
             }
         }
         let mut backoff = FIRST_BACKOFF;
