@@ -378,12 +378,7 @@ impl Reader {
                     user_id,
                 },
                 Ok(Action::Ignore { call, name }) => {
-                    let name = name.map(|n| self.ignored.label(&n)).unwrap_or_default();
-                    self.api
-                        .metrics
-                        .ignored
-                        .with_label_values(&[SOURCE, call.as_str(), &name])
-                        .inc();
+                    self.ignored.count(&self.api.metrics, SOURCE, call, name);
                     Item::Ignore
                 }
                 Err(e) => refused(e),

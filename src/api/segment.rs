@@ -652,7 +652,22 @@ pub(super) struct IgnoredNames {
 }
 
 impl IgnoredNames {
-    pub(super) fn label(&self, name: &str) -> String {
+    /// Counts an accepted call Nudge does not model in `nudge_ignored_total`.
+    pub(super) fn count(
+        &self,
+        metrics: &crate::metrics::Metrics,
+        source: &str,
+        call: Call,
+        name: Option<String>,
+    ) {
+        let name = name.map(|n| self.label(&n)).unwrap_or_default();
+        metrics
+            .ignored
+            .with_label_values(&[source, call.as_str(), &name])
+            .inc();
+    }
+
+    fn label(&self, name: &str) -> String {
         if name.len() > MAX_IGNORED_NAME_BYTES {
             return "other".to_owned();
         }
@@ -1019,12 +1034,7 @@ impl Segment {
                         .await?;
                 }
                 Ok(Action::Ignore { call, name }) => {
-                    let name = name.map(|n| self.ignored.label(&n)).unwrap_or_default();
-                    self.api
-                        .metrics
-                        .ignored
-                        .with_label_values(&[SOURCE, call.as_str(), &name])
-                        .inc();
+                    self.ignored.count(&self.api.metrics, SOURCE, call, name);
                     summary.ignored += 1;
                 }
                 Err(e) => {
