@@ -1,5 +1,6 @@
-//! Compiles the gRPC contract in `proto/` with the pure-Rust protox compiler, so building
-//! Nudge needs no system `protoc`. The encoded descriptor set is kept for gRPC reflection.
+//! Compiles the gRPC contracts in `proto/` (Nudge's own service and the Open Inference
+//! Protocol's) with the pure-Rust protox compiler, so building Nudge needs no system
+//! `protoc`. The encoded descriptor set is kept for gRPC reflection.
 //! Also compiles the part of ONNX's schema that the native scorer's ONNX import reads
 //! (`src/model/native/onnx.proto`), as plain messages beside the contract's.
 
@@ -10,13 +11,19 @@ use protox::prost::Message;
 const ONNX_PROTO: &str = "src/model/native/onnx.proto";
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/nudge/v1/nudge.proto"];
+    let protos = [
+        "proto/nudge/v1/nudge.proto",
+        "proto/inference/grpc_predict_v2.proto",
+    ];
     let fds = protox::compile(protos, ["proto"])?;
     let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out_dir.join("nudge_descriptor.bin"), fds.encode_to_vec())?;
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // A tensor's bytes stay in the buffer they arrived in (no copy per request).
+        .bytes(".inference.ModelInferRequest.raw_input_contents")
+        .bytes(".inference.ModelInferResponse.raw_output_contents")
         .compile_fds(fds)?;
 
     let mut onnx = protox::compile([ONNX_PROTO], ["src/model/native"])?;

@@ -10,6 +10,9 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 [ -x .tools/pyenv/bin/python ] || python3 -m venv .tools/pyenv
 .tools/pyenv/bin/pip install -q --disable-pip-version-check -r tests/fixtures/requirements.txt
+# tritonclient, the Open Inference Protocol client, pins its own protobuf and grpcio.
+[ -x .tools/triton/bin/python ] || python3 -m venv .tools/triton
+.tools/triton/bin/pip install -q --disable-pip-version-check -r tests/fixtures/requirements-triton.txt
 
 # buf lint holds the proto to the Google API design guide (STANDARD + COMMENTS rules).
 if ! command -v npm >/dev/null 2>&1; then

@@ -11,6 +11,7 @@ use tokio::sync::{mpsc, oneshot};
 use tonic_health::ServingStatus;
 
 use crate::api::auth::{Auth, AuthLayer};
+use crate::api::inference::InferenceApi;
 use crate::api::segment::WriteKeys;
 use crate::api::{self, layer::MetricsLayer, shed::ShedLayer, Limits, NudgeApi};
 use crate::config::Config;
@@ -22,6 +23,7 @@ use crate::metrics::Metrics;
 use crate::model::reload::{self, record_models, Reloader};
 use crate::model::{LoadOptions, ModelRegistry};
 use crate::pb;
+use crate::pb::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use crate::pb::nudge_service_server::NudgeServiceServer;
 use crate::readiness::{Readiness, Reason as ReadinessReason};
 use crate::security::keys::{Keys, Scope};
@@ -332,6 +334,14 @@ impl Server {
         let nudge = NudgeServiceServer::new(api.clone())
             .max_decoding_message_size(max)
             .max_encoding_message_size(usize::MAX);
+        let inference = GrpcInferenceServiceServer::new(InferenceApi {
+            models: api.models.clone(),
+            metrics: metrics.clone(),
+            readiness: readiness.clone(),
+            max_rows: config.server.max_score_rows,
+        })
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(usize::MAX);
         health.set_service_status("", ServingStatus::Serving).await;
         let health_task = tokio::spawn(follow_readiness(health.clone(), readiness.watch()));
 
@@ -531,6 +541,7 @@ impl Server {
                 .add_service(reflection)
                 .add_service(reflection_alpha)
                 .add_service(nudge)
+                .add_service(inference)
                 .serve_with_incoming_shutdown(grpc_incoming.into_stream(), grpc_stop),
         );
 

@@ -199,10 +199,12 @@ pub enum Reason {
     Duplicate,
     /// A packed array's length does not fit the shape it must have.
     ShapeMismatch,
+    /// A value of a kind this server does not take (a tensor datatype, an output name).
+    Unsupported,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 16] = [
+    pub const ALL: [Reason; 17] = [
         Reason::Missing,
         Reason::TooLong,
         Reason::TooMany,
@@ -219,6 +221,7 @@ impl Reason {
         Reason::Conflicting,
         Reason::Duplicate,
         Reason::ShapeMismatch,
+        Reason::Unsupported,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -239,6 +242,7 @@ impl Reason {
             Reason::Conflicting => "conflicting",
             Reason::Duplicate => "duplicate",
             Reason::ShapeMismatch => "shape_mismatch",
+            Reason::Unsupported => "unsupported",
         }
     }
 }

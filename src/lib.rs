@@ -56,6 +56,11 @@ pub mod pb {
     #![allow(clippy::all, missing_docs)]
     tonic::include_proto!("nudge.v1");
 
+    /// The Open Inference Protocol (KServe V2) messages and service, `inference`.
+    pub mod inference {
+        tonic::include_proto!("inference");
+    }
+
     /// The encoded descriptor set, for gRPC server reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         include_bytes!(concat!(env!("OUT_DIR"), "/nudge_descriptor.bin"));

@@ -20,8 +20,11 @@ use super::error::ApiError;
 use crate::metrics::Metrics;
 use crate::security::keys::{Caller, Keys, Refusal, Scope};
 
-/// The gRPC service whose methods [`SCOPES`] covers.
+/// Nudge's own gRPC service, whose methods [`SCOPES`] covers.
 pub const SERVICE: &str = "nudge.v1.NudgeService";
+
+/// The Open Inference Protocol's service, whose methods [`INFERENCE_SCOPES`] covers.
+pub const INFERENCE_SERVICE: &str = "inference.GRPCInferenceService";
 
 /// The scope each method of [`SERVICE`] needs. A method missing here is refused to every
 /// key (fail closed), and a test checks this table against the service descriptor.
@@ -40,6 +43,19 @@ pub const SCOPES: &[(&str, Scope)] = &[
     ("ReloadRules", Scope::Admin),
     ("ListDeadLetters", Scope::Admin),
 ];
+
+/// The scope each method of [`INFERENCE_SERVICE`] needs, but for [`INFERENCE_PROBES`]:
+/// what a model client does is scoring. Fail closed and held to the descriptor likewise.
+pub const INFERENCE_SCOPES: &[(&str, Scope)] = &[
+    ("ServerMetadata", Scope::Score),
+    ("ModelReady", Scope::Score),
+    ("ModelMetadata", Scope::Score),
+    ("ModelInfer", Scope::Score),
+];
+
+/// The Open Inference Protocol's liveness and readiness probes: open or closed with health
+/// checks (`auth.open_health`), as the probes of KServe and Triton deployments expect.
+pub const INFERENCE_PROBES: &[&str] = &["ServerLive", "ServerReady"];
 
 /// What a call at a gRPC path needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,6 +100,17 @@ impl Auth {
             .unwrap_or(("", ""));
         match service {
             SERVICE => SCOPES
+                .iter()
+                .find(|(m, _)| *m == method)
+                .map_or(Access::Undecided, |&(_, scope)| Access::Needs(scope)),
+            INFERENCE_SERVICE if INFERENCE_PROBES.contains(&method) => {
+                if self.open_health {
+                    Access::Open
+                } else {
+                    Access::AnyKey
+                }
+            }
+            INFERENCE_SERVICE => INFERENCE_SCOPES
                 .iter()
                 .find(|(m, _)| *m == method)
                 .map_or(Access::Undecided, |&(_, scope)| Access::Needs(scope)),

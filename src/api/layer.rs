@@ -41,6 +41,17 @@ const RPCS: &[&str] = &[
     "ListDeadLetters",
 ];
 
+/// The RPCs of `inference.GRPCInferenceService` (the Open Inference Protocol), the metric
+/// label for each; held to its descriptor likewise. No name is one of [`RPCS`].
+const INFERENCE_RPCS: &[&str] = &[
+    "ServerLive",
+    "ServerReady",
+    "ModelReady",
+    "ServerMetadata",
+    "ModelMetadata",
+    "ModelInfer",
+];
+
 #[derive(Clone)]
 pub struct MetricsLayer {
     metrics: Arc<Metrics>,
@@ -75,12 +86,17 @@ pub struct MetricsService<S> {
 
 /// The bounded metric label for a request path.
 fn rpc_label(path: &str) -> &'static str {
-    if let Some(method) = path.strip_prefix("/nudge.v1.NudgeService/") {
-        return RPCS
-            .iter()
+    let known = |rpcs: &[&'static str], method: &str| {
+        rpcs.iter()
             .find(|r| **r == method)
             .copied()
-            .unwrap_or("unknown");
+            .unwrap_or("unknown")
+    };
+    if let Some(method) = path.strip_prefix("/nudge.v1.NudgeService/") {
+        return known(RPCS, method);
+    }
+    if let Some(method) = path.strip_prefix("/inference.GRPCInferenceService/") {
+        return known(INFERENCE_RPCS, method);
     }
     if path.starts_with("/grpc.health.v1.Health/") {
         return "health";
@@ -459,31 +475,34 @@ mod tests {
     }
 
     #[test]
-    fn every_rpc_of_the_service_descriptor_has_its_own_label() {
+    fn every_rpc_of_the_service_descriptors_has_its_own_label() {
         use prost::Message;
         let set = prost_types::FileDescriptorSet::decode(crate::pb::FILE_DESCRIPTOR_SET)
             .expect("the compiled descriptor set decodes");
-        let service = set
-            .file
-            .iter()
-            .filter(|f| f.package() == "nudge.v1")
-            .flat_map(|f| &f.service)
-            .find(|s| s.name() == "NudgeService")
-            .expect("nudge.v1.NudgeService is in the descriptor");
-        let mut methods: Vec<&str> = service.method.iter().map(|m| m.name()).collect();
-        methods.sort_unstable();
-        let mut labelled = RPCS.to_vec();
-        labelled.sort_unstable();
-        assert_eq!(
-            labelled, methods,
-            "RPCS must list exactly the service's methods"
-        );
-        for method in methods {
+        for (package, name, rpcs) in [
+            ("nudge.v1", "NudgeService", RPCS),
+            ("inference", "GRPCInferenceService", INFERENCE_RPCS),
+        ] {
+            let service = set
+                .file
+                .iter()
+                .filter(|f| f.package() == package)
+                .flat_map(|f| &f.service)
+                .find(|s| s.name() == name)
+                .expect("the service is in the descriptor");
+            let mut methods: Vec<&str> = service.method.iter().map(|m| m.name()).collect();
+            methods.sort_unstable();
+            let mut labelled = rpcs.to_vec();
+            labelled.sort_unstable();
             assert_eq!(
-                rpc_label(&format!("/nudge.v1.NudgeService/{method}")),
-                method
+                labelled, methods,
+                "the label list must name exactly {name}'s methods"
             );
+            for method in methods {
+                assert_eq!(rpc_label(&format!("/{package}.{name}/{method}")), method);
+            }
         }
+        assert!(INFERENCE_RPCS.iter().all(|r| !RPCS.contains(r)));
     }
 
     #[tokio::test]

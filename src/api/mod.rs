@@ -7,6 +7,7 @@
 pub mod auth;
 pub mod convert;
 pub mod error;
+pub mod inference;
 pub mod kafka;
 pub mod layer;
 pub mod segment;
@@ -79,7 +80,7 @@ pub struct NudgeApi {
 /// and rows, so dashboards and alerts see them before the first refusal.
 pub fn preset_metrics(metrics: &Metrics) {
     for reason in Reason::ALL {
-        for rpc in ["Track", "TrackStream", "Score"] {
+        for rpc in ["Track", "TrackStream", "Score", "ModelInfer"] {
             metrics
                 .invalid_input
                 .with_label_values(&[rpc, reason.as_str()]);

@@ -24,7 +24,7 @@ use arc_swap::ArcSwap;
 use crate::features::{FeatureRow, FeatureSpec};
 use crate::time::Time;
 pub use manifest::{Manifest, ModelFormat};
-pub use score::{score_each, score_row, score_rows, Score, Scores};
+pub use score::{score_each, score_matrix, score_row, score_rows, Score, Scores};
 
 /// A backend that turns feature rows into probabilities. A faster backend joins by
 /// implementing this.
@@ -255,12 +255,25 @@ impl Model {
         for row in rows {
             matrix.extend(self.columns.iter().map(|&c| row.0[c]));
         }
-        let out = self.scorer.predict(&matrix, n)?;
-        if out.len() != rows.len() {
+        self.score_matrix(&matrix)
+    }
+
+    /// Scores rows already in this model's column order (the manifest's `features`), row
+    /// after row: the form an Open Inference Protocol tensor arrives in.
+    pub fn score_matrix(&self, matrix: &[f64]) -> Result<Vec<f64>, ScoreError> {
+        let n = self.columns.len();
+        let rows = matrix.len() / n;
+        if rows * n != matrix.len() {
             return Err(ScoreError::Backend(format!(
-                "{} answers for {} rows",
+                "{} numbers are not whole rows of {n}",
+                matrix.len()
+            )));
+        }
+        let out = self.scorer.predict(matrix, n)?;
+        if out.len() != rows {
+            return Err(ScoreError::Backend(format!(
+                "{} answers for {rows} rows",
                 out.len(),
-                rows.len()
             )));
         }
         Ok(out)

@@ -27,8 +27,28 @@ fn timed(
     rows: &[FeatureRow],
     metrics: &Metrics,
 ) -> Result<Vec<f64>, ScoreError> {
+    observed(model, metrics, || model.score(rows))
+}
+
+/// Scores rows given in `model`'s own column order ([`Model::score_matrix`]) in one
+/// backend call, timed and counted like every other call to a model.
+pub fn score_matrix(
+    model: &Arc<Model>,
+    matrix: &[f64],
+    metrics: &Metrics,
+) -> Result<Vec<f64>, ScoreError> {
+    observed(model, metrics, || model.score_matrix(matrix))
+}
+
+/// Runs one backend call of `model`, timing it, counting a failure and recording each
+/// probability in the model's score histogram.
+fn observed(
+    model: &Arc<Model>,
+    metrics: &Metrics,
+    score: impl FnOnce() -> Result<Vec<f64>, ScoreError>,
+) -> Result<Vec<f64>, ScoreError> {
     let started = Instant::now();
-    let result = model.score(rows);
+    let result = score();
     metrics.observe_model(model.name(), started.elapsed(), result.is_ok());
     if let Ok(probabilities) = &result {
         let histogram = metrics.score_probability.with_label_values(&[model.name()]);

@@ -13,6 +13,7 @@ mod features;
 mod hotswap;
 mod identity;
 mod image;
+mod inference;
 mod kafka;
 mod models;
 mod operations;

@@ -11,8 +11,10 @@ use tonic::Code;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
-use nudge::api::auth::{SCOPES, SERVICE};
+use nudge::api::auth::{INFERENCE_PROBES, INFERENCE_SCOPES, INFERENCE_SERVICE, SCOPES, SERVICE};
 use nudge::config::Config;
+use nudge::pb::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use nudge::pb::inference::{ServerLiveRequest, ServerReadyRequest};
 use nudge::pb::nudge_service_client::NudgeServiceClient;
 use nudge::pb::{self, EventType};
 use nudge::security::keys::{self, Scope};
@@ -276,7 +278,7 @@ fn keyed_config(keys: &Path) -> Config {
     config
 }
 
-/// Calls `method` of the Nudge service with an empty message and `key`: the status, or
+/// Calls `method` (of its service) with an empty message and `key`: the status, or
 /// OK. An accepted server stream that sends nothing yet is OK after `patience`.
 async fn call_as(
     channel: Channel,
@@ -285,7 +287,12 @@ async fn call_as(
     patience: Option<Duration>,
 ) -> Code {
     let mut grpc = tonic::client::Grpc::new(channel);
-    let path = PathAndQuery::try_from(format!("/{SERVICE}/{}", method.name())).unwrap();
+    let path = PathAndQuery::try_from(format!(
+        "/{}/{}",
+        method.parent_service().full_name(),
+        method.name()
+    ))
+    .unwrap();
     grpc.ready().await.unwrap();
     let mut request = tonic::Request::new(Vec::new());
     if let Some(key) = key {
@@ -322,9 +329,33 @@ async fn call_as(
     }
 }
 
-fn service() -> prost_reflect::ServiceDescriptor {
+/// Every method a key's scope decides: Nudge's service's and the Open Inference
+/// Protocol's but for its probes (open or closed with health checks).
+fn methods() -> Vec<prost_reflect::MethodDescriptor> {
     let pool = prost_reflect::DescriptorPool::decode(pb::FILE_DESCRIPTOR_SET).unwrap();
-    pool.get_service_by_name(SERVICE).unwrap()
+    let nudge = pool.get_service_by_name(SERVICE).unwrap();
+    let inference = pool.get_service_by_name(INFERENCE_SERVICE).unwrap();
+    nudge
+        .methods()
+        .chain(
+            inference
+                .methods()
+                .filter(|m| !INFERENCE_PROBES.contains(&m.name())),
+        )
+        .collect()
+}
+
+/// The scope the code gives a method of [`methods`].
+fn scope_in_code(method: &prost_reflect::MethodDescriptor) -> Option<Scope> {
+    let table = if method.parent_service().full_name() == SERVICE {
+        SCOPES
+    } else {
+        INFERENCE_SCOPES
+    };
+    table
+        .iter()
+        .find(|(m, _)| *m == method.name())
+        .map(|&(_, s)| s)
 }
 
 /// The README's method → scope table (the Security section): what is documented.
@@ -348,33 +379,34 @@ fn documented_scopes() -> Vec<(String, Scope)> {
 }
 
 #[test]
-fn every_rpc_of_the_service_has_a_documented_scope_decision() {
+fn every_rpc_of_the_services_has_a_documented_scope_decision() {
     let documented = documented_scopes();
-    let methods: Vec<String> = service().methods().map(|m| m.name().to_owned()).collect();
+    let methods = methods();
     for method in &methods {
-        let doc = documented.iter().find(|(m, _)| m == method);
-        let code = SCOPES.iter().find(|(m, _)| m == method);
+        let name = method.name();
+        let doc = documented.iter().find(|(m, _)| m == name);
         assert!(
             doc.is_some(),
-            "{method} has no row in the README's scope table"
+            "{name} has no row in the README's scope table"
         );
-        assert!(code.is_some(), "{method} has no entry in api::auth::SCOPES");
+        let code = scope_in_code(method);
+        assert!(code.is_some(), "{name} has no entry in api::auth's tables");
         assert_eq!(
             doc.unwrap().1,
-            code.unwrap().1,
-            "{method}: README and SCOPES disagree"
+            code.unwrap(),
+            "{name}: README and code disagree"
         );
     }
     assert_eq!(
-        SCOPES.len(),
+        SCOPES.len() + INFERENCE_SCOPES.len(),
         methods.len(),
-        "SCOPES names a method the service lacks"
+        "a scope table names a method the services lack"
     );
     let rpcs = documented.iter().filter(|(m, _)| !m.contains(' ')).count();
     assert_eq!(
         rpcs,
         methods.len(),
-        "the README names a method the service lacks"
+        "the README names a method the services lack"
     );
 }
 
@@ -386,7 +418,7 @@ async fn every_rpc_under_each_scope_is_allowed_or_denied_as_documented() {
     let server = TestServer::start_with(keyed_config(&path)).await;
     let channel = server.channel().await;
     let documented = documented_scopes();
-    for method in service().methods() {
+    for method in methods() {
         let needs = documented
             .iter()
             .find(|(m, _)| m == method.name())
@@ -426,11 +458,16 @@ async fn every_rpc_under_each_scope_is_allowed_or_denied_as_documented() {
             }
         }
     }
-    // Health and reflection are open by default.
+    // Health, the inference probes and reflection are open by default.
     HealthClient::new(channel.clone())
         .check(HealthCheckRequest::default())
         .await
         .expect("health needs no key");
+    let mut probes = GrpcInferenceServiceClient::new(channel.clone());
+    let live = probes.server_live(ServerLiveRequest {}).await;
+    assert!(live.expect("ServerLive needs no key").into_inner().live);
+    let ready = probes.server_ready(ServerReadyRequest {}).await;
+    assert!(ready.expect("ServerReady needs no key").into_inner().ready);
 
     // A refusal names the key and the scope; the counts name keys, never carry them.
     let denied = NudgeServiceClient::new(channel.clone())
@@ -451,7 +488,7 @@ async fn every_rpc_under_each_scope_is_allowed_or_denied_as_documented() {
         denied.message()
     );
     let text = server.metrics().await;
-    let methods = service().methods().count() as f64;
+    let methods = methods().len() as f64;
     let series = |key: &str, reason: &str| {
         metric_value(
             &text,
@@ -461,7 +498,11 @@ async fn every_rpc_under_each_scope_is_allowed_or_denied_as_documented() {
     };
     assert_eq!(series("", "missing"), methods, "{text}");
     assert_eq!(series("", "unknown"), methods, "{text}");
-    let denied_to_read = SCOPES.iter().filter(|(_, s)| *s != Scope::Read).count() as f64;
+    let denied_to_read = SCOPES
+        .iter()
+        .chain(INFERENCE_SCOPES)
+        .filter(|(_, s)| *s != Scope::Read)
+        .count() as f64;
     assert_eq!(series("read", "scope"), denied_to_read, "{text}");
     for (_, key) in &made {
         assert!(!text.contains(key.as_str()), "a key in the metrics");
@@ -497,6 +538,19 @@ async fn closed_health_and_metrics_need_a_key() {
         .check(with_key(HealthCheckRequest::default(), &key("score")))
         .await
         .expect("any known key may check health");
+    // The inference probes are closed with health, open to any known key.
+    let mut probes = GrpcInferenceServiceClient::new(server.channel().await);
+    let refused = probes
+        .server_ready(ServerReadyRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated);
+    let refused = probes.server_live(ServerLiveRequest {}).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated);
+    probes
+        .server_live(with_key(ServerLiveRequest {}, &key("track")))
+        .await
+        .expect("any known key may probe");
 
     let url = format!("http://{}/metrics", server.metrics_addr);
     let http = reqwest::Client::new();
